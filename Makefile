@@ -1,0 +1,33 @@
+# Two commands on a fresh machine:  `make pipeline`  and  `make test`.
+# Each creates .venv and installs what is missing first.
+SHELL := /bin/bash
+PY := .venv/bin/python
+export DAGSTER_HOME := $(CURDIR)/dagster_home
+PROFILE ?= quick
+
+.PHONY: install pipeline test ui lint bench
+
+.venv/installed: pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: pip takes the CPU wheel on disk (a GPU machine keeps its own).
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: .venv/installed
+
+pipeline: install
+	GAMPEN_PROFILE=$(PROFILE) .venv/bin/gampen pipeline
+
+test: install
+	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+ui: install
+	GAMPEN_PROFILE=$(PROFILE) .venv/bin/dagster dev -w workspace.yaml
+
+lint: install
+	.venv/bin/ruff format --check . && .venv/bin/ruff check .
+
+bench: install
+	$(PY) -m benchmarks.run_all

@@ -1,0 +1,354 @@
+"""Typed, frozen configuration profiles: every number of the paper lives here once.
+
+Three profiles share the same physics and priors (Ghosh et al. 2022, Table 1):
+
+``paper``
+    The published setup: 150,000 galaxies of 239x239 px at 0.168"/px (HSC g band),
+    100 PSFs, 1000 sky objects, the VGG-16 of Table 3, SGD with the paper's
+    hyper-parameters, 1000 Monte-Carlo dropout passes, dropout grid 0 ... 0.2.
+``quick``
+    A CPU-laptop profile: a few thousand galaxies and a narrower network so the
+    whole pipeline finishes in about 15 minutes on 2 cores.
+``tiny``
+    For tests: tens of galaxies, one short epoch, a handful of passes.
+
+A profile is picked by name (``get_profile("quick")``), by the environment variable
+``GAMPEN_PROFILE``, or by Dagster run config (see ``gampen_assets.resources``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROFILE_ENV_VAR = "GAMPEN_PROFILE"
+STORAGE_ENV_VAR = "GAMPEN_STORAGE"
+DEFAULT_PROFILE = "quick"
+
+#: Credible levels at which coverage is reported (paper §5: 1, 2 and 3 sigma).
+CREDIBLE_LEVELS: tuple[float, float, float] = (0.6827, 0.9545, 0.9973)
+#: The three predicted parameters, in the network's output order.
+PARAMETERS: tuple[str, str, str] = ("bt", "re_arcsec", "flux_nJy")
+#: AB magnitude zero point for fluxes in nJy: m = 31.4 - 2.5 log10(F / nJy).
+AB_ZEROPOINT_NJY = 31.4
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class ImagingConfig:
+    """Survey imaging the simulations mimic (HSC-Wide g band, paper §2)."""
+
+    band: str = "g"
+    pixel_scale_arcsec: float = 0.168
+    stamp_size_px: int = 239
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    """Simulation parameter ranges (paper Table 1 and §2); all uniform.
+
+    Half-light radius limits are given both in arcsec and in kpc; the kpc limits are
+    converted to arcsec at ``redshift`` with astropy's Planck18 cosmology and the
+    tighter of the two bounds is used (see ``gampen_ml.sim.parameters``).
+    """
+
+    bulge_disk_fraction: float = 0.75
+    disk_sersic_n: tuple[float, float] = (0.8, 1.2)
+    bulge_sersic_n: tuple[float, float] = (3.5, 5.0)
+    re_arcsec: tuple[float, float] = (0.1, 5.0)
+    bulge_re_arcsec: tuple[float, float] = (0.1, 3.0)
+    re_kpc: tuple[float, float] = (0.25, 11.5)
+    bulge_re_kpc: tuple[float, float] = (0.25, 7.0)
+    redshift: float = 0.125
+    flux_nJy: tuple[float, float] = (1.0e3, 5.0e6)
+    bt: tuple[float, float] = (0.0, 1.0)
+    axis_ratio: tuple[float, float] = (0.25, 1.0)
+    position_angle_deg: tuple[float, float] = (-90.0, 90.0)
+    bulge_position_angle_offset_deg: float = 15.0
+
+
+@dataclass(frozen=True)
+class PSFConfig:
+    """PSF library: synthetic HSC-like Moffat PSFs, or real PSF FITS from ``source_dir``."""
+
+    n_psfs: int = 100
+    fwhm_median_arcsec: float = 0.85
+    #: Log-normal scatter of the seeing FWHM (natural-log sigma).
+    fwhm_log_sigma: float = 0.15
+    fwhm_range_arcsec: tuple[float, float] = (0.55, 1.3)
+    moffat_beta: float = 3.5
+    #: Per-component r.m.s. of the PSF shear (g1, g2).
+    ellipticity_rms: float = 0.02
+    stamp_size_px: int = 43
+    source_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    """Sky-noise pool: synthetic sky, or real "sky object" cutouts from ``source_dir``.
+
+    The default depth, ~2.3 nJy/pixel r.m.s., corresponds to the HSC-Wide g-band 5-sigma
+    point-source depth of ~26.5 mag in a 1.5" aperture.
+    """
+
+    n_sky_objects: int = 1000
+    sky_object_size_arcsec: float = 2.0
+    sky_sigma_nJy: float = 2.3
+    #: Use GalSim's shipped correlated-noise file (HST ACS) rescaled to ``sky_sigma_nJy``.
+    correlated: bool = False
+    source_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """How many galaxies, in how many shards, split how."""
+
+    n_galaxies: int = 150_000
+    n_shards: int = 30
+    split_fractions: tuple[float, float, float] = (0.70, 0.15, 0.15)
+    priors: PriorConfig = field(default_factory=PriorConfig)
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """GaMPEN network size; ``paper`` is exactly Table 3.
+
+    ``width_multiplier`` scales every conv width of the VGG-16 and the STN
+    localization net; ``fc_width`` is the hidden FC width (4096 in the paper);
+    ``stn_output_px`` is the side of the image the STN hands to the VGG (239 in the
+    paper); ``stn_localization_pool`` average-pools the image before the localization
+    net (1 = none, as in the paper).
+    """
+
+    width_multiplier: float = 1.0
+    fc_width: int = 4096
+    stn_output_px: int = 239
+    stn_localization_pool: int = 1
+    in_channels: int = 1
+    n_outputs: int = 9
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Optimisation; the ``paper`` values are §5's (SGD, lr 5e-7, momentum 0.99, batch 16)."""
+
+    optimizer: str = "sgd"
+    learning_rate: float = 5e-7
+    momentum: float = 0.99
+    weight_decay: float = 1e-4
+    batch_size: int = 16
+    epochs: int = 40
+    #: "constant" or "onecycle".
+    lr_schedule: str = "constant"
+    #: Random flips and 90-degree rotations (preserve B/T, Re and flux).
+    augment: bool = True
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """Monte-Carlo dropout inference."""
+
+    #: MC passes per galaxy for catalogs (paper: 1000).
+    n_passes: int = 1000
+    #: MC passes per galaxy on the validation split while calibrating the dropout rate.
+    n_passes_calibration: int = 1000
+    #: Galaxies per forward chunk; passes are batched galaxies x passes.
+    galaxies_per_batch: int = 32
+    #: Store the raw posterior samples beside the catalog (float16, compact).
+    store_samples: bool = False
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Dropout-rate grid and coverage targets (paper §5)."""
+
+    dropout_rates: tuple[float, ...] = (0.0, 7e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.2)
+    levels: tuple[float, ...] = CREDIBLE_LEVELS
+    #: Fit a post-hoc spread recalibration on the validation split.
+    recalibrate: bool = True
+    #: Largest tolerated |coverage - nominal| (fraction) on validation for the champion.
+    coverage_tolerance: float = 0.03
+
+
+@dataclass(frozen=True)
+class FlagConfig:
+    """Qualitative flags (paper §6.4 and §7)."""
+
+    bulge_dominated_min_bt: float = 0.85
+    disk_dominated_max_bt: float = 0.10
+    small_max_re_arcsec: float = 1.0
+    #: A galaxy is "unreliable" when its 68.27% HPD width exceeds these.
+    max_bt_width: float = 0.30
+    max_re_fractional_width: float = 0.50
+    max_flux_fractional_width: float = 0.30
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One complete, self-consistent configuration of the platform."""
+
+    name: str
+    seed: int = 20220401
+    imaging: ImagingConfig = field(default_factory=ImagingConfig)
+    psf: PSFConfig = field(default_factory=PSFConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    flags: FlagConfig = field(default_factory=FlagConfig)
+
+    def __post_init__(self) -> None:
+        validate_profile(self)
+
+    def replace(self, **sections: object) -> Profile:
+        """Return a copy with whole sections replaced (``profile.replace(psf=...)``)."""
+        return dataclasses.replace(self, **sections)
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (for MLflow params, JSON and Dagster metadata)."""
+        return dataclasses.asdict(self)
+
+
+def validate_profile(profile: Profile) -> None:
+    """Raise :class:`ConfigError` naming the first invalid setting of ``profile``."""
+    rates = profile.calibration.dropout_rates
+    if not rates:
+        raise ConfigError(f"profile {profile.name!r}: calibration.dropout_rates is empty")
+    bad = [r for r in rates if not 0.0 <= r < 1.0]
+    if bad:
+        raise ConfigError(
+            f"profile {profile.name!r}: calibration.dropout_rates must lie in [0, 1), got {bad}"
+        )
+    if len(set(rates)) != len(rates):
+        raise ConfigError(f"profile {profile.name!r}: calibration.dropout_rates has duplicates")
+    fractions = profile.simulation.split_fractions
+    if abs(sum(fractions) - 1.0) > 1e-9 or min(fractions) <= 0:
+        raise ConfigError(
+            f"profile {profile.name!r}: simulation.split_fractions must be positive and sum to 1, "
+            f"got {fractions}"
+        )
+    if profile.simulation.n_shards < 1 or profile.simulation.n_galaxies < profile.simulation.n_shards:
+        raise ConfigError(
+            f"profile {profile.name!r}: need 1 <= simulation.n_shards <= simulation.n_galaxies"
+        )
+    if profile.imaging.stamp_size_px < 16:
+        raise ConfigError(f"profile {profile.name!r}: imaging.stamp_size_px must be >= 16")
+    for name in ("source_dir",):
+        for section in (profile.psf, profile.noise):
+            path = getattr(section, name)
+            if path is not None and not Path(path).is_dir():
+                raise ConfigError(
+                    f"profile {profile.name!r}: {type(section).__name__}.{name} = {path!r} "
+                    "is not an existing folder"
+                )
+    if profile.inference.n_passes < 2 or profile.inference.n_passes_calibration < 2:
+        raise ConfigError(f"profile {profile.name!r}: inference needs at least 2 MC passes")
+    if profile.training.optimizer not in ("sgd", "adamw"):
+        raise ConfigError(
+            f"profile {profile.name!r}: training.optimizer must be 'sgd' or 'adamw', "
+            f"got {profile.training.optimizer!r}"
+        )
+
+
+PAPER = Profile(name="paper")
+
+QUICK = Profile(
+    name="quick",
+    psf=PSFConfig(n_psfs=50),
+    noise=NoiseConfig(n_sky_objects=200),
+    simulation=SimulationConfig(n_galaxies=4000, n_shards=4),
+    network=NetworkConfig(
+        width_multiplier=0.125, fc_width=256, stn_output_px=64, stn_localization_pool=4
+    ),
+    training=TrainingConfig(
+        optimizer="adamw",
+        learning_rate=2e-3,
+        momentum=0.9,
+        weight_decay=1e-4,
+        batch_size=64,
+        epochs=12,
+        lr_schedule="onecycle",
+    ),
+    inference=InferenceConfig(n_passes=200, n_passes_calibration=100, galaxies_per_batch=64),
+    calibration=CalibrationConfig(dropout_rates=(0.0, 0.01, 0.05)),
+)
+
+TINY = Profile(
+    name="tiny",
+    psf=PSFConfig(n_psfs=4),
+    noise=NoiseConfig(n_sky_objects=8),
+    simulation=SimulationConfig(n_galaxies=48, n_shards=2),
+    network=NetworkConfig(
+        width_multiplier=0.0625, fc_width=32, stn_output_px=32, stn_localization_pool=4
+    ),
+    training=TrainingConfig(
+        optimizer="adamw", learning_rate=1e-3, batch_size=16, epochs=1, lr_schedule="constant"
+    ),
+    inference=InferenceConfig(n_passes=16, n_passes_calibration=16, galaxies_per_batch=8),
+    calibration=CalibrationConfig(dropout_rates=(0.0, 0.05)),
+)
+
+PROFILES: dict[str, Profile] = {p.name: p for p in (PAPER, QUICK, TINY)}
+
+
+def get_profile(name: str | None = None) -> Profile:
+    """Return the profile ``name``, else ``$GAMPEN_PROFILE``, else ``quick``.
+
+    Raises
+    ------
+    ConfigError
+        If the name is not a known profile.
+    """
+    source = "argument" if name else PROFILE_ENV_VAR
+    name = name or os.environ.get(PROFILE_ENV_VAR) or DEFAULT_PROFILE
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown profile {name!r} (from {source}); choose one of {sorted(PROFILES)}"
+        ) from None
+
+
+def derive_seed(profile_seed: int, asset: str, partition: str = "") -> int:
+    """A 63-bit seed derived from (profile seed, asset, partition).
+
+    Rerunning a partition therefore draws the same numbers, while different assets and
+    partitions draw independent streams.
+    """
+    digest = hashlib.sha256(f"{profile_seed}/{asset}/{partition}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def default_storage_root() -> Path:
+    """Storage root: ``$GAMPEN_STORAGE``, else ``$DAGSTER_HOME/data``, else ``./dagster_home/data``."""
+    if os.environ.get(STORAGE_ENV_VAR):
+        return Path(os.environ[STORAGE_ENV_VAR]).resolve()
+    home = os.environ.get("DAGSTER_HOME")
+    base = Path(home) if home else Path.cwd() / "dagster_home"
+    return (base / "data").resolve()
+
+
+def shard_keys(profile: Profile) -> list[str]:
+    """Static partition keys of ``simulated_galaxies``: ``shard-000`` ..."""
+    return [f"shard-{i:03d}" for i in range(profile.simulation.n_shards)]
+
+
+def dropout_key(rate: float) -> str:
+    """Partition key of a dropout rate, e.g. ``0.0007`` -> ``"dropout-0.0007"``."""
+    return f"dropout-{rate:g}"
+
+
+def dropout_from_key(key: str) -> float:
+    """Inverse of :func:`dropout_key`."""
+    if not key.startswith("dropout-"):
+        raise ConfigError(f"not a dropout partition key: {key!r}")
+    return float(key.removeprefix("dropout-"))
