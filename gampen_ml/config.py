@@ -236,7 +236,10 @@ def validate_profile(profile: Profile) -> None:
             f"profile {profile.name!r}: simulation.split_fractions must be positive and sum to 1, "
             f"got {fractions}"
         )
-    if profile.simulation.n_shards < 1 or profile.simulation.n_galaxies < profile.simulation.n_shards:
+    if (
+        profile.simulation.n_shards < 1
+        or profile.simulation.n_galaxies < profile.simulation.n_shards
+    ):
         raise ConfigError(
             f"profile {profile.name!r}: need 1 <= simulation.n_shards <= simulation.n_galaxies"
         )
