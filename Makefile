@@ -18,7 +18,7 @@ PROFILE ?= quick
 install: .venv/installed
 
 pipeline: install
-	GAMPEN_PROFILE=$(PROFILE) .venv/bin/gampen pipeline
+	GAMPEN_PROFILE=$(PROFILE) $(PY) -m gampen_assets.pipeline
 
 test: install
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
