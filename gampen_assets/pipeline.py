@@ -19,9 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from gampen_ml.config import dropout_key, get_profile, shard_keys
-
 from gampen_assets.partitions import SIM_TEST, datasets
+from gampen_ml.config import dropout_key, get_profile, shard_keys
 
 MODULE = "gampen_assets.definitions"
 
