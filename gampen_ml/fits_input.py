@@ -1,0 +1,527 @@
+"""Real survey cutouts from FITS files: validation, light repairs, quarantine.
+
+A *batch* is a FITS file or a folder of FITS files (searched recursively). Each file
+holds one cutout (a 2-D image) or a cube of cutouts (3-D, one cutout per plane). The
+**file is the unit of acceptance**: a file is accepted only when every one of its
+cutouts passes validation; otherwise the whole file is rejected with one reason per bad
+plane and can be quarantined, fixed and resubmitted. Bad files never raise out of the
+batch loader :func:`load_cutouts`; the single-file API :func:`load_cutout_file` raises
+:class:`CutoutError` naming the file and the problem.
+
+Validation and repairs (each repair is written to the ``repairs`` column)
+---------------------------------------------------------------------------
+* Not FITS, truncated, unreadable, or no HDU with image data -> rejected.
+* The image is taken from the HDU named ``IMAGE`` if there is one (HSC cutout layout:
+  empty primary, ``IMAGE``, ``MASK``, ``VARIANCE``), else from the first HDU with data.
+* 2-D -> one cutout; 3-D -> one per plane; 1-D or >= 4-D -> rejected.
+* Size: the simulations are ``imaging.stamp_size_px`` square (239 px) with the galaxy
+  at the centre, so a larger image is **cropped** about its centre and a smaller one is
+  **zero-padded** about its centre (cutouts are sky-subtracted, so 0 is the sky level);
+  integer shifts only, never resampled (at most half a pixel of offset for even sizes).
+  An axis shorter than half the stamp is rejected: padding would be mostly invented sky.
+* Integer or non-native/float64 data -> converted to native ``float32`` (BSCALE/BZERO
+  applied by astropy first).
+* Non-finite pixels (NaN/inf): repaired to 0 (sky level) when they are at most
+  :data:`MAX_NONFINITE_FRACTION` of the stamp and none lies in the central box of half
+  the stamp side (where the galaxy is); otherwise rejected.
+* All-zero or constant image -> rejected.
+* Pixel scale from ``PIXSCALE`` (arcsec/px), else from the WCS (``CD``/``CDELT``, deg):
+  rejected when it differs from ``imaging.pixel_scale_arcsec`` by more than
+  :data:`PIXEL_SCALE_TOLERANCE`. Resampling is deliberately not done: it would change
+  the noise correlations and the PSF the network was trained on.
+* RA/Dec of the stamp centre from the celestial WCS when a 2-D image has one (an
+  invalid WCS is ignored and noted); cube planes take RA/Dec from a binary-table HDU
+  with ``RA``/``DEC`` columns (degrees, one row per plane) when present, else null.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from astropy.io import fits
+from astropy.utils.exceptions import AstropyWarning
+from astropy.wcs import WCS
+from astropy.wcs.utils import proj_plane_pixel_scales
+
+from gampen_ml.config import ImagingConfig
+
+#: Largest fraction of non-finite pixels that is repaired (set to 0) instead of rejected.
+MAX_NONFINITE_FRACTION = 0.01
+#: Largest tolerated relative difference between a header pixel scale and the survey's.
+PIXEL_SCALE_TOLERANCE = 0.05
+#: File-name suffixes recognised as FITS when scanning a folder (others are rejected).
+FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fts.gz", ".fits.fz", ".fz")
+#: Names starting with these are reserved (markers, manifests, hidden uploads): skipped.
+RESERVED_PREFIXES = ("_", ".")
+
+TABLE_SCHEMA = {
+    "galaxy_id": pl.Int64,
+    "source_file": pl.String,
+    "hdu": pl.Int32,
+    "ra_deg": pl.Float64,
+    "dec_deg": pl.Float64,
+    "pixel_scale_arcsec": pl.Float64,
+    "repairs": pl.String,
+}
+
+
+class CutoutError(ValueError):
+    """A cutout file cannot be used; the message names the file and the problem."""
+
+    def __init__(self, path: Path | str, problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A rejected input file, ``file`` relative to the batch root."""
+
+    file: str
+    reason: str
+
+
+@dataclass
+class CutoutBatch:
+    """The accepted cutouts of a batch, their provenance and the rejected files.
+
+    Attributes
+    ----------
+    images : np.ndarray
+        ``(N, S, S)`` float32, native byte order, sky-subtracted counts as delivered.
+    table : pl.DataFrame
+        One row per cutout (schema :data:`TABLE_SCHEMA`): ``galaxy_id`` (running index
+        0..N-1), ``source_file`` (relative to ``root``), ``hdu`` (HDU index of a 2-D
+        image, plane index of a cube, as in ``docs/catalog.md``), ``ra_deg``,
+        ``dec_deg``, ``pixel_scale_arcsec`` (null when the header has none),
+        ``repairs`` (semicolon-separated, empty when none).
+    rejections : list[Rejection]
+        One per rejected file.
+    accepted_files : list[str]
+        Accepted files relative to ``root``.
+    root : Path
+        Batch root (the folder, or the parent of a single file).
+    """
+
+    images: np.ndarray
+    table: pl.DataFrame
+    rejections: list[Rejection] = field(default_factory=list)
+    accepted_files: list[str] = field(default_factory=list)
+    root: Path = Path(".")
+
+    @property
+    def n_files_in(self) -> int:
+        """Files examined: always ``len(accepted_files) + len(rejections)``."""
+        return len(self.accepted_files) + len(self.rejections)
+
+
+def is_fits_name(name: str) -> bool:
+    """Whether ``name`` has a FITS file-name suffix (case-insensitive)."""
+    return name.lower().endswith(FITS_SUFFIXES)
+
+
+def batch_files(root: Path | str) -> list[Path]:
+    """Every regular input file under ``root`` (recursive, sorted), skipping reserved names.
+
+    Symbolic links are returned too (the loader rejects them) so that nothing is silently
+    ignored; entries whose name starts with ``_`` or ``.`` (markers such as ``_READY``,
+    hidden partial uploads) are skipped, as are folders with such names.
+    """
+    root = Path(root)
+    if root.is_file() or root.is_symlink():
+        return [root]
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(RESERVED_PREFIXES))
+        for name in filenames:
+            if not name.startswith(RESERVED_PREFIXES):
+                found.append(Path(dirpath) / name)
+        # os.walk lists symlinks to folders among dirnames; report them as files.
+        for name in list(dirnames):
+            if (Path(dirpath) / name).is_symlink():
+                found.append(Path(dirpath) / name)
+                dirnames.remove(name)
+    return sorted(found)
+
+
+def _image_hdu(hdul: fits.HDUList, path: Path) -> tuple[int, fits.hdu.base.ExtensionHDU]:
+    names = [h.name.upper() for h in hdul]
+    if "IMAGE" in names:
+        index = names.index("IMAGE")
+        if hdul[index].data is None:
+            raise CutoutError(path, f"HDU {index} (IMAGE) is empty")
+        return index, hdul[index]
+    for index, hdu in enumerate(hdul):
+        if isinstance(hdu, fits.PrimaryHDU | fits.ImageHDU | fits.CompImageHDU) and (
+            hdu.data is not None
+        ):
+            return index, hdu
+    raise CutoutError(path, f"no HDU with image data among {len(hdul)} HDU(s) (empty HDU)")
+
+
+def _pixel_scale_arcsec(header: fits.Header, path: Path) -> float | None:
+    if "PIXSCALE" in header:
+        try:
+            return float(header["PIXSCALE"])
+        except (TypeError, ValueError) as exc:
+            raise CutoutError(
+                path, f"header PIXSCALE = {header['PIXSCALE']!r} is not a number"
+            ) from exc
+    if not any(k in header for k in ("CD1_1", "CDELT1", "PC1_1")):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AstropyWarning)
+            wcs = WCS(header, naxis=2)
+        scales_deg = proj_plane_pixel_scales(wcs)
+    except Exception as exc:  # astropy raises several types for a malformed WCS
+        raise CutoutError(path, f"cannot read the pixel scale from the WCS: {exc}") from exc
+    scale = float(np.sqrt(abs(scales_deg[0] * scales_deg[1]))) * 3600.0
+    return scale
+
+
+def _centre_radec(header: fits.Header, shape_yx: tuple[int, int]) -> tuple[float, float] | None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AstropyWarning)
+        wcs = WCS(header, naxis=2)
+    if not wcs.has_celestial:
+        return None
+    celestial = wcs.celestial
+    ny, nx = shape_yx
+    sky = celestial.pixel_to_world((nx - 1) / 2.0, (ny - 1) / 2.0)
+    icrs = sky.icrs
+    return float(icrs.ra.deg), float(icrs.dec.deg)
+
+
+def _cube_radec(hdul: fits.HDUList, n_planes: int) -> tuple[np.ndarray, np.ndarray] | None:
+    for hdu in hdul:
+        if isinstance(hdu, fits.BinTableHDU):
+            columns = {c.upper(): c for c in hdu.columns.names}
+            if "RA" in columns and "DEC" in columns and len(hdu.data) == n_planes:
+                return (
+                    np.asarray(hdu.data[columns["RA"]], dtype=np.float64),
+                    np.asarray(hdu.data[columns["DEC"]], dtype=np.float64),
+                )
+    return None
+
+
+def fit_to_stamp(image: np.ndarray, stamp_px: int) -> np.ndarray:
+    """Crop or zero-pad the last two axes of ``image`` about their centre to ``stamp_px``.
+
+    Parameters
+    ----------
+    image : np.ndarray
+        ``(..., ny, nx)``.
+    stamp_px : int
+        Output side S.
+
+    Returns
+    -------
+    np.ndarray
+        ``(..., S, S)`` float32. For an axis of length n, output pixel i is input pixel
+        ``i + (n - S) // 2`` (crop) or output ``i + (S - n) // 2`` holds input i (pad),
+        so the central pixel of an odd axis lands on the central pixel of the stamp.
+    """
+    out_shape = image.shape[:-2] + (stamp_px, stamp_px)
+    out = np.zeros(out_shape, dtype=np.float32)
+    src, dst = [], []
+    for n in image.shape[-2:]:
+        if n >= stamp_px:
+            start = (n - stamp_px) // 2
+            src.append(slice(start, start + stamp_px))
+            dst.append(slice(0, stamp_px))
+        else:
+            start = (stamp_px - n) // 2
+            src.append(slice(0, n))
+            dst.append(slice(start, start + n))
+    out[(..., dst[0], dst[1])] = image[(..., src[0], src[1])]
+    return out
+
+
+def _check_planes(
+    planes: np.ndarray, stamp_px: int
+) -> tuple[np.ndarray, list[str], list[str | None]]:
+    """Validate and repair ``(n, S, S)`` planes; returns (planes, problems per plane, repair)."""
+    n = planes.shape[0]
+    finite = np.isfinite(planes)
+    n_bad = (~finite).sum(axis=(1, 2))
+    centre = slice(stamp_px // 4, stamp_px - stamp_px // 4)
+    bad_in_centre = (~finite[:, centre, centre]).any(axis=(1, 2))
+    repairable = (n_bad <= MAX_NONFINITE_FRACTION * stamp_px * stamp_px) & ~bad_in_centre
+    problems: list[str] = [""] * n
+    repairs: list[str | None] = [None] * n
+    for k in np.flatnonzero(n_bad > 0):
+        if repairable[k]:
+            repairs[k] = f"{int(n_bad[k])} non-finite px outside the centre set to 0"
+        else:
+            where = "in the central box" if bad_in_centre[k] else "in the stamp"
+            problems[k] = (
+                f"{int(n_bad[k])} non-finite (NaN/inf) pixels {where} "
+                f"(repair limit {MAX_NONFINITE_FRACTION:.0%} outside the centre)"
+            )
+    planes = np.where(finite, planes, np.float32(0.0))
+    peak = np.abs(planes).max(axis=(1, 2))
+    spread = planes.max(axis=(1, 2)) - planes.min(axis=(1, 2))
+    for k in np.flatnonzero(peak == 0):
+        problems[k] = problems[k] or "all pixels are zero"
+    for k in np.flatnonzero((spread == 0) & (peak > 0)):
+        problems[k] = problems[k] or f"constant image (every pixel = {planes[k, 0, 0]:g})"
+    return planes, problems, repairs
+
+
+def load_cutout_file(
+    path: Path | str, imaging: ImagingConfig, root: Path | str | None = None
+) -> tuple[np.ndarray, pl.DataFrame]:
+    """Read and validate every cutout of one FITS file.
+
+    Parameters
+    ----------
+    path : Path or str
+        A FITS file (2-D image or 3-D cube).
+    imaging : ImagingConfig
+        Stamp size and pixel scale the network expects.
+    root : Path or str, optional
+        Folder that ``source_file`` is made relative to (default: the file's folder).
+
+    Returns
+    -------
+    images : np.ndarray
+        ``(n, S, S)`` float32 with ``S = imaging.stamp_size_px``.
+    table : pl.DataFrame
+        ``n`` rows, :data:`TABLE_SCHEMA` with ``galaxy_id`` 0..n-1.
+
+    Raises
+    ------
+    CutoutError
+        If the file or any of its cutouts is unusable; the message names the file, the
+        HDU/plane and the problem.
+    """
+    path = Path(path)
+    root = Path(root) if root is not None else path.parent
+    relative = path.relative_to(root).as_posix() if path != root else path.name
+    stamp_px = imaging.stamp_size_px
+    if path.is_symlink():
+        raise CutoutError(path, "symbolic links are not accepted")
+    if not path.is_file():
+        raise CutoutError(path, "not a regular file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AstropyWarning)
+            with fits.open(path, memmap=False, lazy_load_hdus=False) as hdul:
+                index, hdu = _image_hdu(hdul, path)
+                data = np.asarray(hdu.data)
+                header = hdu.header.copy()
+                cube_radec = _cube_radec(hdul, data.shape[0]) if data.ndim == 3 else None
+    except CutoutError:
+        raise
+    except Exception as exc:  # astropy signals bad/truncated files with many types
+        raise CutoutError(path, f"not a readable FITS file ({type(exc).__name__}: {exc})") from exc
+
+    if data.ndim not in (2, 3):
+        raise CutoutError(
+            path, f"HDU {index} has {data.ndim}-D data {data.shape}; expected 2-D or 3-D"
+        )
+    if data.size == 0:
+        raise CutoutError(path, f"HDU {index} has empty data {data.shape}")
+    repairs: list[str] = []
+    if data.dtype.kind not in "iuf":
+        raise CutoutError(path, f"HDU {index} has non-numeric dtype {data.dtype}")
+    if data.dtype.kind in "iu" or data.dtype.itemsize != 4:
+        repairs.append(f"{data.dtype.str}->float32")
+    planes = data.astype(np.float32) if data.ndim == 3 else data.astype(np.float32)[None]
+    ny, nx = planes.shape[1:]
+    if min(ny, nx) < stamp_px / 2:
+        raise CutoutError(
+            path,
+            f"HDU {index} image is {ny}x{nx} px, smaller than half the {stamp_px} px stamp",
+        )
+    if (ny, nx) != (stamp_px, stamp_px):
+        repairs.append(f"{ny}x{nx}->{stamp_px}x{stamp_px} centred crop/pad")
+
+    scale = _pixel_scale_arcsec(header, path)
+    if scale is not None:
+        expected = imaging.pixel_scale_arcsec
+        if not np.isfinite(scale) or abs(scale / expected - 1.0) > PIXEL_SCALE_TOLERANCE:
+            raise CutoutError(
+                path,
+                f"pixel scale {scale:.4g} arcsec/px (header) differs from the survey's "
+                f"{expected} arcsec/px by more than {PIXEL_SCALE_TOLERANCE:.0%}",
+            )
+
+    n = planes.shape[0]
+    ra = np.full(n, np.nan)
+    dec = np.full(n, np.nan)
+    if data.ndim == 2:
+        try:
+            radec = _centre_radec(header, (ny, nx))
+        except Exception as exc:  # a broken WCS must not cost the cutout
+            radec = None
+            repairs.append(f"invalid WCS ignored ({type(exc).__name__})")
+        if radec is not None:
+            ra[:], dec[:] = radec
+    elif cube_radec is not None:
+        ra, dec = cube_radec
+
+    stamps, problems, plane_repairs = _check_planes(fit_to_stamp(planes, stamp_px), stamp_px)
+    bad = [k for k, p in enumerate(problems) if p]
+    if bad:
+        where = (lambda k: f"HDU {index}") if data.ndim == 2 else (lambda k: f"plane {k}")
+        shown = "; ".join(f"{where(k)}: {problems[k]}" for k in bad[:5])
+        more = f" (and {len(bad) - 5} more planes)" if len(bad) > 5 else ""
+        raise CutoutError(path, shown + more)
+
+    repair_text = ["; ".join(repairs + ([r] if r else [])) for r in plane_repairs]
+    table = pl.DataFrame(
+        {
+            "galaxy_id": np.arange(n, dtype=np.int64),
+            "source_file": [relative] * n,
+            "hdu": np.full(n, index, dtype=np.int32)
+            if data.ndim == 2
+            else np.arange(n, dtype=np.int32),
+            "ra_deg": ra,
+            "dec_deg": dec,
+            "pixel_scale_arcsec": [scale] * n,
+            "repairs": repair_text,
+        },
+        schema=TABLE_SCHEMA,
+    ).with_columns(pl.col("ra_deg").fill_nan(None), pl.col("dec_deg").fill_nan(None))
+    return stamps, table
+
+
+def load_cutouts(path: Path | str, imaging: ImagingConfig) -> CutoutBatch:
+    """Load every valid cutout of a FITS file or of a folder of FITS files.
+
+    Parameters
+    ----------
+    path : Path or str
+        A FITS file, or a folder searched recursively (names starting with ``_`` or
+        ``.`` are skipped; every other file counts as input and is rejected unless it is
+        a valid FITS cutout with a FITS suffix).
+    imaging : ImagingConfig
+        Stamp size and pixel scale the network expects.
+
+    Returns
+    -------
+    CutoutBatch
+        Images ``(N, S, S)`` float32, the provenance table, rejections; files are read in
+        sorted order and ``galaxy_id`` runs 0..N-1 over the batch. Never raises for a bad
+        input file: ``n_files_in == len(accepted_files) + len(rejections)``.
+
+    Raises
+    ------
+    CutoutError
+        Only if ``path`` itself does not exist.
+    """
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        raise CutoutError(path, "no such file or folder")
+    root = path if path.is_dir() and not path.is_symlink() else path.parent
+    stamp_px = imaging.stamp_size_px
+    images: list[np.ndarray] = []
+    tables: list[pl.DataFrame] = []
+    accepted: list[str] = []
+    rejections: list[Rejection] = []
+    for file in batch_files(path):
+        relative = file.relative_to(root).as_posix()
+        if not is_fits_name(file.name):
+            rejections.append(
+                Rejection(relative, f"not a FITS file name (suffix of {file.name!r})")
+            )
+            continue
+        try:
+            stamps, table = load_cutout_file(file, imaging, root=root)
+        except CutoutError as exc:
+            rejections.append(Rejection(relative, exc.problem))
+            continue
+        images.append(stamps)
+        tables.append(table)
+        accepted.append(relative)
+    if tables:
+        table = pl.concat(tables).with_columns(galaxy_id=pl.int_range(pl.len(), dtype=pl.Int64))
+        stack = np.concatenate(images, axis=0)
+    else:
+        table = pl.DataFrame(schema=TABLE_SCHEMA)
+        stack = np.zeros((0, stamp_px, stamp_px), dtype=np.float32)
+    return CutoutBatch(stack, table, rejections, accepted, root)
+
+
+def _contained(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def safe_join(folder: Path | str, relative: str) -> Path:
+    """``folder / relative`` resolved, refusing any result outside ``folder``.
+
+    Raises
+    ------
+    CutoutError
+        If ``relative`` is absolute, contains ``..`` or a NUL, or resolves outside.
+    """
+    folder = Path(folder).resolve()
+    if not relative or "\x00" in relative or Path(relative).is_absolute():
+        raise CutoutError(relative, f"illegal file name (outside {folder})")
+    if ".." in Path(relative).parts:
+        raise CutoutError(relative, f"path traversal outside {folder}")
+    # Resolve the parent only: the file itself may be a symlink we must not follow.
+    candidate = folder / relative
+    resolved = candidate.parent.resolve() / candidate.name
+    if not _contained(resolved, folder) or resolved == folder:
+        raise CutoutError(relative, f"path escapes {folder}")
+    return resolved
+
+
+def quarantine(
+    rejections: list[Rejection],
+    batch_dir: Path | str,
+    quarantine_dir: Path | str,
+    batch_name: str | None = None,
+) -> list[Path]:
+    """Move rejected files to ``<quarantine_dir>/<batch>/`` with a ``<name>.reason.txt``.
+
+    Parameters
+    ----------
+    rejections : list[Rejection]
+        From :func:`load_cutouts` on ``batch_dir`` (``file`` relative to it).
+    batch_dir : Path or str
+        The batch root the rejections are relative to.
+    quarantine_dir : Path or str
+        Quarantine root; the batch's files go under ``<quarantine_dir>/<batch_name>/``
+        keeping their relative paths.
+    batch_name : str, optional
+        Sub-folder name (default ``batch_dir.name``); must be a single path component.
+
+    Returns
+    -------
+    list[Path]
+        The quarantined file paths.
+
+    Raises
+    ------
+    CutoutError
+        If a rejected file name or the batch name would escape the batch folder or the
+        quarantine folder (path traversal), before anything is moved.
+    """
+    batch_dir = Path(batch_dir).resolve()
+    target_root = safe_join(quarantine_dir, batch_name or batch_dir.name)
+    moves = []
+    for rejection in rejections:
+        source = safe_join(batch_dir, rejection.file)
+        target = safe_join(target_root, rejection.file)
+        moves.append((source, target, rejection))
+    moved = []
+    for source, target, rejection in moves:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.exists() or source.is_symlink():
+            shutil.move(str(source), str(target))
+        target.with_name(target.name + ".reason.txt").write_text(
+            f"file: {rejection.file}\nbatch: {target_root.name}\nreason: {rejection.reason}\n"
+        )
+        moved.append(target)
+    return moved
