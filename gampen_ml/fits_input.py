@@ -94,8 +94,9 @@ class CutoutBatch:
 
     Attributes
     ----------
-    images : np.ndarray
-        ``(N, S, S)`` float32, native byte order, sky-subtracted counts as delivered.
+    images : np.ndarray or None
+        ``(N, S, S)`` float32, native byte order, sky-subtracted counts as delivered;
+        None from :func:`validate_cutouts`, which does not keep pixels.
     table : pl.DataFrame
         One row per cutout (schema :data:`TABLE_SCHEMA`): ``galaxy_id`` (running index
         0..N-1), ``source_file`` (relative to ``root``), ``hdu`` (HDU index of a 2-D
@@ -110,7 +111,7 @@ class CutoutBatch:
         Batch root (the folder, or the parent of a single file).
     """
 
-    images: np.ndarray
+    images: np.ndarray | None
     table: pl.DataFrame
     rejections: list[Rejection] = field(default_factory=list)
     accepted_files: list[str] = field(default_factory=list)
@@ -419,6 +420,16 @@ def load_cutouts(path: Path | str, imaging: ImagingConfig) -> CutoutBatch:
     CutoutError
         Only if ``path`` itself does not exist.
     """
+    return _scan(path, imaging, keep_images=True)
+
+
+def validate_cutouts(path: Path | str, imaging: ImagingConfig) -> CutoutBatch:
+    """Like :func:`load_cutouts` but keeps no pixels (``images`` is None): memory stays
+    at one file's worth however large the batch, for the inbox sensor."""
+    return _scan(path, imaging, keep_images=False)
+
+
+def _scan(path: Path | str, imaging: ImagingConfig, keep_images: bool) -> CutoutBatch:
     path = Path(path)
     if not path.exists() and not path.is_symlink():
         raise CutoutError(path, "no such file or folder")
@@ -440,15 +451,16 @@ def load_cutouts(path: Path | str, imaging: ImagingConfig) -> CutoutBatch:
         except CutoutError as exc:
             rejections.append(Rejection(relative, exc.problem))
             continue
-        images.append(stamps)
+        if keep_images:
+            images.append(stamps)
         tables.append(table)
         accepted.append(relative)
     if tables:
         table = pl.concat(tables).with_columns(galaxy_id=pl.int_range(pl.len(), dtype=pl.Int64))
-        stack = np.concatenate(images, axis=0)
+        stack = np.concatenate(images, axis=0) if keep_images else None
     else:
         table = pl.DataFrame(schema=TABLE_SCHEMA)
-        stack = np.zeros((0, stamp_px, stamp_px), dtype=np.float32)
+        stack = np.zeros((0, stamp_px, stamp_px), dtype=np.float32) if keep_images else None
     return CutoutBatch(stack, table, rejections, accepted, root)
 
 
