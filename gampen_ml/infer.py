@@ -1,0 +1,184 @@
+"""Monte-Carlo dropout inference (paper §4.1 and §4.4), streamed over any number of galaxies.
+
+For each galaxy GaMPEN is run ``T`` times with dropout active; each pass predicts a mean
+``mu_t`` and a covariance ``Sigma_t = L_t D_t L_t^T`` in the network's scaled label space,
+and one sample is drawn from ``N(mu_t, Sigma_t)``. The ``T`` samples are the posterior.
+
+Economics: the STN and the first convolution carry no dropout, so
+:meth:`GaMPEN.deterministic_head` is evaluated once per galaxy and its output repeated
+``T`` times; only :meth:`GaMPEN.stochastic_tail` runs over galaxies x passes, in large
+batches. The MVN draws are vectorized: ``y = mu + L sqrt(D) z``.
+
+Reproducibility: every (galaxy chunk, pass chunk) gets its own seed derived from
+``(seed, first galaxy, first pass)``; the dropout masks and the normal draws use it, so
+the same settings give the same samples bit for bit on the same device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from gampen_ml.data.transforms import LabelScaler, arsinh_image
+from gampen_ml.model.loss import split_outputs, unit_lower_triangular
+
+#: Default memory budget for one batch of repeated head outputs fed to the tail.
+DEFAULT_TAIL_BATCH_BYTES = 256 * 2**20
+
+
+class InferenceError(ValueError):
+    """Bad arguments to MC-dropout inference; the message names the argument and value."""
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` if given, else CUDA when available, else CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def chunk_seed(seed: int, first_galaxy: int, first_pass: int) -> int:
+    """63-bit seed of one (galaxy chunk, pass chunk), derived with NumPy's SeedSequence."""
+    state = np.random.SeedSequence([int(seed), int(first_galaxy), int(first_pass)])
+    hi, lo = state.generate_state(2, dtype=np.uint32)
+    return ((int(hi) << 32) | int(lo)) & ((1 << 63) - 1)
+
+
+def _set_mc_dropout_mode(model: nn.Module) -> dict[nn.Module, bool]:
+    """Eval mode everywhere except dropout layers; returns the previous modes."""
+    previous = {m: m.training for m in model.modules()}
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.train(True)
+    return previous
+
+
+def draw_from_outputs(out: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One draw from ``N(mu, L diag(exp s) L^T)`` per row of network outputs.
+
+    Parameters
+    ----------
+    out : (M, 9) torch.Tensor
+        Network outputs ``[mu | s | l_offdiag]`` (float32).
+    generator : torch.Generator
+        On the device of ``out``.
+
+    Returns
+    -------
+    (M, 3) torch.Tensor
+        ``mu + L (exp(s / 2) * z)`` with ``z ~ N(0, I)``.
+    """
+    mu, log_var, l_offdiag = split_outputs(out)
+    z = torch.randn(mu.shape, generator=generator, device=out.device, dtype=out.dtype)
+    L = unit_lower_triangular(l_offdiag)
+    return mu + (L @ (torch.exp(0.5 * log_var) * z).unsqueeze(-1)).squeeze(-1)
+
+
+@torch.inference_mode()
+def mc_dropout_samples(
+    model: nn.Module,
+    images: np.ndarray,
+    n_passes: int,
+    *,
+    seed: int,
+    device: str | torch.device | None = None,
+    galaxies_per_batch: int = 32,
+    passes_per_chunk: int | None = None,
+    autocast_bf16: bool = False,
+    tail_batch_bytes: int = DEFAULT_TAIL_BATCH_BYTES,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Stream MC-dropout posterior samples, one chunk of galaxies at a time.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A :class:`gampen_ml.model.GaMPEN` (or anything with ``deterministic_head`` and
+        ``stochastic_tail``). It is moved to ``device``; only its dropout layers are put in
+        training mode while the generator runs, and the previous modes are restored after.
+    images : (N, S, S) or (N, C, S, S) array_like
+        Raw images in nJy/pixel; may be a memory map (only one chunk is read at a time).
+        The arsinh scaling is applied per chunk.
+    n_passes : int
+        Monte-Carlo passes ``T`` per galaxy (paper: 1000).
+    seed : int
+        Base seed; identical settings give identical samples.
+    device : str or torch.device, optional
+        Default: CUDA when available, else CPU.
+    galaxies_per_batch : int
+        Galaxies per chunk (the deterministic head runs on this many at once).
+    passes_per_chunk : int, optional
+        Passes per tail batch; by default as many as fit in ``tail_batch_bytes`` of
+        repeated head outputs.
+    autocast_bf16 : bool
+        Run the network in bfloat16 autocast on CUDA (ignored on CPU, which stays fp32).
+        Draws are always made in float32.
+    tail_batch_bytes : int
+        Memory budget for the repeated head outputs when ``passes_per_chunk`` is None.
+
+    Yields
+    ------
+    start : int
+        Index of the chunk's first galaxy.
+    samples : (n, T, 3) float32 ndarray
+        Posterior samples in the network's scaled label space.
+    """
+    if n_passes < 1:
+        raise InferenceError(f"n_passes must be >= 1, got {n_passes}")
+    if galaxies_per_batch < 1:
+        raise InferenceError(f"galaxies_per_batch must be >= 1, got {galaxies_per_batch}")
+    if passes_per_chunk is not None and passes_per_chunk < 1:
+        raise InferenceError(f"passes_per_chunk must be >= 1, got {passes_per_chunk}")
+    if np.ndim(images) not in (3, 4):
+        raise InferenceError(
+            f"images must have shape (N, S, S) or (N, C, S, S), got {np.shape(images)}"
+        )
+    device = pick_device(device)
+    model = model.to(device)
+    previous = _set_mc_dropout_mode(model)
+    use_amp = autocast_bf16 and device.type == "cuda"
+    fork_devices = [device] if device.type == "cuda" else []
+    n_galaxies = len(images)
+    try:
+        for start in range(0, n_galaxies, galaxies_per_batch):
+            chunk = np.asarray(images[start : start + galaxies_per_batch], dtype=np.float32)
+            if chunk.ndim == 3:
+                chunk = chunk[:, None]
+            x = torch.from_numpy(arsinh_image(chunk)).to(device)
+            n = x.shape[0]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                head = model.deterministic_head(x)
+            per_pass = head[0].numel() * head.element_size()
+            t_chunk = passes_per_chunk or max(1, tail_batch_bytes // max(1, n * per_pass))
+            t_chunk = min(t_chunk, n_passes)
+            out = torch.empty((n, n_passes, 3), dtype=torch.float32, device=device)
+            for p0 in range(0, n_passes, t_chunk):
+                tc = min(t_chunk, n_passes - p0)
+                s = chunk_seed(seed, start, p0)
+                repeated = head.unsqueeze(1).expand(n, tc, *head.shape[1:])
+                repeated = repeated.reshape(n * tc, *head.shape[1:])
+                with torch.random.fork_rng(devices=fork_devices):
+                    torch.manual_seed(s)
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                        params = model.stochastic_tail(repeated)
+                gen = torch.Generator(device=device).manual_seed(s ^ 0x5DEECE66D)
+                draws = draw_from_outputs(params.float(), gen)
+                out[:, p0 : p0 + tc] = draws.reshape(n, tc, 3)
+            yield start, out.cpu().numpy()
+    finally:
+        for module, mode in previous.items():
+            module.train(mode)
+
+
+def predict_physical(samples_scaled: np.ndarray, scaler: LabelScaler) -> np.ndarray:
+    """Map scaled samples ``(..., 3)`` to physical ``[bt, re_arcsec, flux_nJy]`` float64.
+
+    B/T is snapped to exactly 0 or 1 beyond the scaler's limits (paper §5, original code).
+    """
+    samples_scaled = np.asarray(samples_scaled)
+    if samples_scaled.shape[-1:] != (3,):
+        raise InferenceError(f"samples_scaled must have shape (..., 3), got {samples_scaled.shape}")
+    return scaler.inverse(samples_scaled)
