@@ -348,3 +348,44 @@ def lineage_chain(db_path: Path | str, asset: str, partition: str | None) -> lis
         partition was never materialized successfully.
     """
     return query(db_path, LINEAGE_CHAIN_SQL, {"asset": asset, "partition": _partition(partition)})
+
+
+CATALOG_ROW_PROVENANCE_SQL = """
+WITH RECURSIVE chain(depth, lineage_id, asset, partition, data_version) AS (
+    SELECT 0, l.lineage_id, l.asset, l.partition, l.data_version
+    FROM posterior_catalog c
+    JOIN lineage_latest l ON l.asset = 'posterior_catalog' AND l.partition = c.dataset
+    WHERE c.dataset = $dataset AND c.galaxy_id = $galaxy_id
+    QUALIFY row_number() OVER (ORDER BY l.finished_at DESC) = 1
+    UNION
+    SELECT c.depth + 1, l.lineage_id, u.upstream_asset, u.upstream_partition,
+           u.upstream_data_version
+    FROM chain c
+    JOIN lineage_upstream u ON u.lineage_id = c.lineage_id
+    LEFT JOIN lineage_latest l
+      ON l.asset = u.upstream_asset AND l.partition = u.upstream_partition
+     AND l.data_version IS NOT DISTINCT FROM u.upstream_data_version
+    WHERE c.depth < 32
+)
+SELECT DISTINCT c.asset, c.partition, c.data_version, l.run_id, l.mlflow_run_id,
+       l.model_version, l.code_version, l.finished_at
+FROM chain c LEFT JOIN lineage l USING (lineage_id)
+ORDER BY c.asset, c.partition
+"""
+
+
+def catalog_row_provenance(db_path: Path | str, dataset: str, galaxy_id: int) -> list[dict]:
+    """Which simulations, PSFs, noise pool and model produced one catalog row.
+
+    Runs :data:`CATALOG_ROW_PROVENANCE_SQL` (also quoted in ``docs/operations.md``): the
+    catalog row is looked up in the ``posterior_catalog`` view and its dataset's newest
+    successful catalog build is followed upstream recursively.
+
+    Returns
+    -------
+    list[dict]
+        One row per distinct upstream partition (including the catalog itself), keys
+        ``asset, partition, data_version, run_id, mlflow_run_id, model_version,
+        code_version, finished_at``; empty when the row does not exist.
+    """
+    return query(db_path, CATALOG_ROW_PROVENANCE_SQL, {"dataset": dataset, "galaxy_id": galaxy_id})

@@ -323,7 +323,9 @@ def load_cutout_file(
     except CutoutError:
         raise
     except Exception as exc:  # astropy signals bad/truncated files with many types
-        raise CutoutError(path, f"not a readable FITS file ({type(exc).__name__}: {exc})") from exc
+        raise CutoutError(
+            path, f"not a readable FITS file, truncated or corrupt ({type(exc).__name__}: {exc})"
+        ) from exc
 
     if data.ndim not in (2, 3):
         raise CutoutError(
