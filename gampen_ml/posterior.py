@@ -29,6 +29,8 @@ from gampen_ml.config import CREDIBLE_LEVELS, PARAMETERS
 #: Column tag of each credible level in the catalog (``bt_hpd68_lo`` ...).
 LEVEL_TAGS: dict[float, str] = {0.6827: "hpd68", 0.9545: "hpd95", 0.9973: "hpd99"}
 
+#: Default credible levels of the expected-coverage curve.
+CURVE_LEVELS: np.ndarray = np.linspace(0.01, 0.99, 99)
 #: Grid points of the binned KDE used for the mode.
 DEFAULT_KDE_GRID = 1024
 
@@ -257,7 +259,7 @@ def coverage(lo: np.ndarray, hi: np.ndarray, truth: np.ndarray) -> np.ndarray:
 def expected_coverage_curve(
     samples: np.ndarray,
     truth: np.ndarray,
-    levels: Sequence[float] | np.ndarray = np.linspace(0.01, 0.99, 99),
+    levels: Sequence[float] | np.ndarray = CURVE_LEVELS,
 ) -> np.ndarray:
     """HPD coverage at every credible level (the expected-coverage curve).
 
@@ -392,11 +394,11 @@ def tarp_coverage(
     draws = ((samples - low) / scale).transpose(1, 0, 2)  # tarp wants (T, N, P)
     rng = np.random.default_rng(seed)
     references = rng.uniform(size=theta.shape)
-    state = np.random.get_state()  # tarp reseeds the global RNG; leave it as it was
+    state = np.random.get_state()  # noqa: NPY002  tarp reseeds the global RNG; leave it as it was
     try:
         ecp, alpha = tarp.get_tarp_coverage(
             draws, theta, references=references, num_alpha_bins=num_alpha_bins, norm=False
         )
     finally:
-        np.random.set_state(state)
+        np.random.set_state(state)  # noqa: NPY002
     return np.asarray(ecp), np.asarray(alpha), float(np.mean(np.abs(ecp - alpha)))

@@ -1,0 +1,60 @@
+"""Qualitative flags and their precision against the truths."""
+
+from __future__ import annotations
+
+import math
+
+import polars as pl
+import pytest
+
+from gampen_ml.config import FlagConfig
+from gampen_ml.flags import FLAGS_SCHEMA, FlagError, compute_flags, flag_precision
+
+
+def catalog() -> pl.DataFrame:
+    bt_mode = [0.90, 0.86, 0.05, 0.10, 0.50, 0.50]
+    bt_true = [0.95, 0.70, 0.00, 0.12, 0.50, 0.50]
+    re_mode = [0.5, 2.0, 0.9, 3.0, 2.0, 2.0]
+    re_true = [0.6, 2.0, 1.2, 3.0, 2.0, 2.0]
+    flux_mode = [1e5] * 6
+    cols = {
+        "galaxy_id": list(range(6)),
+        "dataset": ["sim-test"] * 6,
+        "bt_mode": bt_mode,
+        "re_arcsec_mode": re_mode,
+        "flux_nJy_mode": flux_mode,
+        "bt_true": bt_true,
+        "re_arcsec_true": re_true,
+        # widths: galaxy 4 too wide in B/T (0.4), galaxy 5 too wide in Re (1.2 > 0.5 * 2)
+        "bt_hpd68_lo": [0.85, 0.8, 0.0, 0.05, 0.3, 0.45],
+        "bt_hpd68_hi": [0.95, 0.9, 0.1, 0.15, 0.7, 0.55],
+        "re_arcsec_hpd68_lo": [0.45, 1.8, 0.8, 2.8, 1.8, 1.4],
+        "re_arcsec_hpd68_hi": [0.55, 2.2, 1.0, 3.2, 2.2, 2.6],
+        "flux_nJy_hpd68_lo": [0.95e5] * 6,
+        "flux_nJy_hpd68_hi": [1.05e5] * 6,
+    }
+    return pl.DataFrame(cols)
+
+
+def test_compute_flags_thresholds():
+    flags = compute_flags(catalog(), FlagConfig())
+    assert flags.schema == pl.Schema(FLAGS_SCHEMA)
+    assert flags["bulge_dominated"].to_list() == [True, True, False, False, False, False]
+    assert flags["disk_dominated"].to_list() == [False, False, True, True, False, False]
+    assert flags["small"].to_list() == [True, False, True, False, False, False]
+    assert flags["unreliable"].to_list() == [False, False, False, False, True, True]
+    strict = compute_flags(catalog(), FlagConfig(bulge_dominated_min_bt=0.88, max_bt_width=0.05))
+    assert strict["bulge_dominated"].to_list() == [True] + [False] * 5
+    assert strict["unreliable"].sum() == 6
+    with pytest.raises(FlagError, match="bt_mode"):
+        compute_flags(catalog().drop("bt_mode"), FlagConfig())
+
+
+def test_flag_precision_against_truth():
+    cat = catalog()
+    result = flag_precision(cat, compute_flags(cat, FlagConfig()))
+    assert result["bulge_dominated"] == 0.5 and result["n_bulge_dominated"] == 2
+    assert result["disk_dominated"] == 0.5 and result["n_disk_dominated"] == 2
+    assert result["small"] == 0.5 and result["n_small"] == 2
+    none = flag_precision(cat, compute_flags(cat, FlagConfig(small_max_re_arcsec=0.1)))
+    assert math.isnan(none["small"]) and none["n_small"] == 0
