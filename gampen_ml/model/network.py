@@ -1,0 +1,225 @@
+"""The GaMPEN network: a zoom-only Spatial Transformer followed by a VGG-16 with dropout.
+
+The layer lists below are Table 3 of Ghosh et al. (2022), written as data in the style of
+torchvision's ``models/vgg.py``: integers are 3x3 convolutions (ReLU) of that many filters,
+``"M"`` is a 2x2 max-pool of stride 2. Every width is multiplied by
+``NetworkConfig.width_multiplier`` (1.0 in the ``paper`` profile, so the paper network is
+reproduced exactly).
+
+Dropout sits exactly where Table 3 puts it: before every convolution except the first, and
+after each of the two hidden fully connected layers. Because the first convolution (and the
+STN before it) see no dropout, :meth:`GaMPEN.deterministic_head` can be evaluated once per
+galaxy and :meth:`GaMPEN.stochastic_tail` T times for Monte-Carlo dropout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gampen_ml.config import NetworkConfig
+
+#: VGG-16 convolution blocks (Table 3, rows 2-31 of the downstream CNN).
+VGG16_LAYERS: tuple[int | str, ...] = (
+    64, 64, "M",
+    128, 128, "M",
+    256, 256, 256, "M",
+    512, 512, 512, "M",
+    512, 512, 512, "M",
+)  # fmt: skip
+
+#: STN localization network (Table 3, upper part): (filters, kernel) convolutions, each
+#: followed by ReLU and a 3x3 max-pool of stride 2, then FC 32 (ReLU) and FC 1 (linear).
+STN_CONVS: tuple[tuple[int, int], ...] = ((64, 11), (96, 9))
+STN_HIDDEN_FC = 32
+STN_POOL_KERNEL, STN_POOL_STRIDE = 3, 2
+
+
+def scaled_width(width: int, multiplier: float) -> int:
+    """A layer width times ``multiplier``, rounded, at least 1."""
+    return max(1, round(width * multiplier))
+
+
+def _conv_out(size: int, kernel: int, stride: int = 1) -> int:
+    return (size - kernel) // stride + 1
+
+
+class ZoomSTN(nn.Module):
+    """Spatial transformer that predicts one zoom factor ``s`` per image (paper eq. 4).
+
+    The affine matrix is ``[[s, 0, 0], [0, s, 0]]``: ``s = 1`` keeps the whole frame,
+    ``s < 1`` keeps the central fraction ``s`` of each side. The localization network sees
+    the image average-pooled by ``localization_pool``; the bilinear sampler reads the
+    full-resolution image and writes ``output_px x output_px`` pixels.
+
+    Parameters
+    ----------
+    in_channels : int
+        Image channels (1 for one band).
+    image_px : int
+        Side of the input images in pixels.
+    output_px : int
+        Side of the sampled output in pixels.
+    width_multiplier : float
+        Scales the localization convolution widths (64, 96).
+    localization_pool : int
+        Average-pooling factor applied before the localization network (1 = none).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        image_px: int,
+        output_px: int,
+        width_multiplier: float = 1.0,
+        localization_pool: int = 1,
+    ) -> None:
+        super().__init__()
+        self.output_px = output_px
+        self.localization_pool = localization_pool
+        layers: list[nn.Module] = []
+        channels, size = in_channels, image_px // localization_pool
+        for filters, kernel in STN_CONVS:
+            filters = scaled_width(filters, width_multiplier)
+            layers += [
+                nn.Conv2d(channels, filters, kernel),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(STN_POOL_KERNEL, STN_POOL_STRIDE),
+            ]
+            size = _conv_out(_conv_out(size, kernel), STN_POOL_KERNEL, STN_POOL_STRIDE)
+            channels = filters
+        if size < 1:
+            raise ValueError(
+                f"ZoomSTN: image_px={image_px} pooled by localization_pool={localization_pool} "
+                "is too small for the localization convolutions (need >= 41 px after pooling)"
+            )
+        self.localization = nn.Sequential(*layers)
+        self.regressor = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(channels * size * size, STN_HIDDEN_FC),
+            nn.ReLU(inplace=True),
+            nn.Linear(STN_HIDDEN_FC, 1),
+        )
+        # Start at the identity transform (s = 1), as in Jaderberg et al. (2015).
+        nn.init.zeros_(self.regressor[-1].weight)
+        nn.init.ones_(self.regressor[-1].bias)
+
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        """Zoom factor ``s`` per image: ``(N, C, S, S)`` -> ``(N,)``."""
+        if self.localization_pool > 1:
+            x = F.avg_pool2d(x, self.localization_pool)
+        return self.regressor(self.localization(x)).squeeze(1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Crop ``(N, C, S, S)`` to ``(N, C, P, P)``; also return the scales ``(N,)``."""
+        s = self.scale(x)
+        zeros = torch.zeros_like(s)
+        theta = torch.stack(
+            [torch.stack([s, zeros, zeros], 1), torch.stack([zeros, s, zeros], 1)], 1
+        )
+        grid = F.affine_grid(
+            theta.to(x.dtype),
+            [x.shape[0], x.shape[1], self.output_px, self.output_px],
+            align_corners=False,
+        )
+        cropped = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return cropped, s
+
+
+class GaMPEN(nn.Module):
+    """STN + VGG-16 with Monte-Carlo dropout; 9 outputs ``[mu(3) | log var(3) | L(3)]``.
+
+    Parameters
+    ----------
+    network_cfg : NetworkConfig
+        Widths and sizes (``paper`` = Table 3).
+    dropout_rate : float
+        Probability of zeroing a unit in every dropout layer, in [0, 1).
+    image_px : int
+        Side of the input images, pixels.
+
+    Notes
+    -----
+    Input: ``(N, in_channels, image_px, image_px)`` float32, arsinh-scaled images.
+    Output: ``(N, n_outputs)``; see :mod:`gampen_ml.model.loss` for the layout.
+    """
+
+    def __init__(self, network_cfg: NetworkConfig, dropout_rate: float, image_px: int) -> None:
+        super().__init__()
+        if not 0.0 <= dropout_rate < 1.0:
+            raise ValueError(f"GaMPEN: dropout_rate must lie in [0, 1), got {dropout_rate}")
+        self.network_cfg = network_cfg
+        self.dropout_rate = float(dropout_rate)
+        self.image_px = int(image_px)
+        m = network_cfg.width_multiplier
+        self.stn = ZoomSTN(
+            network_cfg.in_channels,
+            image_px,
+            network_cfg.stn_output_px,
+            width_multiplier=m,
+            localization_pool=network_cfg.stn_localization_pool,
+        )
+        widths = [scaled_width(v, m) if isinstance(v, int) else v for v in VGG16_LAYERS]
+        first = widths[0]
+        # Deterministic part: the first convolution has no dropout before it (Table 3).
+        self.first_conv = nn.Sequential(
+            nn.Conv2d(network_cfg.in_channels, first, 3, padding=1), nn.ReLU(inplace=True)
+        )
+        layers: list[nn.Module] = []
+        channels, size = first, network_cfg.stn_output_px
+        for v in widths[1:]:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+                size //= 2
+            else:
+                layers += [
+                    nn.Dropout(dropout_rate),
+                    nn.Conv2d(channels, v, 3, padding=1),
+                    nn.ReLU(inplace=True),
+                ]
+                channels = v
+        if size < 1:
+            raise ValueError(
+                f"GaMPEN: stn_output_px={network_cfg.stn_output_px} is too small for five "
+                "2x2 max-pools (need >= 32)"
+            )
+        self.features = nn.Sequential(*layers)
+        fc = network_cfg.fc_width
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(channels * size * size, fc),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout_rate),
+            nn.Linear(fc, fc),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout_rate),
+            nn.Linear(fc, network_cfg.n_outputs),
+        )
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # torchvision's VGG initialisation; the STN's identity init is kept.
+        for module in [*self.first_conv, *self.features, *self.classifier]:
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, 0.01)
+                nn.init.zeros_(module.bias)
+
+    def deterministic_head(self, x: torch.Tensor) -> torch.Tensor:
+        """STN crop + first convolution + ReLU: ``(N, C, S, S)`` -> ``(N, w, P, P)``.
+
+        No dropout acts here, so for Monte-Carlo dropout it is computed once per galaxy.
+        """
+        cropped, _ = self.stn(x)
+        return self.first_conv(cropped)
+
+    def stochastic_tail(self, h: torch.Tensor) -> torch.Tensor:
+        """Everything after the first convolution: ``(N, w, P, P)`` -> ``(N, 9)``."""
+        return self.classifier(self.features(h))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C, S, S)`` arsinh images -> ``(N, 9)`` outputs in the scaled label space."""
+        return self.stochastic_tail(self.deterministic_head(x))

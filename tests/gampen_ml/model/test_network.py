@@ -1,0 +1,169 @@
+"""GaMPEN network: Table-3 layers, parameter counts, STN identity, head/tail split."""
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from gampen_ml.config import PAPER, QUICK, NetworkConfig
+from gampen_ml.model import GaMPEN, gaussian_nll
+
+SMALL = NetworkConfig(
+    width_multiplier=0.0625, fc_width=16, stn_output_px=32, stn_localization_pool=1
+)
+
+
+def _conv(cin, cout, k):
+    return cin * cout * k * k + cout
+
+
+def _fc(nin, nout):
+    return nin * nout + nout
+
+
+def test_paper_network_is_table_3():
+    model = GaMPEN(PAPER.network, 0.1, 239)
+    # STN (Table 3, upper part): 239 -> conv11 229 -> pool 114 -> conv9 106 -> pool 52.
+    stn_convs = [m for m in model.stn.localization if isinstance(m, nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size) for c in stn_convs] == [(64, (11, 11)), (96, (9, 9))]
+    stn_pools = [m for m in model.stn.localization if isinstance(m, nn.MaxPool2d)]
+    assert [(p.kernel_size, p.stride) for p in stn_pools] == [(3, 2), (3, 2)]
+    stn_fcs = [m for m in model.stn.regressor if isinstance(m, nn.Linear)]
+    assert [(f.in_features, f.out_features) for f in stn_fcs] == [(96 * 52 * 52, 32), (32, 1)]
+    # Downstream CNN: 13 convs 3x3 stride 1, 5 max-pools 2/2, FC 4096 4096 9.
+    convs = [model.first_conv[0]] + [m for m in model.features if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [64, 64, 128, 128, 256, 256, 256] + [512] * 6
+    assert all(c.kernel_size == (3, 3) and c.stride == (1, 1) for c in convs)
+    pools = [m for m in model.features if isinstance(m, nn.MaxPool2d)]
+    assert len(pools) == 5
+    fcs = [m for m in model.classifier if isinstance(m, nn.Linear)]
+    assert [(f.in_features, f.out_features) for f in fcs] == [
+        (512 * 7 * 7, 4096),
+        (4096, 4096),
+        (4096, 9),
+    ]
+    expected = (
+        _conv(1, 64, 11) + _conv(64, 96, 9) + _fc(96 * 52 * 52, 32) + _fc(32, 1)
+        + _conv(1, 64, 3) + _conv(64, 64, 3) + _conv(64, 128, 3) + _conv(128, 128, 3)
+        + _conv(128, 256, 3) + 2 * _conv(256, 256, 3) + _conv(256, 512, 3) + 5 * _conv(512, 512, 3)
+        + _fc(25088, 4096) + _fc(4096, 4096) + _fc(4096, 9)
+    )  # fmt: skip
+    assert sum(p.numel() for p in model.parameters()) == expected == 143_108_586
+
+
+def _layer_sequence(model: GaMPEN) -> list[str]:
+    names = {nn.Conv2d: "C", nn.MaxPool2d: "M", nn.Dropout: "D", nn.Linear: "F"}
+    layers = [*model.first_conv, *model.features, *model.classifier]
+    return [names[type(m)] for m in layers if type(m) in names]
+
+
+def test_dropout_positions_match_table_3():
+    model = GaMPEN(PAPER.network, 0.05, 239)
+    # Table 3 rows 2-36: conv, (dropout conv) ..., pools, FC dropout FC dropout FC.
+    expected = "C DC M DC DC M DC DC DC M DC DC DC M DC DC DC M F DF DF".replace(" ", "")
+    assert "".join(_layer_sequence(model)) == expected
+    dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert len(dropouts) == 14 and all(d.p == 0.05 for d in dropouts)
+    # Nothing stochastic in the deterministic head.
+    assert not any(isinstance(m, nn.Dropout) for m in [*model.stn.modules(), *model.first_conv])
+
+
+def test_paper_forward_shape_batch_of_one():
+    model = GaMPEN(PAPER.network, 0.0, 239).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 1, 239, 239))
+    assert out.shape == (1, 9) and torch.isfinite(out).all()
+
+
+def test_quick_preset_shapes_and_widths():
+    model = GaMPEN(QUICK.network, 0.01, 239)
+    x = torch.randn(3, 1, 239, 239)
+    cropped, scale = model.stn(x)
+    assert cropped.shape == (3, 1, 64, 64) and scale.shape == (3,)
+    assert model.deterministic_head(x).shape == (3, 8, 64, 64)
+    assert model(x).shape == (3, 9)
+    fcs = [m for m in model.classifier if isinstance(m, nn.Linear)]
+    assert [(f.in_features, f.out_features) for f in fcs] == [
+        (64 * 2 * 2, 256),
+        (256, 256),
+        (256, 9),
+    ]
+
+
+def test_stn_is_identity_at_init():
+    cfg = dataclasses.replace(SMALL, stn_output_px=48)
+    model = GaMPEN(cfg, 0.0, 48)
+    x = torch.randn(4, 1, 48, 48)
+    cropped, scale = model.stn(x)
+    torch.testing.assert_close(scale, torch.ones(4))
+    torch.testing.assert_close(cropped, x, atol=1e-5, rtol=1e-5)
+
+
+def test_stn_zoom_crops_the_centre():
+    model = GaMPEN(dataclasses.replace(SMALL, stn_output_px=48), 0.0, 96)
+    with torch.no_grad():
+        model.stn.regressor[-1].bias.fill_(0.5)  # s = 0.5: keep the central half of each side
+    x = torch.randn(2, 1, 96, 96)
+    cropped, scale = model.stn(x)
+    torch.testing.assert_close(scale, torch.full((2,), 0.5))
+    # Pixel centres of the 48-px output land exactly on input pixels 24 ... 71.
+    torch.testing.assert_close(cropped, x[..., 24:72, 24:72], atol=1e-4, rtol=1e-4)
+
+
+def test_forward_equals_tail_of_head():
+    model = GaMPEN(SMALL, 0.3, 48)
+    x = torch.randn(5, 1, 48, 48)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.stochastic_tail(model.deterministic_head(x)))
+    # With dropout active the same random stream gives the same answer too.
+    model.train()
+    with torch.no_grad():
+        torch.manual_seed(1)
+        a = model(x)
+        torch.manual_seed(1)
+        b = model.stochastic_tail(model.deterministic_head(x))
+        torch.manual_seed(2)
+        c = model(x)
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)  # dropout really acts in train mode
+
+
+def _blob_batch(n: int, px: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centred Gaussian blobs whose amplitude, width and core contrast encode the labels."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(n, 3, generator=g)
+    r2 = (torch.arange(px) - (px - 1) / 2) ** 2
+    r2 = r2[:, None] + r2[None, :]
+    amplitude = torch.exp(0.5 * y[:, 0])[:, None, None]
+    width_px = (px / 8) * torch.exp(0.25 * y[:, 1])[:, None, None]
+    core = 1 + 0.3 * y[:, 2, None, None] * (r2 < (px / 4) ** 2)
+    x = amplitude * torch.exp(-r2 / (2 * width_px**2)) * core
+    return x.unsqueeze(1) + 0.05 * torch.randn(n, 1, px, px, generator=g), y
+
+
+def test_tiny_model_overfits_a_batch():
+    torch.manual_seed(0)
+    model = GaMPEN(SMALL, 0.0, 48)
+    x, y = _blob_batch(32, 48, seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.0)
+    losses = []
+    for _ in range(150):
+        loss = gaussian_nll(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    # Start ~ 0.5 * E|y|^2 = 1.5 (unit variances); fitting the batch lowers it by > 0.75 nat.
+    assert losses[0] > 1.3
+    assert min(losses[-30:]) < losses[0] - 0.75, losses[::10]
+
+
+def test_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="stn_output_px"):
+        GaMPEN(dataclasses.replace(SMALL, stn_output_px=16), 0.0, 48)
+    with pytest.raises(ValueError, match="dropout_rate"):
+        GaMPEN(SMALL, 1.0, 48)
+    with pytest.raises(ValueError, match="localization_pool"):
+        GaMPEN(dataclasses.replace(SMALL, stn_localization_pool=4), 0.0, 48)
