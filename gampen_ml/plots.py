@@ -32,6 +32,7 @@ from matplotlib.figure import Figure
 from scipy import stats
 
 from gampen_ml.config import CREDIBLE_LEVELS, PARAMETERS, FlagConfig
+from gampen_ml.flags import FLAG_COLUMNS, compute_flags
 from gampen_ml.io import atomic_file
 
 #: Resolution of every saved PNG; a figure of ``w x h`` inches is ``w*DPI x h*DPI`` px.
@@ -80,8 +81,6 @@ LOG_PARAMS = frozenset({"flux_nJy"})
 LEVEL_TAGS = dict(zip(CREDIBLE_LEVELS, ("68", "95", "99"), strict=True))
 #: Colours for the 68 / 95 / 99 % HPD shading (paper Fig. 10 uses three shades).
 LEVEL_COLOURS = {"68": OKABE_ITO["purple"], "95": OKABE_ITO["yellow"], "99": OKABE_ITO["green"]}
-#: Columns of the qualitative flags table (docs/catalog.md).
-FLAG_COLUMNS = ("bulge_dominated", "disk_dominated", "small", "unreliable")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -290,45 +289,23 @@ def flag_arrays(
     """Boolean flag arrays aligned with ``catalog`` rows.
 
     With a flags table (``galaxy_id`` + flag columns, docs/catalog.md) its values are used,
-    joined on ``galaxy_id``. Without one the three threshold flags are derived from the
-    posterior modes with ``flag_config`` (paper §6.4: B/T >= 0.85, B/T <= 0.10, Re < 1"),
-    and ``unreliable`` from the 68.27 % HPD widths (absolute for B/T, fractional w.r.t.
-    the mode for Re and flux) against the ``FlagConfig`` limits.
+    joined on ``galaxy_id`` (galaxies missing from it count as unflagged). Without one the
+    flags are computed from the catalog by :func:`gampen_ml.flags.compute_flags` with
+    ``flag_config`` (default ``FlagConfig()``: paper §6.4 thresholds).
 
     Returns
     -------
     dict of str -> (N,) bool
         Keys ``bulge_dominated``, ``disk_dominated``, ``small``, ``unreliable``.
     """
-    cfg = flag_config or FlagConfig()
-    if flags is not None:
-        _require(flags, ("galaxy_id", *FLAG_COLUMNS), "flags")
-        _require(catalog, ("galaxy_id",), "catalog")
-        joined = catalog.select("galaxy_id").join(
-            flags.select("galaxy_id", *FLAG_COLUMNS),
-            on="galaxy_id",
-            how="left",
-            maintain_order="left",
-        )
-        return {c: joined[c].fill_null(False).to_numpy().astype(bool) for c in FLAG_COLUMNS}
-    _require(catalog, ("bt_mode", "re_arcsec_mode"), "flags from modes")
-    bt, re = _col(catalog, "bt_mode"), _col(catalog, "re_arcsec_mode")
-    out = {
-        "bulge_dominated": bt >= cfg.bulge_dominated_min_bt,
-        "disk_dominated": bt <= cfg.disk_dominated_max_bt,
-        "small": re < cfg.small_max_re_arcsec,
-    }
-    width_cols = [f"{p}_hpd68_{s}" for p in PARAMETERS for s in ("lo", "hi")]
-    if all(c in catalog.columns for c in width_cols):
-        with np.errstate(invalid="ignore"):
-            out["unreliable"] = (
-                (hpd_width(catalog, "bt") > cfg.max_bt_width)
-                | (hpd_width(catalog, "re_arcsec", fractional=True) > cfg.max_re_fractional_width)
-                | (hpd_width(catalog, "flux_nJy", fractional=True) > cfg.max_flux_fractional_width)
-            )
-    else:
-        out["unreliable"] = np.zeros(catalog.height, dtype=bool)
-    return out
+    if flags is None:
+        flags = compute_flags(catalog, flag_config or FlagConfig())
+    _require(flags, ("galaxy_id", *FLAG_COLUMNS), "flags")
+    _require(catalog, ("galaxy_id",), "catalog")
+    joined = catalog.select("galaxy_id").join(
+        flags.select("galaxy_id", *FLAG_COLUMNS), on="galaxy_id", how="left", maintain_order="left"
+    )
+    return {c: joined[c].fill_null(False).to_numpy().astype(bool) for c in FLAG_COLUMNS}
 
 
 def _mode_true_columns(*params: str) -> list[str]:
@@ -417,7 +394,8 @@ def coverage_vs_dropout(
         # symlog keeps a dropout rate of exactly 0 on the axis.
         axes[-1].set_xscale("symlog", linthresh=float(positive.min()))
     axes[-1].set_xlabel(f"dropout rate ({split} split)")
-    axes[0].legend(ncol=3, loc="lower right")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, ncol=4, loc="outside upper center")
     return fig
 
 
