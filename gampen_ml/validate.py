@@ -322,6 +322,7 @@ def _table(metrics: dict[str, float], prefix: str = "") -> list[str]:
         if key.startswith("coverage_"):
             level = {"68": "68.27", "95": "95.45", "99": "99.73"}[key.split("_")[1]]
             note = f"HPD coverage, nominal {level} % (paper: test split)"
+        note = note.replace("|", "\\|")  # a bare pipe would split the Markdown cell
         lines.append(
             f"| `{key}` | {_fmt(key, ref) if ref is not None else '-'} | {_fmt(key, value)} | {note} |"
         )
@@ -407,9 +408,13 @@ def validation_report(
     lines = [
         f"# Validation against Ghosh et al. (2022): {context['dataset'] or 'catalog'}",
         "",
-        f"Profile `{profile_name}`; model {context['model_name']} v{context['model_version']} "
-        f"(dropout {context['dropout_rate']}, {context['n_passes']} MC passes, recalibrated: "
-        f"{context['recalibrated']}).",
+        f"Profile `{profile_name}`; "
+        + "; ".join(
+            f"{k.replace('_', ' ')}: {context[k]}"
+            for k in ("model_name", "model_version", "dropout_rate", "n_passes", "recalibrated")
+            if context[k] is not None
+        )
+        + ".",
         "",
         f"**{n} galaxies with truths** (the paper: 22,500 test galaxies, 1000 passes, the "
         "full VGG-16). Point prediction = posterior mode; residual = mode - true. "
