@@ -1,0 +1,32 @@
+"""GaMPEN assets, one module per stage (inputs, model, prediction)."""
+
+from gampen_assets.assets.data_assets import noise_pool, psf_library, simulated_galaxies
+from gampen_assets.assets.model_assets import calibrated_dropout_rate, trained_model
+from gampen_assets.assets.prediction_assets import (
+    diagnostic_plots,
+    posterior_catalog,
+    qualitative_flags,
+)
+
+ALL_ASSETS = [
+    psf_library,
+    noise_pool,
+    simulated_galaxies,
+    trained_model,
+    calibrated_dropout_rate,
+    posterior_catalog,
+    qualitative_flags,
+    diagnostic_plots,
+]
+
+__all__ = [
+    "ALL_ASSETS",
+    "calibrated_dropout_rate",
+    "diagnostic_plots",
+    "noise_pool",
+    "posterior_catalog",
+    "psf_library",
+    "qualitative_flags",
+    "simulated_galaxies",
+    "trained_model",
+]

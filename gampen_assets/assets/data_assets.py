@@ -1,0 +1,222 @@
+"""Inputs and training data: the PSF library, the sky-noise pool and the simulated shards.
+
+Each asset writes one partition folder under the storage root through
+``gampen_ml.io.atomic_partition_dir`` and returns only metadata.
+"""
+
+from datetime import UTC, datetime
+
+import numpy as np
+from dagster import (
+    AssetExecutionContext,
+    AssetKey,
+    DataVersion,
+    MaterializeResult,
+    MetadataValue,
+    StaticPartitionsDefinition,
+    asset,
+)
+
+from gampen_assets import lineage
+from gampen_assets.assets._common import (
+    OWNERS,
+    TRANSIENT_RETRY,
+    fail_fast_on_bad_input,
+    folder_version,
+    upstream_version,
+)
+from gampen_assets.resources import GampenSettings, load_time_profile
+from gampen_ml import plots
+from gampen_ml.config import derive_seed, shard_keys
+from gampen_ml.io import atomic_partition_dir, partition_dir
+from gampen_ml.sim import noise, psf
+
+#: One partition per simulation shard of the profile the definitions were loaded with.
+shard_partitions = StaticPartitionsDefinition(shard_keys(load_time_profile()))
+
+GROUP = "inputs"
+
+
+@asset(
+    group_name=GROUP,
+    owners=OWNERS,
+    code_version="1",
+    kinds={"python", "fits"},
+    retry_policy=TRANSIENT_RETRY,
+    description=(
+        'PSF images at the survey pixel scale (HSC g band, 0.168"/px): a synthetic '
+        "Moffat library with the profile's seeing distribution, or the real PSF FITS files "
+        "of profile.psf.source_dir. Files: psfs.fits (unit-sum cube) + psfs.parquet."
+    ),
+)
+def psf_library(context: AssetExecutionContext, settings: GampenSettings) -> MaterializeResult:
+    started_at = datetime.now(UTC)
+    profile = settings.profile()
+    out = partition_dir(settings.root(), "psf_library")
+    with fail_fast_on_bad_input():
+        if profile.psf.source_dir:
+            context.log.info(f"loading real PSFs from {profile.psf.source_dir}")
+            cube, table = psf.load_psf_folder(profile.psf.source_dir, profile.imaging)
+        else:
+            seed = derive_seed(profile.seed, "psf_library")
+            context.log.info(f"drawing {profile.psf.n_psfs} synthetic PSFs (seed {seed})")
+            cube, table = psf.synthetic_psf_library(profile.psf, profile.imaging, seed)
+    with atomic_partition_dir(out) as tmp:
+        psf.write_psf_library(tmp, cube, table)
+    version = folder_version(out)
+    fwhm = table["fwhm_arcsec"].to_numpy() if "fwhm_arcsec" in table.columns else None
+    metadata = {
+        "dagster/row_count": len(table),
+        "n_psfs": float(len(table)),
+        "stamp_px": int(cube.shape[-1]),
+        "source": profile.psf.source_dir or "synthetic",
+        "max_abs_sum_minus_1": float(np.max(np.abs(cube.sum(axis=(1, 2)) - 1.0))),
+        "path": MetadataValue.path(str(out)),
+        "profile": profile.name,
+        "psf_thumbnails": MetadataValue.md(
+            plots.png_markdown(plots.thumbnail_grid(cube[:16]), title="PSFs")
+        ),
+    }
+    if fwhm is not None:
+        metadata |= {
+            "fwhm_median_arcsec": float(np.median(fwhm)),
+            "fwhm_min_arcsec": float(np.min(fwhm)),
+            "fwhm_max_arcsec": float(np.max(fwhm)),
+        }
+    lineage.record_materialization(
+        context,
+        asset="psf_library",
+        partition=None,
+        data_version=version,
+        upstream=[],
+        input_paths=[profile.psf.source_dir] if profile.psf.source_dir else [],
+        row_count=len(table),
+        started_at=started_at,
+    )
+    return MaterializeResult(metadata=metadata, data_version=DataVersion(version))
+
+
+@asset(
+    group_name=GROUP,
+    owners=OWNERS,
+    code_version="1",
+    kinds={"python", "numpy"},
+    retry_policy=TRANSIENT_RETRY,
+    description=(
+        "Sky-noise pixel pool: synthetic sky at the profile's depth (optionally GalSim "
+        "correlated noise), or the real 'sky object' FITS cutouts of profile.noise.source_dir. "
+        "Noise arrays are drawn from the pooled pixels as in the paper."
+    ),
+)
+def noise_pool(context: AssetExecutionContext, settings: GampenSettings) -> MaterializeResult:
+    started_at = datetime.now(UTC)
+    profile = settings.profile()
+    out = partition_dir(settings.root(), "noise_pool")
+    with fail_fast_on_bad_input():
+        if profile.noise.source_dir:
+            context.log.info(f"loading sky objects from {profile.noise.source_dir}")
+            pool = noise.load_sky_folder(profile.noise.source_dir, profile.imaging)
+        else:
+            seed = derive_seed(profile.seed, "noise_pool")
+            context.log.info(f"drawing {profile.noise.n_sky_objects} synthetic sky objects")
+            pool = noise.synthetic_noise_pool(profile.noise, profile.imaging, seed)
+    with atomic_partition_dir(out) as tmp:
+        noise.write_noise_pool(tmp, pool)
+    version = folder_version(out)
+    stats = pool.statistics()
+    metadata = {
+        "dagster/row_count": stats["n_pixels"],
+        "n_pixels": float(stats["n_pixels"]),
+        "n_sky_objects": float(stats["n_sky_objects"]),
+        "pixel_mean_nJy": float(stats["mean_nJy"]),
+        "pixel_std_nJy": float(stats["std_nJy"]),
+        "pixel_mad_sigma_nJy": float(stats["mad_sigma_nJy"]),
+        "configured_sigma_nJy": float(profile.noise.sky_sigma_nJy),
+        "correlated": bool(pool.correlated),
+        "source": profile.noise.source_dir or "synthetic",
+        "path": MetadataValue.path(str(out)),
+        "sky_objects": MetadataValue.md(
+            plots.png_markdown(plots.thumbnail_grid(np.asarray(pool.sky_objects[:16])), title="sky")
+        ),
+    }
+    lineage.record_materialization(
+        context,
+        asset="noise_pool",
+        partition=None,
+        data_version=version,
+        upstream=[],
+        input_paths=[profile.noise.source_dir] if profile.noise.source_dir else [],
+        row_count=stats["n_pixels"],
+        started_at=started_at,
+    )
+    return MaterializeResult(metadata=metadata, data_version=DataVersion(version))
+
+
+@asset(
+    group_name=GROUP,
+    owners=OWNERS,
+    code_version="1",
+    kinds={"galsim", "numpy", "parquet"},
+    partitions_def=shard_partitions,
+    deps=[AssetKey("psf_library"), AssetKey("noise_pool")],
+    retry_policy=TRANSIENT_RETRY,
+    description=(
+        "One shard of GalSim bulge+disk / single-Sersic galaxies with the paper's Table-1 "
+        "priors, PSF-convolved and with pooled sky noise. images.npy (N, S, S) float32 nJy/px "
+        "(memory-mappable) + labels.parquet (truths, split 70/15/15, seeds, PSF ids)."
+    ),
+)
+def simulated_galaxies(
+    context: AssetExecutionContext, settings: GampenSettings
+) -> MaterializeResult:
+    from gampen_ml.sim import shards
+
+    started_at = datetime.now(UTC)
+    profile = settings.profile()
+    root = settings.root()
+    key = context.partition_key
+    with fail_fast_on_bad_input():
+        settings.require_partition(key, shard_keys(profile), "simulation shard")
+    psf_dir = partition_dir(root, "psf_library")
+    noise_dir = partition_dir(root, "noise_pool")
+    out = partition_dir(root, "simulated_galaxies", key)
+    context.log.info(f"simulating {key} of profile {profile.name} into {out}")
+    with fail_fast_on_bad_input(), atomic_partition_dir(out) as tmp:
+        summary = shards.simulate_shard(profile, key, psf_dir, noise_dir, tmp)
+    version = folder_version(out)
+    images, labels = shards.open_shard(out)
+    counts = labels.group_by("split").len()
+    split_counts = {row["split"]: int(row["len"]) for row in counts.iter_rows(named=True)}
+    components = labels.group_by("component").len()
+    metadata = {
+        "dagster/row_count": labels.height,
+        "n_galaxies": float(labels.height),
+        **{f"n_{split}": float(split_counts.get(split, 0)) for split in ("train", "val", "test")},
+        **{
+            f"n_{row['component'].replace('+', '_')}": float(row["len"])
+            for row in components.iter_rows(named=True)
+        },
+        "bt_mean": float(labels["bt"].mean()),
+        "re_arcsec_median": float(labels["re_arcsec"].median()),
+        "magnitude_median": float(labels["magnitude"].median()),
+        "image_shape": str(tuple(images.shape)),
+        "seconds": float(getattr(summary, "seconds", (datetime.now(UTC) - started_at).seconds)),
+        "path": MetadataValue.path(str(out)),
+        "examples": MetadataValue.md(
+            plots.png_markdown(plots.thumbnail_grid(np.asarray(images[:16])), title="galaxies")
+        ),
+    }
+    lineage.record_materialization(
+        context,
+        asset="simulated_galaxies",
+        partition=key,
+        data_version=version,
+        upstream=[
+            upstream_version(context, root, "psf_library"),
+            upstream_version(context, root, "noise_pool"),
+        ],
+        input_paths=[psf_dir, noise_dir],
+        row_count=labels.height,
+        started_at=started_at,
+    )
+    return MaterializeResult(metadata=metadata, data_version=DataVersion(version))

@@ -1,0 +1,270 @@
+"""Models: one GaMPEN network per dropout rate, and the calibrated choice among them."""
+
+import json
+import shutil
+from datetime import UTC, datetime
+
+import polars as pl
+from dagster import (
+    AllPartitionMapping,
+    AssetDep,
+    AssetExecutionContext,
+    AssetKey,
+    AssetRecordsFilter,
+    DataVersion,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    StaticPartitionsDefinition,
+    asset,
+)
+
+from gampen_assets import lineage
+from gampen_assets.assets._common import (
+    OWNERS,
+    TRANSIENT_RETRY,
+    fail_fast_on_bad_input,
+    folder_version,
+    md_table,
+    upstream_version,
+)
+from gampen_assets.assets._stages import calibrate_dropout_rates
+from gampen_assets.assets.data_assets import shard_partitions
+from gampen_assets.resources import GampenSettings, load_time_profile
+from gampen_ml import plots
+from gampen_ml.config import dropout_from_key, dropout_key, shard_keys
+from gampen_ml.io import atomic_partition_dir, partition_dir
+
+#: One partition per dropout rate of the calibration grid (paper §5).
+dropout_partitions = StaticPartitionsDefinition(
+    [dropout_key(rate) for rate in load_time_profile().calibration.dropout_rates]
+)
+
+GROUP = "model"
+
+#: Kubernetes: a model step asks for one GPU (read by dagster-k8s's k8s_job_executor and
+#: run launcher; ignored by the local multiprocess executor).
+GPU_K8S_TAGS = {
+    "dagster-k8s/config": {
+        "container_config": {
+            "resources": {
+                "requests": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"},
+                "limits": {"memory": "32Gi", "nvidia.com/gpu": "1"},
+            }
+        },
+        "pod_spec_config": {
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        },
+    }
+}
+
+
+@asset(
+    group_name=GROUP,
+    owners=OWNERS,
+    code_version="1",
+    kinds={"pytorch", "mlflow"},
+    partitions_def=dropout_partitions,
+    deps=[AssetDep("simulated_galaxies", partition_mapping=AllPartitionMapping())],
+    pool="gpu",
+    op_tags=GPU_K8S_TAGS,
+    retry_policy=TRANSIENT_RETRY,
+    description=(
+        "GaMPEN (STN + VGG-16, dropout before every conv and FC layer, full-covariance "
+        "Gaussian NLL) trained with one dropout rate on the train split of every shard, "
+        "validated on val. Resumable from checkpoint.pt; logged and registered in MLflow."
+    ),
+)
+def trained_model(context: AssetExecutionContext, settings: GampenSettings) -> MaterializeResult:
+    from gampen_ml.train import train_model
+
+    started_at = datetime.now(UTC)
+    profile = settings.profile()
+    root = settings.root()
+    key = context.partition_key
+    with fail_fast_on_bad_input():
+        allowed = [dropout_key(r) for r in profile.calibration.dropout_rates]
+        settings.require_partition(key, allowed, "dropout rate")
+    rate = dropout_from_key(key)
+    shard_dirs = [partition_dir(root, "simulated_galaxies", s) for s in shard_keys(profile)]
+    out = partition_dir(root, "trained_model", key)
+    # Training resumes from the checkpoint in a fixed hidden folder; the finished model is
+    # then published atomically, so a killed run restarts where it stopped.
+    work = out.parent / f".work-{key}"
+    device = settings.torch_device()
+    context.log.info(
+        f"training dropout {rate:g} on {len(shard_dirs)} shards, device {device}, "
+        f"{profile.training.epochs} epochs"
+    )
+    with fail_fast_on_bad_input():
+        result = train_model(
+            profile,
+            rate,
+            shard_dirs,
+            work,
+            device=device,
+            resume=True,
+            progress=False,
+            log=context.log.info,
+            mlflow_tracking_uri=settings.tracking_uri(),
+            mlflow_artifact_location=settings.artifact_location(),
+        )
+    with atomic_partition_dir(out) as tmp:
+        shutil.copytree(work, tmp, dirs_exist_ok=True)
+    shutil.rmtree(work, ignore_errors=True)
+    version = folder_version(out)
+    history = result.history
+    meta = json.loads((out / "model.json").read_text()) if (out / "model.json").is_file() else {}
+    metadata = {
+        "dropout_rate": float(rate),
+        "epochs": float(len(history)),
+        "final_train_loss": float(result.final_train_loss),
+        "final_val_loss": float(result.final_val_loss),
+        "images_per_s": float(history[-1]["images_per_s"]) if history else float("nan"),
+        "device": str(device),
+        "mlflow_run_id": result.mlflow_run_id or "",
+        "model_version": str(result.model_version or ""),
+        "training_data_version": result.data_version,
+        "n_train": float(meta.get("n_train", float("nan"))),
+        "n_val": float(meta.get("n_val", float("nan"))),
+        "image_px": int(meta.get("image_px", 0)),
+        "path": MetadataValue.path(str(out)),
+        "loss_curve": MetadataValue.md(
+            plots.png_markdown(plots.loss_curve(history), title="loss curve")
+        ),
+    }
+    lineage.record_materialization(
+        context,
+        asset="trained_model",
+        partition=key,
+        data_version=version,
+        upstream=[
+            upstream_version(context, root, "simulated_galaxies", s) for s in shard_keys(profile)
+        ],
+        input_paths=shard_dirs,
+        row_count=len(history),
+        started_at=started_at,
+        mlflow_run_id=result.mlflow_run_id,
+        model_version=str(result.model_version) if result.model_version else None,
+    )
+    return MaterializeResult(metadata=metadata, data_version=DataVersion(version))
+
+
+def _model_version(context: AssetExecutionContext, key: str) -> str:
+    """Registered MLflow version recorded by the latest ``trained_model[key]`` materialization."""
+    records = context.instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=AssetKey("trained_model"), asset_partitions=[key]), limit=1
+    ).records
+    if records and records[0].asset_materialization is not None:
+        value = records[0].asset_materialization.metadata.get("model_version")
+        if value is not None and value.value:
+            return str(value.value)
+    raise Failure(
+        description=f"trained_model[{key}] has no registered MLflow model version in this "
+        "Dagster instance; materialize trained_model for that partition first",
+        allow_retries=False,
+    )
+
+
+@asset(
+    group_name=GROUP,
+    owners=OWNERS,
+    code_version="1",
+    kinds={"pytorch", "mlflow"},
+    deps=[
+        AssetDep("trained_model", partition_mapping=AllPartitionMapping()),
+        AssetDep("simulated_galaxies", partition_mapping=AllPartitionMapping()),
+    ],
+    pool="gpu",
+    op_tags=GPU_K8S_TAGS,
+    retry_policy=TRANSIENT_RETRY,
+    description=(
+        "MC-dropout inference on the validation split for every dropout partition; HPD "
+        "coverage at 68.27/95.45/99.73 %; the rate closest to nominal wins and becomes the "
+        "MLflow alias 'champion'. Optional spread recalibration fit on validation only. "
+        "Files: coverage.parquet, calibration.json (+ recalibration.json)."
+    ),
+)
+def calibrated_dropout_rate(
+    context: AssetExecutionContext, settings: GampenSettings
+) -> MaterializeResult:
+    from gampen_ml.registry import registered_model_name, set_champion
+
+    started_at = datetime.now(UTC)
+    profile = settings.profile()
+    root = settings.root()
+    rates = list(profile.calibration.dropout_rates)
+    keys = [dropout_key(r) for r in rates]
+    shard_dirs = [partition_dir(root, "simulated_galaxies", s) for s in shard_keys(profile)]
+    model_dirs = {
+        rate: partition_dir(root, "trained_model", k) for rate, k in zip(rates, keys, strict=True)
+    }
+    out = partition_dir(root, "calibrated_dropout_rate")
+    device = settings.torch_device()
+    context.log.info(
+        f"calibrating {len(rates)} dropout rates on the val split of {len(shard_dirs)} shards "
+        f"({profile.inference.n_passes_calibration} passes, device {device})"
+    )
+    model_name = registered_model_name(profile.name)
+    with fail_fast_on_bad_input(), atomic_partition_dir(out) as tmp:
+        result = calibrate_dropout_rates(
+            profile, model_dirs, shard_dirs, tmp, device=device, log=context.log.info
+        )
+        model_version = _model_version(context, dropout_key(result.chosen_rate))
+        calibration = {
+            "chosen_dropout_rate": result.chosen_rate,
+            "model_name": model_name,
+            "model_version": model_version,
+            "recalibrated": result.recalibration is not None,
+            "n_val_galaxies": result.n_galaxies,
+        }
+        (tmp / "calibration.json").write_text(json.dumps(calibration, indent=2) + "\n")
+    # The alias moves only once the calibration files are in place.
+    set_champion(settings.tracking_uri(), model_name, model_version)
+    context.log.info(f"champion: dropout {result.chosen_rate:g} = {model_name} v{model_version}")
+    version = folder_version(out)
+    table = result.coverage
+    chosen = table.filter(pl.col("dropout_rate") == result.chosen_rate)
+    final = chosen.filter(pl.col("recalibrated") == (result.recalibration is not None))
+    metadata = {
+        "chosen_dropout_rate": float(result.chosen_rate),
+        "model_name": model_name,
+        "model_version": model_version,
+        "recalibrated": result.recalibration is not None,
+        "n_val_galaxies": float(result.n_galaxies),
+        "max_abs_coverage_error": float((final["coverage"] - final["level"]).abs().max()),
+        **{
+            f"coverage_{row['parameter']}_{round(row['level'] * 100):d}": float(row["coverage"])
+            for row in final.iter_rows(named=True)
+        },
+        "coverage_table": md_table(
+            table.sort("dropout_rate", "recalibrated", "parameter", "level").to_dicts()
+        ),
+        "coverage_vs_dropout": MetadataValue.md(
+            plots.png_markdown(
+                plots.coverage_vs_dropout(
+                    table.filter(~pl.col("recalibrated")), chosen_dropout=result.chosen_rate
+                ),
+                title="coverage vs dropout",
+            )
+        ),
+        "path": MetadataValue.path(str(out)),
+    }
+    if result.recalibration is not None:
+        metadata["recalibration_scale"] = MetadataValue.json(result.recalibration.to_dict())
+    lineage.record_materialization(
+        context,
+        asset="calibrated_dropout_rate",
+        partition=None,
+        data_version=version,
+        upstream=[upstream_version(context, root, "trained_model", k) for k in keys]
+        + [upstream_version(context, root, "simulated_galaxies", s) for s in shard_keys(profile)],
+        input_paths=[*model_dirs.values()],
+        row_count=table.height,
+        started_at=started_at,
+        model_version=model_version,
+    )
+    return MaterializeResult(metadata=metadata, data_version=DataVersion(version))
+
+
+__all__ = ["calibrated_dropout_rate", "dropout_partitions", "shard_partitions", "trained_model"]

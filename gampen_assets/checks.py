@@ -1,0 +1,505 @@
+"""Asset checks guarding every stage.
+
+Blocking checks stop the downstream assets of the same run when they fail: bad PSFs, noise
+or simulations must not train a model; a diverged model must not be calibrated; a
+miscalibrated champion must not produce catalogs; a broken catalog must not be flagged or
+plotted. Each check reads the partition's files (never large arrays through Dagster) and
+reports what it measured as metadata, whether it passes or not.
+"""
+
+import json
+import math
+
+import numpy as np
+import polars as pl
+from dagster import (
+    AssetCheckExecutionContext,
+    AssetCheckResult,
+    AssetCheckSeverity,
+    asset_check,
+)
+
+from gampen_assets.assets._common import md_table
+from gampen_assets.assets.data_assets import (
+    noise_pool,
+    psf_library,
+    shard_partitions,
+    simulated_galaxies,
+)
+from gampen_assets.assets.model_assets import (
+    calibrated_dropout_rate,
+    dropout_partitions,
+    trained_model,
+)
+from gampen_assets.assets.prediction_assets import (
+    diagnostic_plots,
+    posterior_catalog,
+    qualitative_flags,
+)
+from gampen_assets.partitions import SIM_TEST, datasets
+from gampen_assets.resources import GampenSettings
+from gampen_ml.config import PARAMETERS, Profile, shard_keys
+from gampen_ml.io import partition_dir
+
+#: Measured FWHM of a pixelated Moffat may sit a little outside the drawn range.
+FWHM_MARGIN = 0.15
+#: Tolerated |pool std / configured sigma - 1| of a synthetic noise pool.
+NOISE_STD_RTOL = 0.10
+#: Split fractions must agree within this many binomial standard deviations (plus one galaxy).
+SPLIT_SIGMAS = 4.0
+
+LABEL_DTYPES: dict[str, pl.DataType] = {
+    "galaxy_id": pl.Int64,
+    "shard": pl.String,
+    "split": pl.String,
+    "seed": pl.Int64,
+    "psf_id": pl.Int32,
+    "component": pl.String,
+    "bt": pl.Float64,
+    "re_arcsec": pl.Float64,
+    "flux_nJy": pl.Float64,
+    "magnitude": pl.Float64,
+    "disk_n": pl.Float64,
+    "disk_re_arcsec": pl.Float64,
+    "disk_q": pl.Float64,
+    "disk_pa_deg": pl.Float64,
+    "bulge_n": pl.Float64,
+    "bulge_re_arcsec": pl.Float64,
+    "bulge_q": pl.Float64,
+    "bulge_pa_deg": pl.Float64,
+}
+
+
+def _failed(problems: list[str]) -> dict:
+    return {"problems": "; ".join(problems) if problems else "none"}
+
+
+# ---------------------------------------------------------------- inputs
+
+
+@asset_check(asset=psf_library, blocking=True, description="Unit-sum, finite PSFs; FWHM in range")
+def psf_library_valid(settings: GampenSettings) -> AssetCheckResult:
+    from gampen_ml.sim.psf import read_psf_library
+
+    profile = settings.profile()
+    cube, table = read_psf_library(partition_dir(settings.root(), "psf_library"))
+    problems: list[str] = []
+    if cube.ndim != 3 or cube.dtype != np.float32:
+        problems.append(f"cube is {cube.dtype} {cube.shape}, want (n, s, s) float32")
+    if len(cube) != table.height:
+        problems.append(f"{len(cube)} PSF images but {table.height} table rows")
+    finite = bool(np.isfinite(cube).all())
+    if not finite:
+        problems.append("PSF cube has NaN/inf pixels")
+    sums = cube.astype(np.float64).sum(axis=(1, 2))
+    worst_sum = float(np.max(np.abs(sums - 1.0))) if len(sums) else math.nan
+    if not worst_sum <= 1e-4:
+        problems.append(f"PSF sums deviate from 1 by up to {worst_sum:.3g}")
+    lo, hi = profile.psf.fwhm_range_arcsec
+    fwhm = table["measured_fwhm_arcsec"].to_numpy()
+    fwhm_min, fwhm_max = float(np.min(fwhm)), float(np.max(fwhm))
+    if fwhm_min < lo * (1 - FWHM_MARGIN) or fwhm_max > hi * (1 + FWHM_MARGIN):
+        problems.append(f'measured FWHM {fwhm_min:.3f}-{fwhm_max:.3f}" outside {lo}-{hi}"')
+    if not profile.psf.source_dir and len(cube) != profile.psf.n_psfs:
+        problems.append(f"{len(cube)} PSFs, profile asks for {profile.psf.n_psfs}")
+    return AssetCheckResult(
+        passed=not problems,
+        metadata={
+            "n_psfs": float(len(cube)),
+            "max_abs_sum_minus_1": worst_sum,
+            "fwhm_min_arcsec": fwhm_min,
+            "fwhm_max_arcsec": fwhm_max,
+            **_failed(problems),
+        },
+    )
+
+
+@asset_check(asset=noise_pool, blocking=True, description="Finite noise; std matches the config")
+def noise_pool_valid(settings: GampenSettings) -> AssetCheckResult:
+    from gampen_ml.sim.noise import read_noise_pool
+
+    profile = settings.profile()
+    pool = read_noise_pool(partition_dir(settings.root(), "noise_pool"))
+    pixels = np.asarray(pool.pixels, dtype=np.float64)
+    problems: list[str] = []
+    if pixels.size == 0 or not np.isfinite(pixels).all():
+        problems.append(f"{pixels.size} pixels, {int((~np.isfinite(pixels)).sum())} not finite")
+    std = float(pixels.std()) if pixels.size else math.nan
+    mean = float(pixels.mean()) if pixels.size else math.nan
+    sigma = profile.noise.sky_sigma_nJy
+    synthetic = not profile.noise.source_dir
+    if synthetic and not abs(std / sigma - 1.0) <= NOISE_STD_RTOL:
+        problems.append(f"pixel std {std:.4g} nJy vs configured {sigma:.4g} nJy")
+    # Sky is background-subtracted: the mean must be small against the r.m.s.
+    if not abs(mean) <= 0.1 * max(std, 1e-30):
+        problems.append(f"pixel mean {mean:.4g} nJy is not ~0 (std {std:.4g})")
+    return AssetCheckResult(
+        passed=not problems,
+        metadata={
+            "pixel_std_nJy": std,
+            "pixel_mean_nJy": mean,
+            "configured_sigma_nJy": float(sigma),
+            **_failed(problems),
+        },
+    )
+
+
+def _range_problems(labels: pl.DataFrame, profile: Profile) -> tuple[list[str], list[dict]]:
+    """Compare each Table-1 parameter with its prior range; return problems and a table."""
+    from gampen_ml.sim.parameters import re_limits_arcsec
+
+    pri = profile.simulation.priors
+    limits = re_limits_arcsec(pri)
+    ranges = {
+        "bt": pri.bt,
+        "flux_nJy": pri.flux_nJy,
+        "disk_n": pri.disk_sersic_n,
+        "bulge_n": pri.bulge_sersic_n,
+        "disk_q": pri.axis_ratio,
+        "bulge_q": pri.axis_ratio,
+        "disk_pa_deg": pri.position_angle_deg,
+        "bulge_pa_deg": pri.position_angle_deg,
+        "disk_re_arcsec": limits.re_arcsec,
+        # Bulges of two-component galaxies use the bulge range, single bulges the disk one.
+        "bulge_re_arcsec": (
+            min(limits.re_arcsec[0], limits.bulge_re_arcsec[0]),
+            max(limits.re_arcsec[1], limits.bulge_re_arcsec[1]),
+        ),
+    }
+    rows, problems = [], []
+    eps = 1e-9
+    for column, (lo, hi) in ranges.items():
+        values = labels[column].drop_nulls().to_numpy()
+        if values.size == 0:
+            continue
+        vmin, vmax = float(values.min()), float(values.max())
+        ok = vmin >= lo - eps * max(1, abs(lo)) and vmax <= hi + eps * max(1, abs(hi))
+        rows.append({"parameter": column, "min": vmin, "max": vmax, "prior": f"[{lo:g}, {hi:g}]"})
+        if not ok:
+            problems.append(f"{column} in [{vmin:.4g}, {vmax:.4g}] outside prior [{lo:g}, {hi:g}]")
+    return problems, rows
+
+
+@asset_check(
+    asset=simulated_galaxies,
+    blocking=True,
+    partitions_def=shard_partitions,
+    description="Label schema and dtypes, finite images/labels, Table-1 ranges, split fractions",
+)
+def simulated_galaxies_valid(
+    context: AssetCheckExecutionContext, settings: GampenSettings
+) -> AssetCheckResult:
+    from gampen_ml.sim.shards import open_shard
+
+    profile = settings.profile()
+    key = context.partition_key
+    images, labels = open_shard(partition_dir(settings.root(), "simulated_galaxies", key))
+    problems: list[str] = []
+    wrong = {
+        c: str(labels.schema.get(c))
+        for c, dtype in LABEL_DTYPES.items()
+        if labels.schema.get(c) != dtype
+    }
+    if wrong:
+        problems.append(f"label columns with wrong/missing dtype: {wrong}")
+    s = profile.imaging.stamp_size_px
+    if images.dtype != np.float32 or images.shape != (labels.height, s, s):
+        problems.append(
+            f"images {images.dtype} {images.shape}, want ({labels.height}, {s}, {s}) float32"
+        )
+    # Chunked so a 10^4-galaxy shard is never copied into memory at once.
+    n_bad_pixels = sum(
+        int((~np.isfinite(images[i : i + 256])).sum()) for i in range(0, len(images), 256)
+    )
+    if n_bad_pixels:
+        problems.append(f"{n_bad_pixels} NaN/inf image pixels")
+    numeric = ["bt", "re_arcsec", "flux_nJy", "magnitude"]
+    bad_labels = {
+        c: int((~np.isfinite(labels[c].to_numpy())).sum()) for c in numeric if c in labels.columns
+    }
+    if any(bad_labels.values()):
+        problems.append(f"NaN/inf/null truths: {bad_labels}")
+    range_problems, range_rows = ([], [])
+    if not wrong:
+        range_problems, range_rows = _range_problems(labels, profile)
+    problems += range_problems
+    n = labels.height
+    fractions = {}
+    for split, want in zip(
+        ("train", "val", "test"), profile.simulation.split_fractions, strict=True
+    ):
+        got = int((labels["split"] == split).sum()) if "split" in labels.columns else 0
+        fractions[split] = got / n if n else math.nan
+        allowed = SPLIT_SIGMAS * math.sqrt(want * (1 - want) / max(n, 1)) + 1 / max(n, 1)
+        if not abs(fractions[split] - want) <= allowed:
+            problems.append(
+                f"{split} fraction {fractions[split]:.3f} vs {want:.3f} (+-{allowed:.3f})"
+            )
+    return AssetCheckResult(
+        passed=not problems,
+        metadata={
+            "n_galaxies": float(n),
+            **{f"fraction_{k}": float(v) for k, v in fractions.items()},
+            "nonfinite_pixels": float(n_bad_pixels),
+            "parameter_ranges": md_table(range_rows),
+            **_failed(problems),
+        },
+    )
+
+
+# ---------------------------------------------------------------- model
+
+
+@asset_check(
+    asset=trained_model,
+    blocking=True,
+    partitions_def=dropout_partitions,
+    description="Model files present; training and validation loss finite and falling",
+)
+def trained_model_valid(
+    context: AssetCheckExecutionContext, settings: GampenSettings
+) -> AssetCheckResult:
+    folder = partition_dir(settings.root(), "trained_model", context.partition_key)
+    problems = [
+        f"missing {name}"
+        for name in ("state_dict.pt", "model.json", "label_scaler.json", "history.json")
+        if not (folder / name).is_file()
+    ]
+    history = json.loads((folder / "history.json").read_text()) if not problems else []
+    train = np.array([h["train_loss"] for h in history], dtype=np.float64)
+    val = np.array([h["val_loss"] for h in history], dtype=np.float64)
+    if not history:
+        problems.append("empty training history")
+    elif not (np.isfinite(train).all() and np.isfinite(val).all()):
+        problems.append("non-finite loss in history")
+    elif len(train) >= 2 and not train[-1] < train[0]:
+        problems.append(f"train loss did not fall: {train[0]:.4g} -> {train[-1]:.4g}")
+    return AssetCheckResult(
+        passed=not problems,
+        metadata={
+            "epochs": float(len(history)),
+            "first_train_loss": float(train[0]) if len(train) else math.nan,
+            "final_train_loss": float(train[-1]) if len(train) else math.nan,
+            "final_val_loss": float(val[-1]) if len(val) else math.nan,
+            **_failed(problems),
+        },
+    )
+
+
+def coverage_allowance(level: float, n: int, tolerance: float) -> float:
+    """Largest |coverage - level| accepted: the profile's tolerance plus 3 binomial sigma.
+
+    With ``n`` validation galaxies an empirical coverage scatters by
+    ``sqrt(level (1 - level) / n)`` around the truth, so a tolerance of 0.03 is only
+    meaningful for n of a few thousand (quick/paper); the binomial term keeps tiny
+    validation sets from failing on counting noise alone.
+    """
+    return tolerance + 3.0 * math.sqrt(level * (1.0 - level) / max(n, 1))
+
+
+@asset_check(
+    asset=calibrated_dropout_rate,
+    blocking=True,
+    description="Champion's validation coverage within calibration.coverage_tolerance",
+)
+def champion_coverage_within_tolerance(settings: GampenSettings) -> AssetCheckResult:
+    profile = settings.profile()
+    folder = partition_dir(settings.root(), "calibrated_dropout_rate")
+    calibration = json.loads((folder / "calibration.json").read_text())
+    table = pl.read_parquet(folder / "coverage.parquet")
+    rate = float(calibration["chosen_dropout_rate"])
+    n = int(calibration["n_val_galaxies"])
+    final = table.filter(
+        (pl.col("dropout_rate") == rate)
+        & (pl.col("recalibrated") == bool(calibration["recalibrated"]))
+    )
+    tolerance = profile.calibration.coverage_tolerance
+    rows, problems = [], []
+    for row in final.iter_rows(named=True):
+        error = row["coverage"] - row["level"]
+        allowed = coverage_allowance(row["level"], n, tolerance)
+        rows.append({**row, "error": error, "allowed": allowed})
+        if not abs(error) <= allowed:
+            problems.append(
+                f"{row['parameter']} @ {row['level']}: coverage {row['coverage']:.3f} "
+                f"(|error| {abs(error):.3f} > {allowed:.3f})"
+            )
+    if final.is_empty():
+        problems.append(f"no coverage rows for the chosen rate {rate}")
+    if rate not in profile.calibration.dropout_rates:
+        problems.append(f"chosen rate {rate} is not in the profile's grid")
+    return AssetCheckResult(
+        passed=not problems,
+        metadata={
+            "chosen_dropout_rate": rate,
+            "n_val_galaxies": float(n),
+            "tolerance": float(tolerance),
+            "max_abs_error": float(max((abs(r["error"]) for r in rows), default=math.nan)),
+            "coverage": md_table(rows),
+            **_failed(problems),
+        },
+    )
+
+
+# ---------------------------------------------------------------- catalogs
+
+
+def _expected_rows(settings: GampenSettings, key: str) -> int:
+    """Galaxies that went into a dataset: the test split, or the batch's accepted cutouts."""
+    profile = settings.profile()
+    root = settings.root()
+    if key == SIM_TEST:
+        return sum(
+            int(
+                (
+                    pl.read_parquet(
+                        partition_dir(root, "simulated_galaxies", s) / "labels.parquet",
+                        columns=["split"],
+                    )["split"]
+                    == "test"
+                ).sum()
+            )
+            for s in shard_keys(profile)
+        )
+    manifest = root / "inbox_batches" / key / "_manifest.json"
+    return int(json.loads(manifest.read_text())["cutouts"])
+
+
+@asset_check(
+    asset=posterior_catalog,
+    blocking=True,
+    partitions_def=datasets,
+    description="Catalog schema, finite values, nested HPD intervals, one row per input galaxy",
+)
+def posterior_catalog_valid(
+    context: AssetCheckExecutionContext, settings: GampenSettings
+) -> AssetCheckResult:
+    from gampen_ml.catalog import (
+        CATALOG_SCHEMA,
+        NULLABLE_COLUMNS,
+        CatalogSchemaError,
+        validate_catalog,
+    )
+
+    key = context.partition_key
+    df = pl.read_parquet(
+        partition_dir(settings.root(), "posterior_catalog", key) / "catalog.parquet"
+    )
+    problems: list[str] = []
+    try:
+        validate_catalog(df, source=f"posterior_catalog[{key}]")
+    except CatalogSchemaError as exc:
+        problems.append(str(exc))
+    numeric = [
+        c
+        for c, dtype in CATALOG_SCHEMA.items()
+        if c in df.columns and dtype.is_float() and c not in NULLABLE_COLUMNS
+    ]
+    nonfinite = {c: int((~np.isfinite(df[c].to_numpy().astype(np.float64))).sum()) for c in numeric}
+    nonfinite = {c: v for c, v in nonfinite.items() if v}
+    if nonfinite:
+        problems.append(f"NaN/inf in {nonfinite}")
+    nested = 0
+    if not problems:
+        for p in PARAMETERS:
+            lo68, hi68 = df[f"{p}_hpd68_lo"], df[f"{p}_hpd68_hi"]
+            lo99, hi99 = df[f"{p}_hpd99_lo"], df[f"{p}_hpd99_hi"]
+            nested += int(
+                (
+                    (lo68 > hi68)
+                    | (lo99 > lo68 + 1e-9 * lo68.abs())
+                    | (hi68 > hi99 + 1e-9 * hi99.abs())
+                ).sum()
+            )
+        if nested:
+            problems.append(
+                f"{nested} HPD intervals are inverted or not nested (68 % inside 99.73 %)"
+            )
+    expected = _expected_rows(settings, key)
+    if df.height != expected:
+        problems.append(f"{df.height} catalog rows for {expected} input galaxies")
+    if df.height and df["galaxy_id"].n_unique() != df.height:
+        problems.append("duplicate galaxy_id")
+    return AssetCheckResult(
+        passed=not problems,
+        metadata={
+            "n_rows": float(df.height),
+            "n_input_galaxies": float(expected),
+            "non_nested_intervals": float(nested),
+            **_failed(problems),
+        },
+    )
+
+
+@asset_check(
+    asset=qualitative_flags,
+    partitions_def=datasets,
+    description="One flag row per catalog galaxy; flags equal those recomputed from the catalog",
+)
+def flags_consistent_with_catalog(
+    context: AssetCheckExecutionContext, settings: GampenSettings
+) -> AssetCheckResult:
+    from gampen_ml.flags import FLAG_COLUMNS, compute_flags
+
+    key = context.partition_key
+    root = settings.root()
+    catalog = pl.read_parquet(partition_dir(root, "posterior_catalog", key) / "catalog.parquet")
+    flags = pl.read_parquet(partition_dir(root, "qualitative_flags", key) / "flags.parquet")
+    problems: list[str] = []
+    if (
+        flags.height != catalog.height
+        or flags["galaxy_id"].to_list() != catalog["galaxy_id"].to_list()
+    ):
+        problems.append(
+            f"{flags.height} flag rows vs {catalog.height} catalog rows (or ids differ)"
+        )
+    mismatches = {}
+    if not problems:
+        expected = compute_flags(catalog, settings.profile().flags)
+        mismatches = {
+            c: int((flags[c] != expected[c]).sum()) for c in FLAG_COLUMNS if c in flags.columns
+        }
+        missing = [c for c in FLAG_COLUMNS if c not in flags.columns]
+        if missing:
+            problems.append(f"missing flag columns {missing}")
+        if any(mismatches.values()):
+            problems.append(f"flags differ from the catalog's: {mismatches}")
+    return AssetCheckResult(
+        passed=not problems,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={"n_rows": float(flags.height), **_failed(problems)},
+    )
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@asset_check(
+    asset=diagnostic_plots,
+    partitions_def=datasets,
+    description="index.md present; every figure a non-empty PNG",
+)
+def plots_written(
+    context: AssetCheckExecutionContext, settings: GampenSettings
+) -> AssetCheckResult:
+    folder = partition_dir(settings.root(), "diagnostic_plots", context.partition_key)
+    pngs = sorted(folder.glob("*.png"))
+    bad = [p.name for p in pngs if p.read_bytes()[:8] != PNG_MAGIC]
+    problems = []
+    if not (folder / "index.md").is_file():
+        problems.append("index.md missing")
+    if not pngs:
+        problems.append("no PNG figures")
+    if bad:
+        problems.append(f"not PNG: {bad}")
+    return AssetCheckResult(
+        passed=not problems,
+        severity=AssetCheckSeverity.WARN,
+        metadata={"n_figures": float(len(pngs)), **_failed(problems)},
+    )
+
+
+DATA_CHECKS = [psf_library_valid, noise_pool_valid, simulated_galaxies_valid]
+MODEL_CHECKS = [trained_model_valid, champion_coverage_within_tolerance]
+CATALOG_CHECKS = [posterior_catalog_valid, flags_consistent_with_catalog, plots_written]
+ALL_CHECKS = [*DATA_CHECKS, *MODEL_CHECKS, *CATALOG_CHECKS]

@@ -1,0 +1,73 @@
+"""The one ``Definitions`` object of the GaMPEN platform.
+
+Loaded by ``dagster dev`` / ``dagster-webserver`` through ``workspace.yaml`` and by
+``dagster asset materialize -m gampen_assets.definitions``. Static partitions (shards,
+dropout rates) follow ``$GAMPEN_PROFILE`` (default ``quick``) at load time.
+
+Scale-out deployments reuse :func:`build_definitions` with another executor: see
+``deploy/k8s/definitions.py`` (one Kubernetes Job per step, GPU requests from the
+``dagster-k8s/config`` op tags) and ``deploy/dask/definitions.py`` (a Dask cluster).
+"""
+
+from __future__ import annotations
+
+from dagster import AssetSelection, Definitions, ExecutorDefinition, define_asset_job
+
+from gampen_assets.assets import ALL_ASSETS
+from gampen_assets.checks import ALL_CHECKS
+from gampen_assets.lineage import lineage_failure_sensor
+from gampen_assets.resources import GampenSettings
+from gampen_assets.schedules import reprocess_schedule
+from gampen_assets.sensors import inbox_sensor
+
+# A job holds one partitioning, so the pipeline is one job per partitioning; `make pipeline`
+# (gampen_assets.pipeline) runs them in order.
+inputs_job = define_asset_job(
+    "inputs_job",
+    selection=AssetSelection.assets("psf_library", "noise_pool"),
+    description="PSF library and sky-noise pool (unpartitioned).",
+)
+simulation_job = define_asset_job(
+    "simulation_job",
+    selection=AssetSelection.assets("simulated_galaxies"),
+    description="Simulate one shard per partition.",
+)
+training_job = define_asset_job(
+    "training_job",
+    selection=AssetSelection.assets("trained_model"),
+    description="Train one GaMPEN per dropout-rate partition (pool gpu).",
+)
+calibration_job = define_asset_job(
+    "calibration_job",
+    selection=AssetSelection.assets("calibrated_dropout_rate"),
+    description="Pick the dropout rate whose validation coverage is closest to nominal.",
+)
+catalog_job = define_asset_job(
+    "catalog_job",
+    selection=AssetSelection.assets("posterior_catalog", "qualitative_flags", "diagnostic_plots"),
+    description="Posterior catalog, flags and plots of one dataset partition.",
+)
+
+JOBS = [inputs_job, simulation_job, training_job, calibration_job, catalog_job]
+
+
+def build_definitions(executor: ExecutorDefinition | None = None) -> Definitions:
+    """All assets, checks, resources, sensors, schedules and jobs; ``executor`` for every job.
+
+    Parameters
+    ----------
+    executor : ExecutorDefinition, optional
+        Default: Dagster's multiprocess executor (one process per step, local machine).
+    """
+    return Definitions(
+        assets=ALL_ASSETS,
+        asset_checks=ALL_CHECKS,
+        resources={"settings": GampenSettings()},
+        sensors=[inbox_sensor, lineage_failure_sensor],
+        schedules=[reprocess_schedule],
+        jobs=JOBS,
+        executor=executor,
+    )
+
+
+defs = build_definitions()
