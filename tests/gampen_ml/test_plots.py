@@ -231,6 +231,7 @@ def test_png_markdown_data_uri(tmp_path):
         plots.png_markdown(b"GIF89a....")
 
 
+@pytest.mark.slow
 def test_make_catalog_figures_sim_and_real(tmp_path, sim_catalog):
     rng = np.random.default_rng(4)
     n = sim_catalog.height
@@ -270,6 +271,7 @@ def test_make_catalog_figures_sim_and_real(tmp_path, sim_catalog):
     assert "real (no truths)" in paths["index"].read_text()
 
 
+@pytest.mark.slow
 def test_aggregate_figures_scale_to_1e5_galaxies(tmp_path):
     import time
 
