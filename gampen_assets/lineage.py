@@ -39,11 +39,11 @@ def database_path() -> Path:
 @functools.cache
 def code_version() -> str:
     """``gampen_ml.__version__`` plus the git commit of the source tree when known."""
-    source = Path(gampen_ml.__file__).resolve().parent.parent
+    version = getattr(gampen_ml, "__version__", None) or "unknown"
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"],
-            cwd=source,
+            cwd=Path(__file__).resolve().parent.parent,
             capture_output=True,
             text=True,
             timeout=5,
@@ -51,7 +51,7 @@ def code_version() -> str:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    return f"{gampen_ml.__version__}+{commit}" if commit else gampen_ml.__version__
+    return f"{version}+{commit}" if commit else version
 
 
 def input_fingerprint(path: Path | str) -> str:
