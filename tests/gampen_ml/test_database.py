@@ -154,7 +154,15 @@ def test_query_is_parameterised(tmp_path):
         query(tmp_path / "absent.duckdb", "SELECT 1")
 
 
-def _writer(db: str, worker: int, n: int) -> None:
+def _writer(db: str, worker: int, n: int, errors) -> None:
+    try:
+        _write_rows(db, worker, n)
+    except Exception as exc:  # report to the parent, which asserts there are none
+        errors.put(f"writer {worker}: {exc!r}")
+        raise
+
+
+def _write_rows(db: str, worker: int, n: int) -> None:
     for i in range(n):
         record_lineage(
             db,
@@ -185,12 +193,14 @@ def test_concurrent_writers_and_reader_lose_nothing(tmp_path):
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     reader = ctx.Process(target=_reader, args=(db, 4.0, results))
-    writers = [ctx.Process(target=_writer, args=(db, w, 20)) for w in range(4)]
+    errors = ctx.Queue()
+    writers = [ctx.Process(target=_writer, args=(db, w, 20, errors)) for w in range(4)]
     reader.start()
     for p in writers:
         p.start()
     for p in [*writers, reader]:
         p.join(timeout=120)
+    assert errors.empty() or pytest.fail(errors.get())
     assert [p.exitcode for p in writers] == [0, 0, 0, 0]
     assert reader.exitcode == 0 and results.get(timeout=5) > 0
     counts = query(
