@@ -35,7 +35,7 @@ from gampen_ml.config import ImagingConfig
 #: Grid step of the rendered Sérsic indices.
 SERSIC_N_STEP = 0.02
 #: GalSim folding threshold of the fast renderer (GalSim's default is 5e-3).
-FAST_FOLDING_THRESHOLD = 2e-2
+FAST_FOLDING_THRESHOLD = 1e-2
 
 
 def fast_gsparams() -> galsim.GSParams:
