@@ -200,7 +200,8 @@ def simulated_galaxies(
         "re_arcsec_median": float(labels["re_arcsec"].median()),
         "magnitude_median": float(labels["magnitude"].median()),
         "image_shape": str(tuple(images.shape)),
-        "seconds": float(getattr(summary, "seconds", (datetime.now(UTC) - started_at).seconds)),
+        "wall_s": float(summary.wall_s),
+        "n_workers": float(summary.n_workers),
         "path": MetadataValue.path(str(out)),
         "examples": MetadataValue.md(
             plots.png_markdown(plots.thumbnail_grid(np.asarray(images[:16])), title="galaxies")
