@@ -1,0 +1,162 @@
+"""The whole tiny pipeline through Dagster: models, calibration, catalog, flags and plots.
+
+One module-scoped run (about a minute on 2 cores) that the tests below inspect.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+from dagster import DagsterInstance, materialize
+
+from gampen_assets.assets import ALL_ASSETS
+from gampen_assets.checks import ALL_CHECKS
+from gampen_assets.partitions import SIM_TEST, datasets
+from gampen_assets.resources import GampenSettings
+from gampen_ml.config import PARAMETERS, dropout_key, get_profile, shard_keys
+from gampen_ml.database import query
+
+pytestmark = pytest.mark.slow
+TINY = get_profile("tiny")
+
+
+def _run(selection, resources, instance, partition=None):
+    result = materialize(
+        [*ALL_ASSETS, *ALL_CHECKS],
+        selection=selection,
+        partition_key=partition,
+        resources=resources,
+        instance=instance,
+        raise_on_error=False,
+    )
+    assert result.success, [
+        e.event_specific_data.error.message for e in result.all_events if e.is_step_failure
+    ]
+    return result
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("GAMPEN_STORAGE", str(tmp / "storage"))
+    mp.setenv("GAMPEN_DUCKDB", str(tmp / "gampen.duckdb"))
+    mp.setenv("DAGSTER_HOME", str(tmp))
+    resources = {
+        "settings": GampenSettings(
+            profile_name="tiny",
+            storage_root=str(tmp / "storage"),
+            dagster_home=str(tmp),
+            device="cpu",
+        )
+    }
+    instance = DagsterInstance.ephemeral()
+    results = {"inputs": _run(["psf_library", "noise_pool"], resources, instance)}
+    for key in shard_keys(TINY):
+        results[key] = _run(["simulated_galaxies"], resources, instance, key)
+    for rate in TINY.calibration.dropout_rates:
+        results[dropout_key(rate)] = _run(["trained_model"], resources, instance, dropout_key(rate))
+    results["calibration"] = materialize(
+        [*ALL_ASSETS, *ALL_CHECKS],
+        selection=["calibrated_dropout_rate"],
+        resources=resources,
+        instance=instance,
+        raise_on_error=False,
+    )
+    instance.add_dynamic_partitions(datasets.name, [SIM_TEST])
+    results["catalog"] = _run(
+        ["posterior_catalog", "qualitative_flags", "diagnostic_plots"],
+        resources,
+        instance,
+        SIM_TEST,
+    )
+    yield tmp, results, resources, instance
+    mp.undo()
+
+
+def _meta(result, node):
+    return result.asset_materializations_for_node(node)[0].metadata
+
+
+def test_trained_models(pipeline):
+    tmp, results, _, _ = pipeline
+    for rate in TINY.calibration.dropout_rates:
+        key = dropout_key(rate)
+        meta = _meta(results[key], "trained_model")
+        assert meta["dropout_rate"].value == rate
+        assert np.isfinite(meta["final_val_loss"].value)
+        assert meta["model_version"].value  # registered in the tmp MLflow store
+        assert meta["loss_curve"].value.startswith("![loss curve](data:image/png;base64,")
+        folder = tmp / "storage" / "trained_model" / key
+        assert {"state_dict.pt", "model.json", "label_scaler.json", "history.json"} <= {
+            p.name for p in folder.iterdir()
+        }
+        assert not (folder.parent / f".work-{key}").exists()
+        (check,) = results[key].get_asset_check_evaluations()
+        assert check.passed
+
+
+def test_calibration_sets_champion(pipeline):
+    tmp, results, resources, _ = pipeline
+    result = results["calibration"]
+    meta = _meta(result, "calibrated_dropout_rate")
+    chosen = meta["chosen_dropout_rate"].value
+    assert chosen in TINY.calibration.dropout_rates
+    folder = tmp / "storage" / "calibrated_dropout_rate" / "all"
+    table = pl.read_parquet(folder / "coverage.parquet")
+    # 3 parameters x 3 levels per rate, plus the recalibrated champion.
+    assert table.height == 9 * (len(TINY.calibration.dropout_rates) + 1)
+    assert "| dropout_rate | split |" in meta["coverage_table"].value
+    calibration = json.loads((folder / "calibration.json").read_text())
+    from gampen_ml.registry import model_version_info
+
+    info = model_version_info(
+        resources["settings"].tracking_uri(), calibration["model_name"], "champion"
+    )
+    assert info["version"] == calibration["model_version"] == meta["model_version"].value
+    (check,) = result.get_asset_check_evaluations()
+    assert check.metadata["n_val_galaxies"].value == meta["n_val_galaxies"].value
+
+
+def test_catalog_flags_plots(pipeline):
+    tmp, results, _, _ = pipeline
+    result = results["catalog"]
+    n_test = sum(
+        int(
+            (
+                pl.read_parquet(tmp / "storage" / "simulated_galaxies" / k / "labels.parquet")[
+                    "split"
+                ]
+                == "test"
+            ).sum()
+        )
+        for k in shard_keys(TINY)
+    )
+    catalog = pl.read_parquet(tmp / "storage" / "posterior_catalog" / SIM_TEST / "catalog.parquet")
+    assert catalog.height == n_test
+    meta = _meta(result, "posterior_catalog")
+    assert meta["n_galaxies"].value == n_test
+    for p in PARAMETERS:
+        assert f"test_coverage_{p}_68" in meta
+    flags = pl.read_parquet(tmp / "storage" / "qualitative_flags" / SIM_TEST / "flags.parquet")
+    assert flags["galaxy_id"].to_list() == catalog["galaxy_id"].to_list()
+    flag_meta = _meta(result, "qualitative_flags")
+    assert flag_meta["n_bulge_dominated"].value == float(flags["bulge_dominated"].sum())
+    plots_dir = tmp / "storage" / "diagnostic_plots" / SIM_TEST
+    pngs = {p.stem for p in plots_dir.glob("*.png")}
+    assert {"coverage_vs_dropout", "predicted_vs_true", "loss_curve_dropout-0"} <= pngs
+    plot_meta = _meta(result, "diagnostic_plots")
+    assert plot_meta["predicted_vs_true"].value.startswith("![predicted_vs_true](data:image/png")
+    evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert evaluations["posterior_catalog_valid"].passed
+    assert evaluations["flags_consistent_with_catalog"].passed
+    assert evaluations["plots_written"].passed
+    lineage = query(
+        tmp / "gampen.duckdb",
+        "SELECT asset, model_version FROM lineage WHERE asset IN ('posterior_catalog', 'calibrated_dropout_rate')",
+    )
+    versions = {r["asset"]: r["model_version"] for r in lineage}
+    assert versions["posterior_catalog"] == versions["calibrated_dropout_rate"]
