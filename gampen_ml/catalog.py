@@ -252,6 +252,7 @@ def catalog_from_images(
     dropout_rate: float | None = None,
     galaxies_per_batch: int = 32,
     device: str | torch.device | None = None,
+    draws_per_pass: int = 1,
 ) -> pl.DataFrame:
     """Stream images through MC dropout into a posterior catalog.
 
@@ -282,7 +283,7 @@ def catalog_from_images(
         True labels for simulations (see :func:`build_catalog`).
     dataset, model_name, model_version, dropout_rate
         Provenance; ``dropout_rate`` defaults to the model's.
-    galaxies_per_batch, device
+    galaxies_per_batch, device, draws_per_pass
         Passed to :func:`gampen_ml.infer.mc_dropout_samples`.
 
     Returns
@@ -304,7 +305,7 @@ def catalog_from_images(
             Path(out_dir) / SAMPLES_FILE,
             mode="w+",
             dtype=np.float16,
-            shape=(n_galaxies, n_passes, len(PARAMETERS)),
+            shape=(n_galaxies, n_passes * draws_per_pass, len(PARAMETERS)),
         )
     parts = []
     for start, scaled in mc_dropout_samples(
@@ -314,6 +315,7 @@ def catalog_from_images(
         seed=seed,
         device=device,
         galaxies_per_batch=galaxies_per_batch,
+        draws_per_pass=draws_per_pass,
     ):
         if recalibration is not None:
             scaled = recalibration.apply(scaled)

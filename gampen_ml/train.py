@@ -287,6 +287,8 @@ def train_model(
                 loss = gaussian_nll(out, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if cfg.grad_clip_norm is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
                 optimizer.step()
                 scheduler.step()
                 loss_sum += loss.detach() * len(x)

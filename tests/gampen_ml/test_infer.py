@@ -145,3 +145,18 @@ def test_predict_physical_uses_scaler_inverse():
     assert np.all(phys[0, :, 0] == 0.0) and np.all(phys[2, :, 0] == 1.0)  # snapped to 0 / 1
     with pytest.raises(InferenceError):
         predict_physical(np.zeros((2, 4)), scaler)
+
+
+def test_several_draws_per_pass_sample_the_same_mixture():
+    model = StandIn(dropout_rate=0.0)
+    samples = collect(model, images(2), 600, seed=5, draws_per_pass=10)
+    assert samples.shape == (2, 6000, 3)
+    sigma = covariance(torch.tensor([MU + LOG_VAR + L_OFFDIAG]))[0].numpy()
+    np.testing.assert_allclose(np.cov(samples[0].T), sigma, atol=0.06, rtol=0.06)
+    # With dropout the K draws of one pass share that pass's mean: the passes differ, so
+    # consecutive blocks of K draws have different centres.
+    dropout_model = StandIn(dropout_rate=0.5, weight_scale=1.0)
+    blocks = collect(dropout_model, images(1), 50, seed=1, draws_per_pass=4)[0]
+    assert blocks.shape == (200, 3)
+    with pytest.raises(InferenceError, match="draws_per_pass"):
+        collect(model, images(1), 4, seed=0, draws_per_pass=0)
