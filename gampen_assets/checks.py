@@ -272,15 +272,28 @@ def check_model(settings: GampenSettings, key: str) -> AssetCheckResult:
     )
 
 
-def coverage_allowance(level: float, n: int, tolerance: float) -> float:
-    """Largest |coverage - level| accepted: the profile's tolerance plus 3 binomial sigma.
+#: Two-sided false-alarm probability of the coverage check (3 sigma).
+COVERAGE_FALSE_ALARM = 0.0027
 
-    With ``n`` validation galaxies an empirical coverage scatters by
-    ``sqrt(level (1 - level) / n)`` around the truth, so a tolerance of 0.03 is only
-    meaningful for n of a few thousand (quick/paper); the binomial term keeps tiny
-    validation sets from failing on counting noise alone.
+
+def coverage_bounds(level: float, n: int, tolerance: float) -> tuple[float, float]:
+    """Range of empirical coverage on ``n`` galaxies consistent with ``level +- tolerance``.
+
+    A calibrated model covers each galaxy with probability ``c`` in
+    ``[level - tolerance, level + tolerance]``; the number covered is then
+    Binomial(n, c). The bounds are the central ``1 - COVERAGE_FALSE_ALARM`` range of
+    that count at the two extremes of ``c``, divided by ``n``. For thousands of galaxies
+    they approach ``level +- tolerance``; for a tiny validation split they widen so that
+    counting noise alone does not fail the check.
     """
-    return tolerance + 3.0 * math.sqrt(level * (1.0 - level) / max(n, 1))
+    from scipy.stats import binom
+
+    n = max(int(n), 1)
+    tail = COVERAGE_FALSE_ALARM / 2
+    c_lo, c_hi = max(level - tolerance, 0.0), min(level + tolerance, 1.0)
+    k_lo = binom.ppf(tail, n, c_lo)
+    k_hi = binom.isf(tail, n, c_hi) if c_hi < 1.0 else n
+    return float(k_lo) / n, float(k_hi) / n
 
 
 @asset_check(
@@ -303,12 +316,12 @@ def champion_coverage_within_tolerance(settings: GampenSettings) -> AssetCheckRe
     rows, problems = [], []
     for row in final.iter_rows(named=True):
         error = row["coverage"] - row["level"]
-        allowed = coverage_allowance(row["level"], n, tolerance)
-        rows.append({**row, "error": error, "allowed": allowed})
-        if not abs(error) <= allowed:
+        lo, hi = coverage_bounds(row["level"], n, tolerance)
+        rows.append({**row, "error": error, "accepted_lo": lo, "accepted_hi": hi})
+        if not lo <= row["coverage"] <= hi:
             problems.append(
                 f"{row['parameter']} @ {row['level']}: coverage {row['coverage']:.3f} "
-                f"(|error| {abs(error):.3f} > {allowed:.3f})"
+                f"outside [{lo:.3f}, {hi:.3f}]"
             )
     if final.is_empty():
         problems.append(f"no coverage rows for the chosen rate {rate}")

@@ -17,7 +17,7 @@ from gampen_assets.checks import (
     check_flags,
     check_model,
     check_shard,
-    coverage_allowance,
+    coverage_bounds,
     noise_pool_valid,
     psf_library_valid,
 )
@@ -169,8 +169,14 @@ def test_champion_coverage_check(env):
         champion_coverage_within_tolerance, calibrated_dropout_rate, resources, instance
     )
     assert not bad.passed and "bt @ 0.6827" in bad.metadata["problems"].value
-    # The same shortfall on 5 galaxies is counting noise.
-    assert coverage_allowance(0.6827, 5, 0.03) > 0.10 > coverage_allowance(0.6827, 5000, 0.03)
+    # The same shortfall on 8 galaxies is counting noise; on 5000 it is not.
+    lo8, _ = coverage_bounds(0.6827, 8, 0.03)
+    lo5000, hi5000 = coverage_bounds(0.6827, 5000, 0.03)
+    assert lo8 < 0.5827 < lo5000
+    assert 0.6827 - 0.06 < lo5000 < 0.6827 - 0.03 < 0.6827 + 0.03 < hi5000 < 0.6827 + 0.06
+    # 7 of 8 covered at 99.73 % is consistent with a calibrated model, 4 of 8 is not.
+    lo, hi = coverage_bounds(0.9973, 8, 0.03)
+    assert 4 / 8 < lo <= 7 / 8 and hi == 1.0
 
 
 def _write_catalog(root, key, n):
