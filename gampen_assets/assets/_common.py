@@ -7,7 +7,6 @@ data versions and a lineage row.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -85,11 +84,6 @@ def folder_version(folder: Path) -> str:
     return folder_sha256(folder)[:16]
 
 
-def as_float(value: object) -> float:
-    """A number as ``float`` so Dagster charts it over time (NaN stays NaN)."""
-    return float(value) if value is not None else math.nan
-
-
 def md_table(rows: Sequence[Mapping[str, object]], float_format: str = "{:.4g}") -> MetadataValue:
     """A list of dicts (same keys) as a Markdown table for the Dagster UI."""
     if not rows:
@@ -109,6 +103,8 @@ def md_table(rows: Sequence[Mapping[str, object]], float_format: str = "{:.4g}")
     return MetadataValue.md("\n".join(lines))
 
 
-def files_in(folder: Path) -> list[Path]:
-    """Files directly under ``folder``, sorted by name."""
-    return sorted(p for p in folder.iterdir() if p.is_file())
+def level_suffix(level: float) -> str:
+    """Metadata key suffix of a credible level: ``0.6827 -> "68"``, ``0.9973 -> "99"``."""
+    from gampen_ml.posterior import level_tag
+
+    return level_tag(level).removeprefix("hpd")

@@ -28,6 +28,9 @@ from gampen_assets.assets._common import (
     md_table,
     upstream_version,
 )
+from gampen_assets.assets._common import (
+    level_suffix as _level,
+)
 from gampen_assets.assets._stages import calibrate_dropout_rates
 from gampen_assets.assets.data_assets import shard_partitions
 from gampen_assets.resources import GampenSettings, load_time_profile
@@ -234,7 +237,7 @@ def calibrated_dropout_rate(
         "n_val_galaxies": float(result.n_galaxies),
         "max_abs_coverage_error": float((final["coverage"] - final["level"]).abs().max()),
         **{
-            f"coverage_{row['parameter']}_{round(row['level'] * 100):d}": float(row["coverage"])
+            f"coverage_{row['parameter']}_{_level(row['level'])}": float(row["coverage"])
             for row in final.iter_rows(named=True)
         },
         "coverage_table": md_table(

@@ -28,6 +28,9 @@ from gampen_assets.assets._common import (
     md_table,
     upstream_version,
 )
+from gampen_assets.assets._common import (
+    level_suffix as _level,
+)
 from gampen_assets.assets._stages import dataset_inputs
 from gampen_assets.assets.model_assets import GPU_K8S_TAGS
 from gampen_assets.partitions import SIM_TEST, datasets
@@ -157,7 +160,7 @@ def posterior_catalog(
         test_coverage = coverage_table(catalog, None, profile.calibration.levels, rate, "test")
         metadata["test_coverage"] = md_table(test_coverage.to_dicts())
         for row in test_coverage.iter_rows(named=True):
-            metadata[f"test_coverage_{row['parameter']}_{round(row['level'] * 100):d}"] = float(
+            metadata[f"test_coverage_{row['parameter']}_{_level(row['level'])}"] = float(
                 row["coverage"]
             )
         metadata["bt_mode_mae"] = float((catalog["bt_mode"] - catalog["bt_true"]).abs().mean())
