@@ -160,3 +160,32 @@ def test_catalog_flags_plots(pipeline):
     )
     versions = {r["asset"]: r["model_version"] for r in lineage}
     assert versions["posterior_catalog"] == versions["calibrated_dropout_rate"]
+
+
+def test_inbox_batch_catalog(pipeline):
+    """A batch of real cutouts (FITS) gets a catalog without truths, flags and real-data plots."""
+    from astropy.io import fits
+
+    tmp, _, resources, instance = pipeline
+    key = "hsc-batch-1"
+    batch = tmp / "storage" / "inbox_batches" / key
+    batch.mkdir(parents=True)
+    images = np.load(tmp / "storage" / "simulated_galaxies" / "shard-000" / "images.npy")[:3]
+    for i, image in enumerate(images):
+        header = fits.Header({"PIXSCALE": TINY.imaging.pixel_scale_arcsec})
+        fits.PrimaryHDU(image, header=header).writeto(batch / f"cutout_{i}.fits")
+    (batch / "_manifest.json").write_text(json.dumps({"batch": key, "cutouts": 3}))
+    instance.add_dynamic_partitions(datasets.name, [key])
+    result = _run(
+        ["posterior_catalog", "qualitative_flags", "diagnostic_plots"], resources, instance, key
+    )
+    catalog = pl.read_parquet(tmp / "storage" / "posterior_catalog" / key / "catalog.parquet")
+    assert catalog.height == 3
+    assert catalog["source_file"].to_list() == [f"cutout_{i}.fits" for i in range(3)]
+    assert catalog["bt_true"].null_count() == 3
+    assert set(catalog["dataset"]) == {key}
+    meta = _meta(result, "posterior_catalog")
+    assert "test_coverage" not in meta
+    pngs = {p.stem for p in (tmp / "storage" / "diagnostic_plots" / key).glob("*.png")}
+    assert "parameter_distributions" in pngs and "predicted_vs_true" not in pngs
+    assert all(e.passed for e in result.get_asset_check_evaluations())
