@@ -284,7 +284,7 @@ QUICK = Profile(
     ),
     training=TrainingConfig(
         optimizer="adamw",
-        learning_rate=5e-4,
+        learning_rate=8e-4,
         momentum=0.9,
         weight_decay=1e-4,
         batch_size=64,

@@ -1,0 +1,312 @@
+"""The ``gampen`` command: every stage of the platform without Dagster.
+
+Outputs go to the same storage layout the Dagster assets use (``--root``, default
+``$GAMPEN_STORAGE`` or ``$DAGSTER_HOME/data``), so a stage run here can feed an asset
+and vice versa. ``gampen <command> --help`` documents each command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from gampen_ml.config import (
+    ConfigError,
+    default_storage_root,
+    derive_seed,
+    get_profile,
+    shard_keys,
+)
+
+
+def _home() -> Path:
+    home = os.environ.get("DAGSTER_HOME")
+    return Path(home).resolve() if home else (Path.cwd() / "dagster_home").resolve()
+
+
+def _tracking_uri(args: argparse.Namespace) -> str:
+    from gampen_ml.registry import default_tracking_uri
+
+    return (
+        args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(_home())
+    )
+
+
+class _Progress:
+    """``progress(done, total)`` callback drawing a tqdm bar over galaxies."""
+
+    def __init__(self, desc: str) -> None:
+        self.desc, self.bar = desc, None
+
+    def __call__(self, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(
+                total=total, desc=self.desc, unit="gal", dynamic_ncols=True, disable=None
+            )
+        self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.bar.close()
+
+
+def _print_rows(rows: list[dict]) -> None:
+    if not rows:
+        print("(no rows)")
+        return
+    import polars as pl
+
+    with pl.Config(tbl_rows=200, tbl_cols=50, fmt_str_lengths=60, tbl_width_chars=200):
+        print(pl.DataFrame(rows))
+
+
+# --- stages ---------------------------------------------------------------------------
+
+
+def cmd_simulate(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from gampen_ml import stages
+    from gampen_ml.io import atomic_partition_dir, partition_dir
+    from gampen_ml.sim.shards import simulate_shard
+
+    profile = get_profile(args.profile)
+    root = Path(args.root)
+    psf_dir, noise_dir = partition_dir(root, "psf_library"), partition_dir(root, "noise_pool")
+    stages.build_psf_library(profile, psf_dir, log=print)
+    stages.build_noise_pool(profile, noise_dir, log=print)
+    keys = args.shards.split(",") if args.shards else shard_keys(profile)
+    unknown = sorted(set(keys) - set(shard_keys(profile)))
+    if unknown:
+        raise ConfigError(f"--shards: {unknown} are not shards of profile {profile.name!r}")
+    for key in tqdm(keys, desc="shards", unit="shard", disable=None):
+        with atomic_partition_dir(partition_dir(root, "simulated_galaxies", key)) as tmp:
+            summary = simulate_shard(profile, key, psf_dir, noise_dir, tmp, n_workers=args.workers)
+        tqdm.write(f"{key}: {summary}")
+    print(f"simulations of profile {profile.name} under {root}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from gampen_ml import stages
+
+    profile = get_profile(args.profile)
+    result = stages.train_and_publish(
+        profile,
+        args.dropout,
+        Path(args.root),
+        device=args.device,
+        progress=True,
+        log=print,
+        mlflow_tracking_uri=None if args.no_mlflow else _tracking_uri(args),
+    )
+    print(
+        f"trained dropout {args.dropout:g}: val loss {result.final_val_loss:.4f}, "
+        f"MLflow run {result.mlflow_run_id}, model version {result.model_version}"
+    )
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from gampen_ml import stages
+
+    profile = get_profile(args.profile)
+    result = stages.calibrate_and_publish(
+        profile,
+        Path(args.root),
+        device=args.device,
+        log=print,
+        mlflow_tracking_uri=None if args.no_mlflow else _tracking_uri(args),
+    )
+    print(f"chosen dropout rate {result.chosen_rate:g}")
+    _print_rows(result.coverage.to_dicts())
+
+
+def cmd_catalog(args: argparse.Namespace) -> None:
+    from gampen_ml import stages
+
+    profile = get_profile(args.profile)
+    catalog = stages.catalog_and_publish(
+        profile,
+        Path(args.root),
+        args.dataset,
+        device=args.device,
+        progress=_Progress("MC dropout"),
+        log=print,
+    )
+    print(f"{catalog.height} galaxies in posterior_catalog[{args.dataset}]")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from gampen_ml import stages
+
+    profile = get_profile(args.profile)
+    model_dir = Path(args.model) if args.model and Path(args.model).is_dir() else None
+    if model_dir is None:
+        from gampen_ml.registry import registered_model_name, resolve_model
+
+        name = registered_model_name(profile.name)
+        model_dir = resolve_model(_tracking_uri(args), name, args.model or "champion")
+    result = stages.predict_cutouts(
+        profile,
+        Path(args.path),
+        model_dir,
+        Path(args.out),
+        n_passes=args.passes,
+        seed=derive_seed(profile.seed, "predict", Path(args.path).name),
+        device=args.device,
+        progress=_Progress("MC dropout"),
+    )
+    for rejection in result.rejections:
+        print(f"skipped {rejection.file}: {rejection.reason}", file=sys.stderr)
+    print(
+        f"{result.catalog.height} galaxies written to {args.out}; "
+        f"{len(result.rejections)} file(s) skipped"
+    )
+
+
+def cmd_plots(args: argparse.Namespace) -> None:
+    import polars as pl
+
+    from gampen_ml.plots import make_catalog_figures
+
+    catalog = pl.read_parquet(args.catalog)
+    coverage = pl.read_parquet(args.coverage) if args.coverage else None
+    paths = make_catalog_figures(catalog, Path(args.out), coverage_table=coverage)
+    print(f"{len(paths)} files in {args.out} (index: {paths.get('index')})")
+
+
+def cmd_validate(args: argparse.Namespace) -> None:
+    import polars as pl
+
+    from gampen_ml.catalog import read_catalog
+    from gampen_ml.flags import compute_flags
+    from gampen_ml.io import partition_dir
+    from gampen_ml.validate import validation_report
+
+    profile = get_profile(args.profile)
+    root = Path(args.root)
+    catalog = read_catalog(partition_dir(root, "posterior_catalog", args.dataset))
+    coverage_file = partition_dir(root, "calibrated_dropout_rate") / "coverage.parquet"
+    md, js = validation_report(
+        catalog,
+        compute_flags(catalog, profile.flags),
+        Path(args.out),
+        profile_name=profile.name,
+        coverage_table=pl.read_parquet(coverage_file) if coverage_file.is_file() else None,
+        flag_config=profile.flags,
+    )
+    print(md.read_text())
+    print(f"written: {md} {js}")
+
+
+# --- queries --------------------------------------------------------------------------
+
+
+def cmd_sql(args: argparse.Namespace) -> None:
+    from gampen_ml.database import ensure_schema, query
+
+    ensure_schema(args.db, Path(args.root))
+    _print_rows(query(args.db, args.query))
+
+
+def cmd_lineage(args: argparse.Namespace) -> None:
+    from gampen_ml.database import lineage_chain
+
+    rows = lineage_chain(args.db, args.asset, args.partition)
+    if not rows:
+        raise SystemExit(f"no successful lineage row for {args.asset}[{args.partition or '-'}]")
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        _print_rows(rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gampen", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        p.add_argument("--profile", help="paper, quick or tiny (default $GAMPEN_PROFILE or quick)")
+        p.add_argument(
+            "--root",
+            default=None,
+            help="storage root (default $GAMPEN_STORAGE or $DAGSTER_HOME/data)",
+        )
+        return p
+
+    def model_opts(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--device", default=None, help="cuda, cpu, … (default: CUDA when present)")
+        p.add_argument(
+            "--tracking-uri", default=None, help="MLflow URI (default sqlite under $DAGSTER_HOME)"
+        )
+
+    p = add("simulate", cmd_simulate, "PSF library, noise pool and simulated shards")
+    p.add_argument("--shards", help="comma-separated shard keys (default: all)")
+    p.add_argument("--workers", type=int, default=None, help="render processes (default: cores)")
+
+    p = add("train", cmd_train, "train one GaMPEN model (resumes from its checkpoint)")
+    p.add_argument("--dropout", type=float, required=True, help="dropout rate of the model")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log/register in MLflow")
+    model_opts(p)
+
+    p = add("calibrate", cmd_calibrate, "coverage of every dropout model on val; pick the rate")
+    p.add_argument("--no-mlflow", action="store_true", help="do not set the MLflow champion alias")
+    model_opts(p)
+
+    p = add("catalog", cmd_catalog, "posterior catalog of the simulated test split (sim-test)")
+    p.add_argument("--dataset", default="sim-test", help="dataset key (default sim-test)")
+    model_opts(p)
+
+    p = add("predict", cmd_predict, "posterior catalog of real FITS cutouts (file, cube or folder)")
+    p.add_argument("path", help="FITS file, cube or folder of cutouts")
+    p.add_argument("--out", required=True, help="output Parquet file")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="trained_model folder, MLflow version or alias (default champion)",
+    )
+    p.add_argument(
+        "--passes", type=int, default=None, help="MC passes per galaxy (default: profile)"
+    )
+    model_opts(p)
+
+    p = add("plots", cmd_plots, "diagnostic figures of a catalog (PNG + index.md)")
+    p.add_argument("catalog", help="catalog.parquet")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--coverage", default=None, help="coverage.parquet of the calibration")
+
+    p = add("validate", cmd_validate, "side-by-side table with the paper on a simulated catalog")
+    p.add_argument("--dataset", default="sim-test", help="catalog partition with truths")
+    p.add_argument("--out", default="validation", help="output folder (default ./validation)")
+
+    for name, func, help in (
+        ("sql", cmd_sql, "run a read-only SQL query on the catalog database"),
+        ("lineage", cmd_lineage, "print what produced an asset partition, recursively"),
+    ):
+        p = add(name, func, help)
+        p.add_argument("--db", default=str(_home() / "gampen.duckdb"), help="DuckDB file")
+    sub.choices["sql"].add_argument("query", help='e.g. "select count(*) from posterior_catalog"')
+    sub.choices["lineage"].add_argument("asset", help="asset name, e.g. posterior_catalog")
+    sub.choices["lineage"].add_argument("--partition", default=None, help="partition key")
+    sub.choices["lineage"].add_argument("--json", action="store_true", help="JSON output")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "root", None) is None:
+        args.root = str(default_storage_root())
+    try:
+        args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"gampen {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,535 @@
+"""One function per pipeline stage: the unit of work of one asset, or of one CLI command.
+
+Both ``gampen_assets`` (Dagster) and ``gampen_ml.cli`` call these, so the two ways of
+running the platform cannot drift apart. Each takes a profile and folders under the
+storage root (``gampen_ml.io.partition_dir``) and publishes its output atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from gampen_ml.calibrate import (
+    Recalibration,
+    coverage_table,
+    fit_recalibration,
+    select_dropout_rate,
+)
+from gampen_ml.catalog import SAMPLES_FILE, catalog_from_images
+from gampen_ml.config import PARAMETERS, Profile, derive_seed, dropout_key, shard_keys
+from gampen_ml.data.datasets import ShardImages
+from gampen_ml.infer import predict_physical
+from gampen_ml.io import atomic_partition_dir, load_npy_mmap, partition_dir
+from gampen_ml.posterior import summarize
+from gampen_ml.registry import registered_model_name
+from gampen_ml.sim import noise, psf
+
+#: Dataset key of the simulated test split.
+SIM_TEST = "sim-test"
+#: Written beside each published model: its MLflow run id, registered name and version.
+REGISTRY_FILE = "registry.json"
+
+
+def _quiet(line: str) -> None:
+    """Default ``log`` callable: drop the line."""
+
+
+def build_psf_library(
+    profile: Profile, out_dir: Path, log: Callable[[str], None] = _quiet
+) -> tuple[np.ndarray, pl.DataFrame]:
+    """Write the PSF library (real PSFs of ``profile.psf.source_dir``, else synthetic).
+
+    Returns the ``(n_psf, s, s)`` float32 unit-sum cube and its property table.
+    """
+    if profile.psf.source_dir:
+        log(f"loading real PSFs from {profile.psf.source_dir}")
+        cube, table = psf.load_psf_folder(profile.psf.source_dir, profile.imaging)
+    else:
+        seed = derive_seed(profile.seed, "psf_library")
+        log(f"drawing {profile.psf.n_psfs} synthetic PSFs (seed {seed})")
+        cube, table = psf.synthetic_psf_library(profile.psf, profile.imaging, seed)
+    with atomic_partition_dir(out_dir) as tmp:
+        psf.write_psf_library(tmp, cube, table)
+    return cube, table
+
+
+def build_noise_pool(
+    profile: Profile, out_dir: Path, log: Callable[[str], None] = _quiet
+) -> noise.NoisePool:
+    """Write the sky-noise pool (real sky objects of ``profile.noise.source_dir``, else synthetic)."""
+    if profile.noise.source_dir:
+        log(f"loading sky objects from {profile.noise.source_dir}")
+        pool = noise.load_sky_folder(profile.noise.source_dir, profile.imaging)
+    else:
+        seed = derive_seed(profile.seed, "noise_pool")
+        log(f"drawing {profile.noise.n_sky_objects} synthetic sky objects (seed {seed})")
+        pool = noise.synthetic_noise_pool(profile.noise, profile.imaging, seed)
+    with atomic_partition_dir(out_dir) as tmp:
+        noise.write_noise_pool(tmp, pool)
+    return pool
+
+
+def shard_dirs(profile: Profile, root: Path) -> list[Path]:
+    """Folders of every ``simulated_galaxies`` shard of ``profile`` under ``root``."""
+    return [partition_dir(root, "simulated_galaxies", key) for key in shard_keys(profile)]
+
+
+def train_and_publish(
+    profile: Profile,
+    dropout_rate: float,
+    root: Path,
+    *,
+    device: str | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] = _quiet,
+    mlflow_tracking_uri: str | None = None,
+    mlflow_artifact_location: str | None = None,
+):
+    """Train one model on every shard and publish it at ``trained_model/dropout-R``.
+
+    Training runs in a fixed hidden work folder beside the partition, so a killed run
+    resumes from its last checkpoint; the finished model is then renamed into place
+    atomically. Returns the :class:`gampen_ml.train.TrainResult`.
+    """
+    from gampen_ml.train import train_model
+
+    key = dropout_key(dropout_rate)
+    out = partition_dir(root, "trained_model", key)
+    work = out.parent / f".work-{key}"
+    result = train_model(
+        profile,
+        dropout_rate,
+        shard_dirs(profile, root),
+        work,
+        device=device,
+        resume=True,
+        progress=progress,
+        log=log,
+        mlflow_tracking_uri=mlflow_tracking_uri,
+        mlflow_artifact_location=mlflow_artifact_location,
+    )
+    registry = {
+        "mlflow_run_id": result.mlflow_run_id,
+        "model_name": registered_model_name(profile.name),
+        "model_version": str(result.model_version) if result.model_version else None,
+    }
+    with atomic_partition_dir(out) as tmp:
+        shutil.copytree(work, tmp, dirs_exist_ok=True)
+        (tmp / REGISTRY_FILE).write_text(json.dumps(registry, indent=2) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+#: Columns of the simulation labels that a catalog keeps as truths.
+TRUTH_COLUMNS = (*PARAMETERS, "component")
+
+
+class SplitImages:
+    """Lazy ``(N, S, S)`` float32 view of one split over several shards.
+
+    Slicing (``view[a:b]``) gathers only those galaxies from the memory-mapped shards, so
+    MC-dropout inference streams a split of any size in chunks.
+    """
+
+    def __init__(self, data: ShardImages) -> None:
+        self._data = data
+        self.shape = (len(data), data.image_px, data.image_px)
+        self.ndim = 3
+        self.dtype = np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, item: slice) -> np.ndarray:
+        if not isinstance(item, slice):
+            raise TypeError(f"SplitImages supports slices only, got {type(item).__name__}")
+        return self._data.images(np.arange(self.shape[0])[item])
+
+
+def split_inputs(
+    shard_dirs: Sequence[Path | str], split: str
+) -> tuple[SplitImages, pl.DataFrame, pl.DataFrame]:
+    """Images, ``galaxy_id`` meta and truths of one split of the simulated shards."""
+    data = ShardImages(shard_dirs, split)
+    return SplitImages(data), data.labels.select("galaxy_id"), data.labels.select(TRUTH_COLUMNS)
+
+
+@dataclass
+class CalibrationResult:
+    """Outcome of :func:`calibrate_dropout_rates`.
+
+    Attributes
+    ----------
+    chosen_rate : float
+        Dropout rate whose raw validation coverage is closest to nominal.
+    coverage : pl.DataFrame
+        Coverage table (``docs/catalog.md``): every rate raw, plus the chosen rate
+        recalibrated when a recalibration was fit.
+    recalibration : Recalibration or None
+        Spread factors fit on validation (``profile.calibration.recalibrate``).
+    n_galaxies : int
+        Validation galaxies.
+    """
+
+    chosen_rate: float
+    coverage: pl.DataFrame
+    recalibration: Recalibration | None
+    n_galaxies: int
+
+
+def calibrate_dropout_rates(
+    profile: Profile,
+    model_dirs: Mapping[float, Path],
+    shard_dirs: Sequence[Path | str],
+    out_dir: Path,
+    *,
+    device: str | None = None,
+    log: Callable[[str], None] = _quiet,
+) -> CalibrationResult:
+    """Coverage of every dropout model on the validation split; choose; recalibrate (paper §5).
+
+    Writes ``coverage.parquet`` and, when recalibrating, ``recalibration.json`` into
+    ``out_dir``. Validation samples are written to ``out_dir/<dropout-key>/`` while working
+    and removed at the end.
+    """
+    from gampen_ml.train import load_trained_model
+
+    images, meta, truths = split_inputs(shard_dirs, "val")
+    inference = profile.inference
+    levels = profile.calibration.levels
+    tables = []
+    scalers = {}
+    for rate, model_dir in model_dirs.items():
+        model, scaler, _ = load_trained_model(model_dir, device)
+        scalers[rate] = scaler
+        catalog = catalog_from_images(
+            model,
+            scaler,
+            images,
+            meta,
+            n_passes=inference.n_passes_calibration,
+            draws_per_pass=inference.draws_per_pass,
+            seed=derive_seed(profile.seed, "calibrated_dropout_rate", dropout_key(rate)),
+            store_samples=True,
+            out_dir=out_dir / dropout_key(rate),
+            truths=truths,
+            dataset="sim-val",
+            dropout_rate=rate,
+            galaxies_per_batch=inference.galaxies_per_batch,
+            device=device,
+        )
+        table = coverage_table(catalog, None, levels, dropout_rate=rate, split="val")
+        tables.append(table)
+        log(
+            f"dropout {rate:g}: val coverage "
+            + ", ".join(
+                f"{r['parameter']}@{r['level']:.4f}={r['coverage']:.3f}"
+                for r in table.iter_rows(named=True)
+            )
+        )
+    chosen = select_dropout_rate(tables)
+    recalibration = None
+    if profile.calibration.recalibrate:
+        samples = np.asarray(
+            load_npy_mmap(out_dir / dropout_key(chosen) / SAMPLES_FILE), dtype=np.float32
+        )
+        scaler = scalers[chosen]
+        truths_scaled = scaler.transform(truths.select(PARAMETERS).to_numpy().astype(np.float64))
+        recalibration = fit_recalibration(samples, truths_scaled)
+        summary = summarize(predict_physical(recalibration.apply(samples), scaler))
+        tables.append(
+            coverage_table(
+                summary, truths, levels, dropout_rate=chosen, split="val", recalibrated=True
+            )
+        )
+        (out_dir / "recalibration.json").write_text(
+            json.dumps(recalibration.to_dict(), indent=2) + "\n"
+        )
+        log(f"recalibration scales {recalibration.scale}")
+    for rate in model_dirs:
+        sample_dir = out_dir / dropout_key(rate)
+        (sample_dir / SAMPLES_FILE).unlink(missing_ok=True)
+        sample_dir.rmdir()
+    coverage = pl.concat(tables)
+    coverage.write_parquet(out_dir / "coverage.parquet")
+    return CalibrationResult(chosen, coverage, recalibration, len(images))
+
+
+def dataset_inputs(
+    profile: Profile, root: Path, shard_dirs: Sequence[Path | str], dataset: str, sim_key: str
+) -> tuple[object, pl.DataFrame, pl.DataFrame | None]:
+    """Images, per-galaxy meta and truths (None for real data) of one dataset partition.
+
+    ``sim_key`` (``sim-test``) is the test split of every shard; any other key is an inbox
+    batch stored at ``<root>/inbox_batches/<dataset>/`` by the inbox sensor.
+    """
+    if dataset == sim_key:
+        return split_inputs(shard_dirs, "test")
+    from gampen_ml.fits_input import load_cutouts
+
+    batch = load_cutouts(root / "inbox_batches" / dataset, profile.imaging)
+    return batch.images, batch.table, None
+
+
+def model_registry_info(model_dir: Path) -> dict:
+    """``registry.json`` of a published model (MLflow run id, name, version; may be null)."""
+    path = Path(model_dir) / REGISTRY_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def calibrate_and_publish(
+    profile: Profile,
+    root: Path,
+    *,
+    device: str | None = None,
+    log: Callable[[str], None] = _quiet,
+    mlflow_tracking_uri: str | None = None,
+) -> CalibrationResult:
+    """Choose the dropout rate, publish ``calibrated_dropout_rate/all``, move the alias.
+
+    Writes ``coverage.parquet``, ``calibration.json`` (chosen rate, model name and
+    version) and ``recalibration.json``; with a tracking URI the registered version of
+    the chosen model becomes the MLflow alias ``champion`` once the files are in place.
+    """
+    from gampen_ml.registry import set_champion
+
+    model_dirs = {
+        rate: partition_dir(root, "trained_model", dropout_key(rate))
+        for rate in profile.calibration.dropout_rates
+    }
+    missing = [str(d) for d in model_dirs.values() if not (d / "model.json").is_file()]
+    if missing:
+        raise FileNotFoundError(f"trained models missing (train them first): {missing}")
+    out = partition_dir(root, "calibrated_dropout_rate")
+    with atomic_partition_dir(out) as tmp:
+        result = calibrate_dropout_rates(
+            profile, model_dirs, shard_dirs(profile, root), tmp, device=device, log=log
+        )
+        info = model_registry_info(model_dirs[result.chosen_rate])
+        calibration = {
+            "chosen_dropout_rate": result.chosen_rate,
+            "model_name": info.get("model_name") or registered_model_name(profile.name),
+            "model_version": info.get("model_version") or "unregistered",
+            "mlflow_run_id": info.get("mlflow_run_id"),
+            "recalibrated": result.recalibration is not None,
+            "n_val_galaxies": result.n_galaxies,
+        }
+        (tmp / "calibration.json").write_text(json.dumps(calibration, indent=2) + "\n")
+    if mlflow_tracking_uri and info.get("model_version"):
+        set_champion(mlflow_tracking_uri, calibration["model_name"], calibration["model_version"])
+        log(f"champion: {calibration['model_name']} v{calibration['model_version']}")
+    return result
+
+
+def read_calibration(root: Path) -> dict:
+    """``calibration.json`` of ``calibrated_dropout_rate`` plus its ``recalibration``."""
+    folder = partition_dir(root, "calibrated_dropout_rate")
+    path = folder / "calibration.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: calibrate the dropout rate first")
+    calibration = json.loads(path.read_text())
+    recal = folder / "recalibration.json"
+    calibration["recalibration"] = json.loads(recal.read_text()) if recal.is_file() else None
+    return calibration
+
+
+def catalog_and_publish(
+    profile: Profile,
+    root: Path,
+    dataset: str,
+    *,
+    device: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    log: Callable[[str], None] = _quiet,
+) -> pl.DataFrame:
+    """Posterior catalog of one dataset with the champion model, at ``posterior_catalog/<dataset>``.
+
+    ``sim-test`` is the simulated test split (with truths); any other key is an inbox
+    batch stored at ``<root>/inbox_batches/<dataset>/``. The calibrated recalibration is
+    applied when one was fit.
+    """
+    from gampen_ml.catalog import write_catalog
+    from gampen_ml.train import load_trained_model
+
+    calibration = read_calibration(root)
+    rate = float(calibration["chosen_dropout_rate"])
+    model, scaler, _ = load_trained_model(
+        partition_dir(root, "trained_model", dropout_key(rate)), device
+    )
+    recal = calibration["recalibration"]
+    images, meta, truths = dataset_inputs(
+        profile, root, shard_dirs(profile, root), dataset, SIM_TEST
+    )
+    inference = profile.inference
+    log(
+        f"{dataset}: {len(images)} galaxies x {inference.n_passes} MC passes "
+        f"x {inference.draws_per_pass} draws, dropout {rate:g} "
+        f"({calibration['model_name']} v{calibration['model_version']})"
+    )
+    with atomic_partition_dir(partition_dir(root, "posterior_catalog", dataset)) as tmp:
+        catalog = catalog_from_images(
+            model,
+            scaler,
+            images,
+            meta,
+            n_passes=inference.n_passes,
+            draws_per_pass=inference.draws_per_pass,
+            seed=derive_seed(profile.seed, "posterior_catalog", dataset),
+            recalibration=Recalibration.from_dict(recal) if recal else None,
+            store_samples=inference.store_samples or dataset == SIM_TEST,
+            out_dir=tmp,
+            progress=progress,
+            truths=truths,
+            dataset=dataset,
+            model_name=calibration["model_name"],
+            model_version=str(calibration["model_version"]),
+            dropout_rate=rate,
+            galaxies_per_batch=inference.galaxies_per_batch,
+            device=device,
+        )
+        write_catalog(tmp, catalog)
+    return catalog
+
+
+@dataclass
+class PredictResult:
+    """Catalog of the accepted cutouts and the files that were skipped, with reasons."""
+
+    catalog: pl.DataFrame
+    rejections: list
+
+
+def predict_cutouts(
+    profile: Profile,
+    path: Path,
+    model_dir: Path,
+    out_file: Path,
+    *,
+    n_passes: int | None = None,
+    seed: int,
+    device: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    recalibration: Recalibration | None = None,
+) -> PredictResult:
+    """Posterior catalog of real FITS cutouts (a file, a cube or a folder) -> ``out_file``.
+
+    Bad files are skipped with a reason (``PredictResult.rejections``); the rest go on.
+    """
+    from gampen_ml.catalog import validate_catalog
+    from gampen_ml.fits_input import load_cutouts
+    from gampen_ml.io import atomic_file
+    from gampen_ml.train import load_trained_model
+
+    batch = load_cutouts(path, profile.imaging)
+    model, scaler, meta = load_trained_model(model_dir, device)
+    info = model_registry_info(model_dir)
+    catalog = catalog_from_images(
+        model,
+        scaler,
+        batch.images if batch.images is not None else np.zeros((0, 1, 1), np.float32),
+        batch.table,
+        n_passes=n_passes or profile.inference.n_passes,
+        draws_per_pass=profile.inference.draws_per_pass,
+        seed=seed,
+        recalibration=recalibration,
+        progress=progress,
+        dataset=Path(path).stem,
+        model_name=info.get("model_name") or registered_model_name(profile.name),
+        model_version=str(info.get("model_version") or "unregistered"),
+        galaxies_per_batch=profile.inference.galaxies_per_batch,
+        device=device,
+    )
+    validate_catalog(catalog, str(out_file))
+    with atomic_file(out_file) as tmp:
+        catalog.write_parquet(tmp)
+    return PredictResult(catalog, batch.rejections)
+
+
+def stn_crops(
+    model_dir: Path, images: np.ndarray, device: str | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """STN inputs, crops and zoom scales of a few galaxies (for paper Figs 4-5).
+
+    Returns ``(images (n,S,S), crops (n,P,P), scales (n,))`` as float32 arrays.
+    """
+    import torch
+
+    from gampen_ml.data.transforms import arsinh_image
+    from gampen_ml.train import load_trained_model
+
+    model, _, _ = load_trained_model(model_dir, device)
+    x = np.asarray(images, dtype=np.float32)
+    with torch.inference_mode():
+        tensor = torch.from_numpy(arsinh_image(x[:, None])).to(next(model.parameters()).device)
+        crops, scales = model.stn(tensor)
+    return x, crops[:, 0].float().cpu().numpy(), scales.float().cpu().numpy()
+
+
+def diagnostics_and_publish(
+    profile: Profile, root: Path, dataset: str, *, device: str | None = None
+) -> dict[str, Path]:
+    """Every diagnostic figure of a dataset (+ validation report for simulations).
+
+    Writes ``diagnostic_plots/<dataset>/``: the catalog figures of
+    :func:`gampen_ml.plots.make_catalog_figures`, each model's loss curve, the STN crops
+    of the champion and, for ``sim-test``, ``validation.md`` / ``validation.json``.
+    Returns the written files by name.
+    """
+    from gampen_ml import plots
+    from gampen_ml.catalog import read_catalog
+    from gampen_ml.train import load_trained_model
+    from gampen_ml.validate import validation_report
+
+    catalog_dir = partition_dir(root, "posterior_catalog", dataset)
+    catalog = read_catalog(catalog_dir)
+    flags_file = partition_dir(root, "qualitative_flags", dataset) / "flags.parquet"
+    flags = pl.read_parquet(flags_file) if flags_file.is_file() else None
+    calib_dir = partition_dir(root, "calibrated_dropout_rate")
+    coverage = pl.read_parquet(calib_dir / "coverage.parquet")
+    calibration = read_calibration(root)
+    rate = float(calibration["chosen_dropout_rate"])
+    model_dir = partition_dir(root, "trained_model", dropout_key(rate))
+    samples = None
+    if (catalog_dir / SAMPLES_FILE).is_file():
+        _, scaler, _ = load_trained_model(model_dir)
+        samples = predict_physical(load_npy_mmap(catalog_dir / SAMPLES_FILE), scaler)
+    with atomic_partition_dir(partition_dir(root, "diagnostic_plots", dataset)) as tmp:
+        paths = plots.make_catalog_figures(
+            catalog,
+            tmp,
+            flags=flags,
+            coverage_table=coverage.filter(~pl.col("recalibrated")),
+            samples=samples,
+            chosen_dropout=rate,
+            flag_config=profile.flags,
+        )
+        for r in profile.calibration.dropout_rates:
+            history = partition_dir(root, "trained_model", dropout_key(r)) / "history.json"
+            if history.is_file():
+                name = f"loss_curve_{dropout_key(r)}"
+                fig = plots.loss_curve(json.loads(history.read_text()))
+                paths[name] = plots.save_figure(fig, tmp / f"{name}.png")
+        if dataset == SIM_TEST:
+            images, _, _ = split_inputs(shard_dirs(profile, root), "test")
+            x, crops, scales = stn_crops(model_dir, images[0 : min(64, len(images))], device)
+            paths["stn_examples"] = plots.save_figure(
+                plots.stn_examples(x, crops, scales), tmp / "stn_examples.png"
+            )
+            md, js = validation_report(
+                catalog,
+                flags,
+                tmp,
+                profile_name=profile.name,
+                coverage_table=coverage,
+                flag_config=profile.flags,
+            )
+            paths["validation"], paths["validation_json"] = md, js
+    final = partition_dir(root, "diagnostic_plots", dataset)
+    return {name: final / p.name for name, p in paths.items()}
