@@ -1,0 +1,132 @@
+"""The ``gampen`` command, run as a user runs it, on the tiny profile."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import polars as pl
+import pytest
+from astropy.io import fits
+
+from gampen_ml.io import load_npy_mmap
+
+
+def gampen(*args: str, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "gampen_ml.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"gampen {args} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    import os
+
+    home = tmp_path_factory.mktemp("home")
+    return {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "GAMPEN_PROFILE": "tiny",
+        "GAMPEN_STORAGE": str(home / "data"),
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+@pytest.mark.slow
+def test_every_stage_from_the_command_line(env, tmp_path):
+    root = env["GAMPEN_STORAGE"]
+    gampen("simulate", "--workers", "1", env=env)
+    labels = pl.read_parquet(f"{root}/simulated_galaxies/shard-000/labels.parquet")
+    assert labels.height == 24
+
+    for rate in ("0", "0.05"):
+        out = gampen("train", "--dropout", rate, env=env)
+        assert "val loss" in out.stdout
+    registry = json.loads(open(f"{root}/trained_model/dropout-0.05/registry.json").read())
+    assert registry["model_version"] is not None  # registered in the embedded MLflow store
+
+    out = gampen("calibrate", env=env)
+    assert "chosen dropout rate" in out.stdout
+    calibration = json.loads(open(f"{root}/calibrated_dropout_rate/all/calibration.json").read())
+    assert calibration["chosen_dropout_rate"] in (0.0, 0.05)
+
+    gampen("catalog", env=env)
+    catalog = pl.read_parquet(f"{root}/posterior_catalog/sim-test/catalog.parquet")
+    n_test = sum(
+        pl.read_parquet(f"{root}/simulated_galaxies/{s}/labels.parquet")
+        .filter(pl.col("split") == "test")
+        .height
+        for s in ("shard-000", "shard-001")
+    )
+    assert catalog.height == n_test
+    assert (catalog["bt_hpd68_lo"] <= catalog["bt_hpd68_hi"]).all()
+    assert catalog["bt_true"].null_count() == 0
+
+    out = gampen("validate", "--out", str(tmp_path / "val"), env=env)
+    assert "Table 2" in out.stdout or "coverage" in out.stdout.lower()
+    assert (tmp_path / "val" / "validation.json").is_file()
+
+    out = gampen(
+        "plots",
+        f"{root}/posterior_catalog/sim-test/catalog.parquet",
+        "--out",
+        str(tmp_path / "figs"),
+        env=env,
+    )
+    assert (tmp_path / "figs" / "index.md").is_file()
+    assert len(list((tmp_path / "figs").glob("*.png"))) >= 5
+
+    # Real-data path: two good cutouts in a folder, plus a file that is not FITS at all.
+    images = load_npy_mmap(f"{root}/simulated_galaxies/shard-000/images.npy")
+    cutouts = tmp_path / "cutouts"
+    cutouts.mkdir()
+    for i in range(2):
+        hdu = fits.PrimaryHDU(np.asarray(images[i]))
+        hdu.header["PIXSCALE"] = 0.168
+        hdu.writeto(cutouts / f"gal{i}.fits")
+    (cutouts / "broken.fits").write_bytes(b"not a fits file")
+    model_dir = f"{root}/trained_model/dropout-0.05"
+    out = gampen(
+        "predict",
+        str(cutouts),
+        "--model",
+        model_dir,
+        "--out",
+        str(tmp_path / "real.parquet"),
+        env=env,
+    )
+    assert "skipped broken.fits" in out.stderr
+    real = pl.read_parquet(tmp_path / "real.parquet")
+    assert real.height == 2 and real["bt_true"].null_count() == 2
+    assert sorted(real["source_file"].to_list()) == ["gal0.fits", "gal1.fits"]
+
+
+def test_bad_profile_is_reported_before_any_work(env, tmp_path):
+    result = gampen("simulate", "--profile", "huge", "--root", str(tmp_path), env=env, check=False)
+    assert result.returncode == 2
+    assert "unknown profile 'huge'" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_command_has_help(env):
+    for command in (
+        "simulate",
+        "train",
+        "calibrate",
+        "catalog",
+        "predict",
+        "plots",
+        "validate",
+        "sql",
+        "lineage",
+    ):
+        assert "usage: gampen" in gampen(command, "--help", env=env).stdout
