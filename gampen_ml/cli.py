@@ -35,6 +35,15 @@ def _tracking_uri(args: argparse.Namespace) -> str:
     )
 
 
+def _artifact_location(args: argparse.Namespace) -> str | None:
+    """Artifact root under $DAGSTER_HOME for the embedded store (else the server decides)."""
+    from gampen_ml.registry import default_artifact_location
+
+    if args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        return None
+    return default_artifact_location(_home())
+
+
 class _Progress:
     """``progress(done, total)`` callback drawing a tqdm bar over galaxies."""
 
@@ -101,6 +110,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         progress=True,
         log=print,
         mlflow_tracking_uri=None if args.no_mlflow else _tracking_uri(args),
+        mlflow_artifact_location=_artifact_location(args),
     )
     print(
         f"trained dropout {args.dropout:g}: val loss {result.final_val_loss:.4f}, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -53,6 +54,7 @@ def test_every_stage_from_the_command_line(env, tmp_path):
         assert "val loss" in out.stdout
     registry = json.loads(open(f"{root}/trained_model/dropout-0.05/registry.json").read())
     assert registry["model_version"] is not None  # registered in the embedded MLflow store
+    assert (Path(env["DAGSTER_HOME"]) / "mlartifacts").is_dir()
 
     out = gampen("calibrate", env=env)
     assert "chosen dropout rate" in out.stdout
