@@ -38,15 +38,15 @@ DATA_VERSION_TAG = "dagster/data_version"
 def fail_fast_on_bad_input() -> Iterator[None]:
     """Turn configuration and input-file errors into a non-retried Dagster ``Failure``.
 
-    ``ConfigError`` (a bad profile setting) and ``gampen_ml.sim.InputFileError`` (a bad
-    FITS file) cannot succeed on a retry, so the :data:`TRANSIENT_RETRY` policy must not
+    ``ConfigError`` (a bad profile setting), ``gampen_ml.sim.errors.InputFileError`` (a bad
+    FITS file) and ``FileNotFoundError`` (an upstream not materialized) cannot succeed on a
+    retry, so the :data:`TRANSIENT_RETRY` policy must not
     spend minutes on them.
     """
-    bad_input: tuple[type[BaseException], ...] = (ConfigError,)
-    with contextlib.suppress(ImportError):
-        from gampen_ml.sim import InputFileError
+    from gampen_ml.sim.errors import InputFileError
 
-        bad_input = (ConfigError, InputFileError)
+    # A missing upstream file does not appear by waiting seconds either.
+    bad_input = (ConfigError, InputFileError, FileNotFoundError)
     try:
         yield
     except bad_input as exc:

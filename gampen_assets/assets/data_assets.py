@@ -26,10 +26,9 @@ from gampen_assets.assets._common import (
     upstream_version,
 )
 from gampen_assets.resources import GampenSettings, load_time_profile
-from gampen_ml import plots
-from gampen_ml.config import derive_seed, shard_keys
+from gampen_ml import plots, stages
+from gampen_ml.config import shard_keys
 from gampen_ml.io import atomic_partition_dir, partition_dir
-from gampen_ml.sim import noise, psf
 
 #: One partition per simulation shard of the profile the definitions were loaded with.
 shard_partitions = StaticPartitionsDefinition(shard_keys(load_time_profile()))
@@ -54,15 +53,7 @@ def psf_library(context: AssetExecutionContext, settings: GampenSettings) -> Mat
     profile = settings.profile()
     out = partition_dir(settings.root(), "psf_library")
     with fail_fast_on_bad_input():
-        if profile.psf.source_dir:
-            context.log.info(f"loading real PSFs from {profile.psf.source_dir}")
-            cube, table = psf.load_psf_folder(profile.psf.source_dir, profile.imaging)
-        else:
-            seed = derive_seed(profile.seed, "psf_library")
-            context.log.info(f"drawing {profile.psf.n_psfs} synthetic PSFs (seed {seed})")
-            cube, table = psf.synthetic_psf_library(profile.psf, profile.imaging, seed)
-    with atomic_partition_dir(out) as tmp:
-        psf.write_psf_library(tmp, cube, table)
+        cube, table = stages.build_psf_library(profile, out, log=context.log.info)
     version = folder_version(out)
     fwhm = table["fwhm_arcsec"].to_numpy() if "fwhm_arcsec" in table.columns else None
     metadata = {
@@ -113,15 +104,7 @@ def noise_pool(context: AssetExecutionContext, settings: GampenSettings) -> Mate
     profile = settings.profile()
     out = partition_dir(settings.root(), "noise_pool")
     with fail_fast_on_bad_input():
-        if profile.noise.source_dir:
-            context.log.info(f"loading sky objects from {profile.noise.source_dir}")
-            pool = noise.load_sky_folder(profile.noise.source_dir, profile.imaging)
-        else:
-            seed = derive_seed(profile.seed, "noise_pool")
-            context.log.info(f"drawing {profile.noise.n_sky_objects} synthetic sky objects")
-            pool = noise.synthetic_noise_pool(profile.noise, profile.imaging, seed)
-    with atomic_partition_dir(out) as tmp:
-        noise.write_noise_pool(tmp, pool)
+        pool = stages.build_noise_pool(profile, out, log=context.log.info)
     version = folder_version(out)
     stats = pool.statistics()
     metadata = {

@@ -1,7 +1,6 @@
 """Models: one GaMPEN network per dropout rate, and the calibrated choice among them."""
 
 import json
-import shutil
 from datetime import UTC, datetime
 
 import polars as pl
@@ -9,10 +8,7 @@ from dagster import (
     AllPartitionMapping,
     AssetDep,
     AssetExecutionContext,
-    AssetKey,
-    AssetRecordsFilter,
     DataVersion,
-    Failure,
     MaterializeResult,
     MetadataValue,
     StaticPartitionsDefinition,
@@ -31,12 +27,11 @@ from gampen_assets.assets._common import (
 from gampen_assets.assets._common import (
     level_suffix as _level,
 )
-from gampen_assets.assets._stages import calibrate_dropout_rates
 from gampen_assets.assets.data_assets import shard_partitions
 from gampen_assets.resources import GampenSettings, load_time_profile
-from gampen_ml import plots
+from gampen_ml import plots, stages
 from gampen_ml.config import dropout_from_key, dropout_key, shard_keys
-from gampen_ml.io import atomic_partition_dir, partition_dir
+from gampen_ml.io import partition_dir
 
 #: One partition per dropout rate of the calibration grid (paper §5).
 dropout_partitions = StaticPartitionsDefinition(
@@ -79,8 +74,6 @@ GPU_K8S_TAGS = {
     ),
 )
 def trained_model(context: AssetExecutionContext, settings: GampenSettings) -> MaterializeResult:
-    from gampen_ml.train import train_model
-
     started_at = datetime.now(UTC)
     profile = settings.profile()
     root = settings.root()
@@ -89,32 +82,24 @@ def trained_model(context: AssetExecutionContext, settings: GampenSettings) -> M
         allowed = [dropout_key(r) for r in profile.calibration.dropout_rates]
         settings.require_partition(key, allowed, "dropout rate")
     rate = dropout_from_key(key)
-    shard_dirs = [partition_dir(root, "simulated_galaxies", s) for s in shard_keys(profile)]
+    shard_dirs = stages.shard_dirs(profile, root)
     out = partition_dir(root, "trained_model", key)
-    # Training resumes from the checkpoint in a fixed hidden folder; the finished model is
-    # then published atomically, so a killed run restarts where it stopped.
-    work = out.parent / f".work-{key}"
     device = settings.torch_device()
     context.log.info(
         f"training dropout {rate:g} on {len(shard_dirs)} shards, device {device}, "
         f"{profile.training.epochs} epochs"
     )
+    # Resumes from the checkpoint of a killed run; the model is published atomically.
     with fail_fast_on_bad_input():
-        result = train_model(
+        result = stages.train_and_publish(
             profile,
             rate,
-            shard_dirs,
-            work,
+            root,
             device=device,
-            resume=True,
-            progress=False,
             log=context.log.info,
             mlflow_tracking_uri=settings.tracking_uri(),
             mlflow_artifact_location=settings.artifact_location(),
         )
-    with atomic_partition_dir(out) as tmp:
-        shutil.copytree(work, tmp, dirs_exist_ok=True)
-    shutil.rmtree(work, ignore_errors=True)
     version = folder_version(out)
     history = result.history
     meta = json.loads((out / "model.json").read_text()) if (out / "model.json").is_file() else {}
@@ -153,22 +138,6 @@ def trained_model(context: AssetExecutionContext, settings: GampenSettings) -> M
     return MaterializeResult(metadata=metadata, data_version=DataVersion(version))
 
 
-def _model_version(context: AssetExecutionContext, key: str) -> str:
-    """Registered MLflow version recorded by the latest ``trained_model[key]`` materialization."""
-    records = context.instance.fetch_materializations(
-        AssetRecordsFilter(asset_key=AssetKey("trained_model"), asset_partitions=[key]), limit=1
-    ).records
-    if records and records[0].asset_materialization is not None:
-        value = records[0].asset_materialization.metadata.get("model_version")
-        if value is not None and value.value:
-            return str(value.value)
-    raise Failure(
-        description=f"trained_model[{key}] has no registered MLflow model version in this "
-        "Dagster instance; materialize trained_model for that partition first",
-        allow_retries=False,
-    )
-
-
 @asset(
     group_name=GROUP,
     owners=OWNERS,
@@ -191,39 +160,31 @@ def _model_version(context: AssetExecutionContext, key: str) -> str:
 def calibrated_dropout_rate(
     context: AssetExecutionContext, settings: GampenSettings
 ) -> MaterializeResult:
-    from gampen_ml.registry import registered_model_name, set_champion
-
     started_at = datetime.now(UTC)
     profile = settings.profile()
     root = settings.root()
-    rates = list(profile.calibration.dropout_rates)
-    keys = [dropout_key(r) for r in rates]
-    shard_dirs = [partition_dir(root, "simulated_galaxies", s) for s in shard_keys(profile)]
-    model_dirs = {
-        rate: partition_dir(root, "trained_model", k) for rate, k in zip(rates, keys, strict=True)
-    }
+    keys = [dropout_key(r) for r in profile.calibration.dropout_rates]
+    model_dirs = [partition_dir(root, "trained_model", k) for k in keys]
     out = partition_dir(root, "calibrated_dropout_rate")
     device = settings.torch_device()
     context.log.info(
-        f"calibrating {len(rates)} dropout rates on the val split of {len(shard_dirs)} shards "
+        f"calibrating {len(keys)} dropout rates on the val split of "
+        f"{profile.simulation.n_shards} shards "
         f"({profile.inference.n_passes_calibration} passes, device {device})"
     )
-    model_name = registered_model_name(profile.name)
-    with fail_fast_on_bad_input(), atomic_partition_dir(out) as tmp:
-        result = calibrate_dropout_rates(
-            profile, model_dirs, shard_dirs, tmp, device=device, log=context.log.info
+    # Publishes coverage.parquet, calibration.json (+ recalibration.json), then moves the
+    # MLflow alias 'champion' to the chosen model's registered version.
+    with fail_fast_on_bad_input():
+        result = stages.calibrate_and_publish(
+            profile,
+            root,
+            device=device,
+            log=context.log.info,
+            mlflow_tracking_uri=settings.tracking_uri(),
         )
-        model_version = _model_version(context, dropout_key(result.chosen_rate))
-        calibration = {
-            "chosen_dropout_rate": result.chosen_rate,
-            "model_name": model_name,
-            "model_version": model_version,
-            "recalibrated": result.recalibration is not None,
-            "n_val_galaxies": result.n_galaxies,
-        }
-        (tmp / "calibration.json").write_text(json.dumps(calibration, indent=2) + "\n")
-    # The alias moves only once the calibration files are in place.
-    set_champion(settings.tracking_uri(), model_name, model_version)
+    calibration = stages.read_calibration(root)
+    model_name = calibration["model_name"]
+    model_version = str(calibration["model_version"])
     context.log.info(f"champion: dropout {result.chosen_rate:g} = {model_name} v{model_version}")
     version = folder_version(out)
     table = result.coverage
@@ -262,7 +223,7 @@ def calibrated_dropout_rate(
         data_version=version,
         upstream=[upstream_version(context, root, "trained_model", k) for k in keys]
         + [upstream_version(context, root, "simulated_galaxies", s) for s in shard_keys(profile)],
-        input_paths=[*model_dirs.values()],
+        input_paths=model_dirs,
         row_count=table.height,
         started_at=started_at,
         model_version=model_version,

@@ -5,10 +5,8 @@ simulation shard, with truths) or one batch of real cutouts that the inbox senso
 at ``<root>/inbox_batches/<batch>/``.
 """
 
-import json
 from datetime import UTC, datetime
 
-import polars as pl
 from dagster import (
     AllPartitionMapping,
     AssetDep,
@@ -31,18 +29,18 @@ from gampen_assets.assets._common import (
 from gampen_assets.assets._common import (
     level_suffix as _level,
 )
-from gampen_assets.assets._stages import dataset_inputs
 from gampen_assets.assets.model_assets import GPU_K8S_TAGS
 from gampen_assets.partitions import SIM_TEST, datasets
 from gampen_assets.resources import GampenSettings
-from gampen_ml import plots
-from gampen_ml.config import PARAMETERS, derive_seed, dropout_key, shard_keys
+from gampen_ml import plots, stages
+from gampen_ml.config import PARAMETERS, dropout_key, shard_keys
 from gampen_ml.io import atomic_partition_dir, partition_dir
 
 GROUP = "catalog"
 #: Figures embedded in the diagnostic_plots metadata (all of them are on disk).
 EMBEDDED_FIGURES = (
     "coverage_vs_dropout",
+    "stn_examples",
     "predicted_vs_true",
     "residual_histograms",
     "uncertainty_vs_parameters",
@@ -51,19 +49,6 @@ EMBEDDED_FIGURES = (
     "posterior_width_distributions",
     "flag_fractions",
 )
-
-
-def _read_calibration(root) -> dict:
-    folder = partition_dir(root, "calibrated_dropout_rate")
-    path = folder / "calibration.json"
-    if not path.is_file():
-        from gampen_ml.config import ConfigError
-
-        raise ConfigError(f"{path} is missing: materialize calibrated_dropout_rate first")
-    calibration = json.loads(path.read_text())
-    recal = folder / "recalibration.json"
-    calibration["recalibration"] = json.loads(recal.read_text()) if recal.is_file() else None
-    return calibration
 
 
 @asset(
@@ -90,58 +75,30 @@ def _read_calibration(root) -> dict:
 def posterior_catalog(
     context: AssetExecutionContext, settings: GampenSettings
 ) -> MaterializeResult:
-    from gampen_ml.calibrate import Recalibration, coverage_table
-    from gampen_ml.catalog import catalog_from_images, write_catalog
-    from gampen_ml.train import load_trained_model
+    from gampen_ml.calibrate import coverage_table
 
     started_at = datetime.now(UTC)
     profile = settings.profile()
     root = settings.root()
     key = context.partition_key
-    shard_dirs = [partition_dir(root, "simulated_galaxies", s) for s in shard_keys(profile)]
     device = settings.torch_device()
-    with fail_fast_on_bad_input():
-        calibration = _read_calibration(root)
-        rate = float(calibration["chosen_dropout_rate"])
-        model_dir = partition_dir(root, "trained_model", dropout_key(rate))
-        model, scaler, _ = load_trained_model(model_dir, device)
-        recal = calibration["recalibration"]
-        recalibration = Recalibration.from_dict(recal) if recal else None
-        images, meta, truths = dataset_inputs(profile, root, shard_dirs, key, SIM_TEST)
-    n = len(images)
-    passes = profile.inference.n_passes
-    context.log.info(
-        f"{key}: {n} galaxies x {passes} MC passes with dropout {rate:g} "
-        f"({calibration['model_name']} v{calibration['model_version']}, device {device})"
-    )
-    step = max(1, n // 10)
+    n_chunk = profile.inference.galaxies_per_batch
 
     def progress(done: int, total: int) -> None:
-        if done == total or done // step != (done - profile.inference.galaxies_per_batch) // step:
+        step = max(1, total // 10)
+        if done == total or done // step != (done - n_chunk) // step:
             context.log.info(f"{done}/{total} galaxies")
 
-    out = partition_dir(root, "posterior_catalog", key)
-    with atomic_partition_dir(out) as tmp:
-        catalog = catalog_from_images(
-            model,
-            scaler,
-            images,
-            meta,
-            n_passes=passes,
-            seed=derive_seed(profile.seed, "posterior_catalog", key),
-            recalibration=recalibration,
-            store_samples=profile.inference.store_samples,
-            out_dir=tmp,
-            progress=progress,
-            truths=truths,
-            dataset=key,
-            model_name=calibration["model_name"],
-            model_version=str(calibration["model_version"]),
-            dropout_rate=rate,
-            galaxies_per_batch=profile.inference.galaxies_per_batch,
-            device=device,
+    with fail_fast_on_bad_input():
+        calibration = stages.read_calibration(root)
+        catalog = stages.catalog_and_publish(
+            profile, root, key, device=device, progress=progress, log=context.log.info
         )
-        write_catalog(tmp, catalog)
+    rate = float(calibration["chosen_dropout_rate"])
+    model_dir = partition_dir(root, "trained_model", dropout_key(rate))
+    passes = profile.inference.n_passes
+    recalibrated = calibration["recalibration"] is not None
+    out = partition_dir(root, "posterior_catalog", key)
     version = folder_version(out)
     metadata: dict = {
         "dagster/row_count": catalog.height,
@@ -149,14 +106,14 @@ def posterior_catalog(
         "n_passes": float(passes),
         "dropout_rate": float(rate),
         "model_version": str(calibration["model_version"]),
-        "recalibrated": recalibration is not None,
+        "recalibrated": recalibrated,
         "path": MetadataValue.path(str(out / "catalog.parquet")),
     }
     for p in PARAMETERS:
         width = catalog[f"{p}_hpd68_hi"] - catalog[f"{p}_hpd68_lo"]
         metadata[f"{p}_mode_median"] = float(catalog[f"{p}_mode"].median())
         metadata[f"{p}_hpd68_width_median"] = float(width.median())
-    if truths is not None:
+    if key == SIM_TEST:
         test_coverage = coverage_table(catalog, None, profile.calibration.levels, rate, "test")
         metadata["test_coverage"] = md_table(test_coverage.to_dicts())
         for row in test_coverage.iter_rows(named=True):
@@ -172,7 +129,7 @@ def posterior_catalog(
         upstream += [
             upstream_version(context, root, "simulated_galaxies", s) for s in shard_keys(profile)
         ]
-        inputs = shard_dirs
+        inputs = stages.shard_dirs(profile, root)
     else:
         inputs = [root / "inbox_batches" / key]
     lineage.record_materialization(
@@ -261,44 +218,15 @@ def qualitative_flags(
     ),
 )
 def diagnostic_plots(context: AssetExecutionContext, settings: GampenSettings) -> MaterializeResult:
-    from gampen_ml.catalog import SAMPLES_FILE, read_catalog
-    from gampen_ml.infer import predict_physical
-    from gampen_ml.io import load_npy_mmap
-    from gampen_ml.train import load_trained_model
-
     started_at = datetime.now(UTC)
     profile = settings.profile()
     root = settings.root()
     key = context.partition_key
     catalog_dir = partition_dir(root, "posterior_catalog", key)
     flags_dir = partition_dir(root, "qualitative_flags", key)
-    calib_dir = partition_dir(root, "calibrated_dropout_rate")
-    catalog = read_catalog(catalog_dir)
-    flags = pl.read_parquet(flags_dir / "flags.parquet")
-    coverage = pl.read_parquet(calib_dir / "coverage.parquet").filter(~pl.col("recalibrated"))
-    calibration = _read_calibration(root)
-    rate = float(calibration["chosen_dropout_rate"])
-    samples = None
-    if (catalog_dir / SAMPLES_FILE).is_file():
-        _, scaler, _ = load_trained_model(partition_dir(root, "trained_model", dropout_key(rate)))
-        samples = predict_physical(load_npy_mmap(catalog_dir / SAMPLES_FILE), scaler)
     out = partition_dir(root, "diagnostic_plots", key)
-    with atomic_partition_dir(out) as tmp:
-        paths = plots.make_catalog_figures(
-            catalog,
-            tmp,
-            flags=flags,
-            coverage_table=coverage,
-            samples=samples,
-            chosen_dropout=rate,
-            flag_config=profile.flags,
-        )
-        for r in profile.calibration.dropout_rates:
-            history_file = partition_dir(root, "trained_model", dropout_key(r)) / "history.json"
-            if history_file.is_file():
-                name = f"loss_curve_{dropout_key(r)}"
-                fig = plots.loss_curve(json.loads(history_file.read_text()))
-                paths[name] = plots.save_figure(fig, tmp / f"{name}.png")
+    with fail_fast_on_bad_input():
+        paths = stages.diagnostics_and_publish(profile, root, key, device=settings.torch_device())
     figures = {name: out / p.name for name, p in paths.items() if p.suffix == ".png"}
     context.log.info(f"{key}: wrote {len(figures)} figures to {out}")
     metadata: dict = {
@@ -310,6 +238,9 @@ def diagnostic_plots(context: AssetExecutionContext, settings: GampenSettings) -
     shown += sorted(n for n in figures if n.startswith("loss_curve_"))
     for name in shown:
         metadata[name] = MetadataValue.md(plots.png_markdown(figures[name], max_px=900, title=name))
+    report = paths.get("validation")
+    if report is not None and report.is_file():
+        metadata["validation_report"] = MetadataValue.md(report.read_text())
     lineage.record_materialization(
         context,
         asset="diagnostic_plots",
