@@ -196,6 +196,10 @@ class FlagConfig:
     max_bt_width: float = 0.30
     max_re_fractional_width: float = 0.50
     max_flux_fractional_width: float = 0.30
+    #: A galaxy is "asymmetric" (outside the point-symmetric training set) when its image
+    #: asymmetry (``gampen_ml.flags.image_asymmetry``) exceeds this; only when the catalog
+    #: carries an ``asymmetry`` column.
+    max_asymmetry: float = 0.01
 
 
 @dataclass(frozen=True)
