@@ -253,7 +253,14 @@ def inbox_sensor(context: SensorEvaluationContext) -> SensorResult:
         if stored_root.is_dir()
         else set()
     )
-    taken = emitted | registered | stored | {SIM_TEST}
+    # Quarantine folders too: an all-bad batch is never stored, and a later batch of the
+    # same name must not overwrite its quarantined files.
+    quarantined = (
+        {p.name for p in quarantine_dir().iterdir() if p.is_dir()}
+        if quarantine_dir().is_dir()
+        else set()
+    )
+    taken = emitted | registered | stored | quarantined | {SIM_TEST}
     imaging = get_profile().imaging
     started = time.monotonic()
     new_keys: list[str] = []

@@ -520,7 +520,8 @@ def quarantine(
     ------
     CutoutError
         If a rejected file name or the batch name would escape the batch folder or the
-        quarantine folder (path traversal), before anything is moved.
+        quarantine folder (path traversal), or a quarantined file of that name already
+        exists, before anything is moved.
     """
     batch_dir = Path(batch_dir).resolve()
     target_root = safe_join(quarantine_dir, batch_name or batch_dir.name)
@@ -528,6 +529,9 @@ def quarantine(
     for rejection in rejections:
         source = safe_join(batch_dir, rejection.file)
         target = safe_join(target_root, rejection.file)
+        if target.exists() or target.is_symlink():
+            # Never overwrite an earlier quarantined file (it would be lost).
+            raise CutoutError(target, "already in quarantine; refusing to overwrite it")
         moves.append((source, target, rejection))
     moved = []
     for source, target, rejection in moves:
