@@ -23,6 +23,9 @@ from gampen_assets.partitions import SIM_TEST, datasets
 from gampen_ml.config import dropout_key, get_profile, shard_keys
 
 MODULE = "gampen_assets.definitions"
+#: Run each step inside the run's process: the multiprocess executor would start a fresh
+#: Python (dagster + torch + galsim imports, ~15 s here) for every asset and check step.
+IN_PROCESS = '{"execution": {"config": {"in_process": {}}}}'
 
 
 def _dagster_home() -> Path:
