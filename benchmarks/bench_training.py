@@ -4,7 +4,8 @@ Both loops train the same GaMPEN (``quick`` preset unless ``--profile``) on the 
 synthetic 239x239 images, in one process:
 
 * **platform** — images memory-mapped from one ``images.npy`` shard, each batch gathered with
-  one sorted fancy-index (:func:`gampen_ml.data.datasets.iterate_batches`), channels-last
+  one sorted fancy-index (:func:`gampen_ml.data.datasets.iterate_batches`) one batch ahead
+  in a background thread (:func:`gampen_ml.data.datasets.prefetch`), channels-last
   tensors, as in :func:`gampen_ml.train.train_model`.
 * **reference** — what a first implementation does: one ``.npy`` file per galaxy opened per
   item, per-item tensors stacked per batch, default memory format, fp32.
@@ -29,7 +30,7 @@ import polars as pl
 import torch
 
 from gampen_ml.config import get_profile
-from gampen_ml.data.datasets import ShardImages, epoch_order, iterate_batches
+from gampen_ml.data.datasets import ShardImages, epoch_order, iterate_batches, prefetch
 from gampen_ml.data.transforms import LabelScaler, arsinh_image
 from gampen_ml.io import save_npy
 from gampen_ml.model import GaMPEN, gaussian_nll
@@ -74,7 +75,7 @@ def platform_loop(profile, shard: Path, steps: int) -> float:
     order = epoch_order(len(data), 0, 0)
     rng = np.random.default_rng(0)
     batches = iterate_batches(data, scaler, cfg.batch_size, order=order, augment_rng=rng)
-    for step, (x, y) in enumerate(batches):
+    for step, (x, y) in enumerate(prefetch(batches)):
         if step == 1:
             started, done = time.perf_counter(), 0
         x = x.contiguous(memory_format=torch.channels_last)

@@ -39,6 +39,7 @@ from gampen_ml.data.datasets import (
     ShardImages,
     epoch_order,
     iterate_batches,
+    prefetch,
 )
 from gampen_ml.data.transforms import LabelScaler
 from gampen_ml.io import StorageError, atomic_file, file_sha256
@@ -269,17 +270,18 @@ def train_model(
             loss_sum = torch.zeros((), device=device, dtype=torch.float64)
             n_seen = 0
             bar = _progress_bar(progress and is_master, steps_per_epoch, epoch, cfg.epochs)
-            for step, (x, y) in enumerate(
-                iterate_batches(
-                    train_set,
-                    scaler,
-                    cfg.batch_size,
-                    order=order,
-                    augment_rng=augment_rng,
-                    rank=rank,
-                    world_size=world_size,
-                )
-            ):
+            # The next batches are gathered, augmented and scaled in a background thread
+            # while this one trains (same batches, same augmentation draws).
+            batches = iterate_batches(
+                train_set,
+                scaler,
+                cfg.batch_size,
+                order=order,
+                augment_rng=augment_rng,
+                rank=rank,
+                world_size=world_size,
+            )
+            for step, (x, y) in enumerate(prefetch(batches)):
                 x = x.to(device, non_blocking=True).contiguous(memory_format=memory_format)
                 y = y.to(device, non_blocking=True)
                 with autocast:
@@ -404,7 +406,7 @@ def evaluate_loss(
     if world_size > 1:
         order = order[rank::world_size]
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    for x, y in iterate_batches(dataset, scaler, batch_size, order=order):
+    for x, y in prefetch(iterate_batches(dataset, scaler, batch_size, order=order)):
         x = x.to(device).contiguous(memory_format=torch.channels_last)
         with autocast:
             out = model(x)

@@ -5,12 +5,18 @@ A shard folder holds ``images.npy`` ``(N, S, S)`` float32 (nJy per pixel) and
 images of every shard and keeps the rows of one split; nothing is read until a batch asks
 for it. :func:`iterate_batches` shuffles across shards and gathers each batch with one
 sorted fancy-index per shard (no per-image file opens, no per-item ``__getitem__``).
+:func:`prefetch` runs such an iterator one or two batches ahead in a background thread,
+so gathering, augmentation and the arsinh scaling (NumPy, which releases the GIL) overlap
+the optimizer step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import polars as pl
@@ -19,6 +25,8 @@ import torch
 from gampen_ml.config import PARAMETERS
 from gampen_ml.data.transforms import LabelScaler, arsinh_image
 from gampen_ml.io import StorageError, load_npy_mmap
+
+T = TypeVar("T")
 
 IMAGES_FILE = "images.npy"
 LABELS_FILE = "labels.parquet"
@@ -185,3 +193,61 @@ def iterate_batches(
             images = augment_batch(images, augment_rng)
         x = torch.from_numpy(arsinh_image(images)).unsqueeze(1)
         yield x, torch.from_numpy(scaled[index])
+
+
+_DONE = object()
+
+
+def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """Yield the items of ``items`` in order, produced up to ``depth`` ahead by a thread.
+
+    The producer runs the whole iterator (so a random generator it holds, e.g. the
+    augmentation one, is consumed in exactly the same order as without prefetching); an
+    exception in it is re-raised here. Closing the returned generator early (``break``)
+    stops the producer.
+
+    Parameters
+    ----------
+    items : iterable
+        Typically :func:`iterate_batches` (the batches are identical with or without it).
+    depth : int
+        Batches held ready, >= 1.
+    """
+    if depth < 1:
+        raise ValueError(f"prefetch: depth must be >= 1, got {depth}")
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        ready.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            ready.put((_DONE, None))
+        except BaseException as exc:  # handed to the consumer
+            ready.put((_DONE, exc))
+
+    worker = threading.Thread(target=produce, name="gampen-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, error = ready.get()
+            if item is _DONE:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                ready.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        worker.join()
