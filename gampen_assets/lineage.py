@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from dagster import RunFailureSensorContext, run_failure_sensor
+from dagster import DefaultSensorStatus, RunFailureSensorContext, run_failure_sensor
 
 import gampen_ml
 from gampen_ml.config import default_storage_root
@@ -177,7 +177,11 @@ def failed_run_rows(
     ]
 
 
-@run_failure_sensor(name="lineage_failure_sensor", minimum_interval_seconds=30)
+@run_failure_sensor(
+    name="lineage_failure_sensor",
+    minimum_interval_seconds=30,
+    default_status=DefaultSensorStatus.RUNNING,
+)
 def lineage_failure_sensor(context: RunFailureSensorContext) -> None:
     """Record ``status='failure'`` lineage rows for every asset of a failed run."""
     run = context.dagster_run

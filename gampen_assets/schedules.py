@@ -20,6 +20,7 @@ from dagster import (
     AssetKey,
     AssetSelection,
     DagsterRunStatus,
+    DefaultScheduleStatus,
     RunRequest,
     RunsFilter,
     ScheduleEvaluationContext,
@@ -158,6 +159,8 @@ _ACTIVE = [
     name="reprocess_schedule",
     target=AssetSelection.assets(*CATALOG_ASSETS),
     execution_timezone="UTC",
+    # On by default: it only ever requests catalogs that are stale, so it is safe to run.
+    default_status=DefaultScheduleStatus.RUNNING,
     description="Rebuilds the posterior catalogs (with flags and plots) whose champion "
     "model or input data changed since they were built, according to the lineage table.",
 )

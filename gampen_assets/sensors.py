@@ -238,7 +238,8 @@ def _catalog_run(key: str) -> RunRequest:
     name="inbox_sensor",
     target=AssetSelection.assets(*CATALOG_ASSETS),
     minimum_interval_seconds=30,
-    default_status=DefaultSensorStatus.STOPPED,
+    # On by default: with the daemon running, a dropped batch is catalogued without a human.
+    default_status=DefaultSensorStatus.RUNNING,
     description="Validates new FITS batches in the inbox, quarantines bad files, registers "
     "a datasets partition and requests its posterior catalog, flags and plots.",
 )
