@@ -114,37 +114,77 @@ CASES: list[Case] = [
     Case("good.fits", lambda p: write_fits(p, galaxy(0), {"PIXSCALE": SCALE}), "accept"),
     Case("good_wcs.fits", lambda p: write_fits(p, galaxy(8), _wcs(SCALE / 3600)), "accept"),
     Case("hsc.fits", _hsc_layout, "accept"),
-    Case("cube3.fits", lambda p: write_fits(p, np.stack([galaxy(i) for i in (9, 10, 11)])),
-         "accept", n_cutouts=3),  # fmt: skip
-    Case("large.fits", lambda p: write_fits(p, galaxy(12, (S + 20, S + 21))), "accept",
-         "centred crop/pad"),  # fmt: skip
-    Case("small.fits", lambda p: write_fits(p, galaxy(13, (S - 10, S - 10))), "accept",
-         "centred crop/pad"),  # fmt: skip
+    Case(
+        "cube3.fits",
+        lambda p: write_fits(p, np.stack([galaxy(i) for i in (9, 10, 11)])),
+        "accept",
+        n_cutouts=3,
+    ),  # fmt: skip
+    Case(
+        "large.fits",
+        lambda p: write_fits(p, galaxy(12, (S + 20, S + 21))),
+        "accept",
+        "centred crop/pad",
+    ),  # fmt: skip
+    Case(
+        "small.fits",
+        lambda p: write_fits(p, galaxy(13, (S - 10, S - 10))),
+        "accept",
+        "centred crop/pad",
+    ),  # fmt: skip
     Case("inf_edge.fits", _inf_edge, "accept", "non-finite px outside the centre set to 0"),
     Case("int16.fits", _int16, "accept", "i2->float32"),
     Case("bigendian_f8.fits", _big_endian, "accept", "f8->float32"),
     Case("truncated.fits", _truncated, "reject", "truncated"),
-    Case("notfits.fits", lambda p: p.write_bytes(b"SIMPLE? no, just text\n" * 50), "reject",
-         "not a readable FITS"),  # fmt: skip
+    Case(
+        "notfits.fits",
+        lambda p: p.write_bytes(b"SIMPLE? no, just text\n" * 50),
+        "reject",
+        "not a readable FITS",
+    ),  # fmt: skip
     Case("zerobytes.fits", lambda p: p.write_bytes(b""), "reject", "not a readable FITS"),
     Case("empty.fits", lambda p: fits.PrimaryHDU().writeto(p), "reject", "empty HDU"),
     Case("empty_image.fits", _empty_image_hdu, "reject", "(IMAGE) is empty"),
     Case("oned.fits", lambda p: write_fits(p, galaxy(14)[0]), "reject", "1-D"),
     Case("fourd.fits", lambda p: write_fits(p, galaxy(15)[None, None]), "reject", "4-D"),
-    Case("tiny_image.fits", lambda p: write_fits(p, galaxy(16, (S // 3, S // 3))), "reject",
-         "smaller than half"),  # fmt: skip
+    Case(
+        "tiny_image.fits",
+        lambda p: write_fits(p, galaxy(16, (S // 3, S // 3))),
+        "reject",
+        "smaller than half",
+    ),  # fmt: skip
     Case("nan_centre.fits", _nan_centre, "reject", "non-finite (NaN/inf) pixels in the central"),
-    Case("allzero.fits", lambda p: write_fits(p, np.zeros((S, S), np.float32)), "reject",
-         "all pixels are zero"),  # fmt: skip
-    Case("constant.fits", lambda p: write_fits(p, np.full((S, S), 3.0, np.float32)), "reject",
-         "constant image"),  # fmt: skip
+    Case(
+        "allzero.fits",
+        lambda p: write_fits(p, np.zeros((S, S), np.float32)),
+        "reject",
+        "all pixels are zero",
+    ),  # fmt: skip
+    Case(
+        "constant.fits",
+        lambda p: write_fits(p, np.full((S, S), 3.0, np.float32)),
+        "reject",
+        "constant image",
+    ),  # fmt: skip
     Case("cube_bad_plane.fits", _cube_bad_plane, "reject", "plane 1: all pixels are zero"),
-    Case("absurd_scale.fits", lambda p: write_fits(p, galaxy(17), {"PIXSCALE": 1e6}), "reject",
-         "pixel scale 1e+06"),  # fmt: skip
-    Case("scale_text.fits", lambda p: write_fits(p, galaxy(18), {"PIXSCALE": "big"}), "reject",
-         "PIXSCALE = 'big' is not a number"),  # fmt: skip
-    Case("wcs_1deg.fits", lambda p: write_fits(p, galaxy(19), _wcs(1.0)), "reject",
-         "pixel scale 3600"),  # fmt: skip
+    Case(
+        "absurd_scale.fits",
+        lambda p: write_fits(p, galaxy(17), {"PIXSCALE": 1e6}),
+        "reject",
+        "pixel scale 1e+06",
+    ),  # fmt: skip
+    Case(
+        "scale_text.fits",
+        lambda p: write_fits(p, galaxy(18), {"PIXSCALE": "big"}),
+        "reject",
+        "PIXSCALE = 'big' is not a number",
+    ),  # fmt: skip
+    Case(
+        "wcs_1deg.fits",
+        lambda p: write_fits(p, galaxy(19), _wcs(1.0)),
+        "reject",
+        "pixel scale 3600",
+    ),  # fmt: skip
     Case("readme.txt", lambda p: p.write_text("not a cutout"), "reject", "not a FITS file name"),
 ]
 

@@ -151,9 +151,7 @@ def test_duplicate_file_and_batch_names_never_overwrite(tmp_path, monkeypatch, s
     assert np.array_equal(fits.getdata(stored / "night" / "a.fits"), galaxy(1))
     assert np.array_equal(fits.getdata(stored / "night-2" / "a.fits"), galaxy(2))
     quarantine = home / "quarantine"
-    reasons = {
-        p.parent.name: p.read_text() for p in quarantine.glob("*/a.fits.reason.txt")
-    }
+    reasons = {p.parent.name: p.read_text() for p in quarantine.glob("*/a.fits.reason.txt")}
     assert set(reasons) == {"other", "other-2"}
     assert "all pixels are zero" in reasons["other"] and "constant image" in reasons["other-2"]
     assert _digest(quarantine / "other" / "a.fits") != _digest(quarantine / "other-2" / "a.fits")
