@@ -211,6 +211,46 @@ def cmd_validate(args: argparse.Namespace) -> None:
     print(f"written: {md} {js}")
 
 
+def cmd_misspecification(args: argparse.Namespace) -> None:
+    from gampen_ml import stages
+    from gampen_ml.io import partition_dir
+    from gampen_ml.misspecification import (
+        evaluate_misspecification,
+        misspecification_report,
+        real_galaxy_report,
+    )
+
+    profile = get_profile(args.profile)
+    root = Path(args.root)
+    recalibration = None
+    if args.model:
+        model_dir = Path(args.model)
+        if args.recalibration:
+            recalibration = Path(args.recalibration)
+    else:  # the champion and its calibrated recalibration
+        calibration = stages.read_calibration(root)
+        rate = float(calibration["chosen_dropout_rate"])
+        model_dir = partition_dir(root, "trained_model", f"dropout-{rate:g}")
+        recalibration = calibration["recalibration"]
+    psf_dir = Path(args.psf_dir) if args.psf_dir else partition_dir(root, "psf_library")
+    noise_dir = Path(args.noise_dir) if args.noise_dir else partition_dir(root, "noise_pool")
+    out = Path(args.out)
+    seed = derive_seed(profile.seed, "misspecification")
+    table = evaluate_misspecification(
+        profile, model_dir, psf_dir, noise_dir, out, n_per_variant=args.n, seed=seed,
+        device=args.device, recalibration=recalibration, log=print,
+    )  # fmt: skip
+    md, js = misspecification_report(table, out)
+    print(md.read_text())
+    if args.real_catalog:
+        catalog, png = real_galaxy_report(
+            profile, model_dir, psf_dir, noise_dir, Path(args.real_catalog), out,
+            seed=seed, device=args.device, recalibration=recalibration,
+        )  # fmt: skip
+        print(f"{catalog.height} real galaxies: {png}")
+    print(f"written: {md} {js}")
+
+
 # --- queries --------------------------------------------------------------------------
 
 
@@ -292,6 +332,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("validate", cmd_validate, "side-by-side table with the paper on a simulated catalog")
     p.add_argument("--dataset", default="sim-test", help="catalog partition with truths")
     p.add_argument("--out", default="validation", help="output folder (default ./validation)")
+
+    p = add(
+        "misspecification",
+        cmd_misspecification,
+        "coverage and flags on galaxies outside the training distribution",
+    )
+    p.add_argument("--model", default=None, help="trained_model folder (default: the champion)")
+    p.add_argument("--recalibration", default=None, help="recalibration.json for --model")
+    p.add_argument("--n", type=int, default=200, help="galaxies per variant (default 200)")
+    p.add_argument("--out", default="misspecification", help="output folder")
+    p.add_argument("--psf-dir", default=None, help="PSF library (default <root>/psf_library/all)")
+    p.add_argument("--noise-dir", default=None, help="noise pool (default <root>/noise_pool/all)")
+    p.add_argument(
+        "--real-catalog",
+        default=None,
+        help="GalSim real-galaxy catalog FITS (e.g. shared/data/aegis_f814w/AEGIS_F814w_catalog.fits)",
+    )
+    model_opts(p)
 
     for name, func, help in (
         ("sql", cmd_sql, "run a read-only SQL query on the catalog database"),
