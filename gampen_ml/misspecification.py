@@ -408,8 +408,9 @@ def real_galaxy_stamps(
     magnitudes brighter than catalogued (roughly a z ~ 0.7 galaxy moved to the paper's
     z = 0.125; no k-correction), convolved with ``psf_image`` at the survey pixel scale,
     and given noise from ``noise_pool``. The catalog's correlated-noise file is replaced by
-    GalSim's shipped ``acs_I_unrot_sci_20_cf.fits`` (same ACS F814W model); its noise is
-    negligible after the survey PSF and added noise.
+    GalSim's shipped ``acs_I_unrot_sci_20_cf.fits`` (same ACS F814W model). Brightening
+    would scale the HST noise up too, so only pixels detected above 2 sigma (after a 1.5 px
+    Gaussian smoothing) are kept before the deconvolution.
 
     Returns
     -------
@@ -431,8 +432,23 @@ def real_galaxy_stamps(
     flux = 10.0 ** ((AB_ZEROPOINT_NJY - (mags - brighten_mag)) / 2.5)
     rng = np.random.default_rng(seed)
     images = np.empty((rgc.nobjects, s, s), dtype=np.float32)
+    from scipy.ndimage import gaussian_filter
+
     for i in range(rgc.nobjects):  # five galaxies
-        gal = galsim.RealGalaxy(rgc, index=i, flux=float(flux[i])).dilate(dilation)
+        # Scaling the flux up scales the HST noise with it: keep only the pixels detected
+        # above 2 sigma (smoothed, 1.5 HST px) so the stamp's own noise and edges vanish.
+        hst = rgc.getGalImage(i)
+        arr = hst.array.astype(np.float64)
+        border = np.concatenate([arr[0], arr[-1], arr[1:-1, 0], arr[1:-1, -1]])
+        arr = arr - np.median(border)  # the stamps keep a sky pedestal (NOISE_MEAN)
+        sigma_hst = float(np.sqrt(rgc.variance[i]))
+        smooth = gaussian_filter(arr, 1.5)
+        keep = smooth > 2.0 * sigma_hst / (2.0 * np.sqrt(np.pi) * 1.5)
+        clean = galsim.Image(np.where(keep, arr, 0.0), scale=hst.scale)
+        noise_image, noise_scale, var = rgc.getNoiseProperties(i)
+        gal = galsim.RealGalaxy(
+            (clean, rgc.getPSFImage(i), noise_image, noise_scale, var), flux=float(flux[i])
+        ).dilate(dilation)
         image = galsim.Convolve(gal, psf).drawImage(nx=s, ny=s, scale=dx, method="no_pixel")
         images[i] = image.array + draw_noise(noise_pool, (s, s), rng)
     table = pl.DataFrame(
