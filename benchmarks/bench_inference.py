@@ -3,12 +3,17 @@
 The reference imitates the original code's pattern: one galaxy and one pass at a time, the
 whole network (STN included) rerun on every pass, then one NumPy MVN draw per pass. Ours
 computes the deterministic head once per galaxy and runs only the stochastic tail over
-galaxies x passes in large batches with vectorized draws. Same network, same process.
+galaxies x passes in cache-sized channels-last batches with vectorized draws. Same network,
+same process, same torch thread count for both.
+
+The headline ratio is per network pass (like for like: one pass, one draw in both). The
+profile's ``draws_per_pass`` K (quick: 10) is reported separately as samples/s: it is a
+modelling choice of the platform (K draws per pass), not an implementation speed-up.
 
 Run::
 
-    .venv/bin/python benchmarks/bench_inference.py [--profile quick] [--galaxies 16]
-        [--passes 200] [--ref-galaxies 2] [--ref-passes 50] [--threads 1]
+    .venv/bin/python -m benchmarks.bench_inference [--profile quick] [--galaxies 64]
+        [--passes 40] [--ref-galaxies 2] [--ref-passes 30] [--threads 2]
 """
 
 from __future__ import annotations
@@ -44,11 +49,11 @@ def reference_samples(model, images, n_passes, seed, device):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="quick")
-    parser.add_argument("--galaxies", type=int, default=16)
-    parser.add_argument("--passes", type=int, default=200)
+    parser.add_argument("--galaxies", type=int, default=64)
+    parser.add_argument("--passes", type=int, default=40)
     parser.add_argument("--ref-galaxies", type=int, default=2)
-    parser.add_argument("--ref-passes", type=int, default=50)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--ref-passes", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -63,39 +68,52 @@ def main() -> None:
     next(mc_dropout_samples(model, images[:1], 2, seed=0, device=device))
     reference_samples(model, images[:1], 2, seed=0, device=device)
 
-    t0 = time.perf_counter()
-    for _ in mc_dropout_samples(
-        model,
-        images,
-        args.passes,
-        seed=1,
-        device=device,
-        galaxies_per_batch=profile.inference.galaxies_per_batch,
-    ):
-        pass
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    ours_s = time.perf_counter() - t0
+    def ours(draws_per_pass: int) -> float:
+        t0 = time.perf_counter()
+        for _ in mc_dropout_samples(
+            model,
+            images,
+            args.passes,
+            seed=1,
+            device=device,
+            galaxies_per_batch=profile.inference.galaxies_per_batch,
+            draws_per_pass=draws_per_pass,
+        ):
+            pass
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    ours_s = ours(1)
+    k = profile.inference.draws_per_pass
+    ours_k_s = ours(k) if k > 1 else ours_s
 
     t0 = time.perf_counter()
     reference_samples(model, images[: args.ref_galaxies], args.ref_passes, seed=1, device=device)
     ref_s = time.perf_counter() - t0
 
     ours_rate = args.galaxies * args.passes / ours_s
+    ours_k_rate = args.galaxies * args.passes * k / ours_k_s
     ref_rate = args.ref_galaxies * args.ref_passes / ref_s
     print(
         f"profile {profile.name}: {px} px images, STN output {profile.network.stn_output_px} px, "
-        f"width x{profile.network.width_multiplier}, device {device}, threads {args.threads}"
+        f"width x{profile.network.width_multiplier}, device {device}, "
+        f"torch threads {torch.get_num_threads()} (both)"
     )
     print(
-        f"ours      {args.galaxies} galaxies x {args.passes} passes: {ours_s:8.2f} s  "
-        f"{ours_rate:9.1f} passes/s"
+        f"ours      {args.galaxies} galaxies x {args.passes} passes, K=1: {ours_s:8.2f} s  "
+        f"{ours_rate:9.1f} passes/s = samples/s"
+    )
+    print(
+        f"ours      {args.galaxies} galaxies x {args.passes} passes, K={k}: {ours_k_s:8.2f} s  "
+        f"{ours_k_rate:9.1f} samples/s"
     )
     print(
         f"reference {args.ref_galaxies} galaxies x {args.ref_passes} passes: {ref_s:8.2f} s  "
-        f"{ref_rate:9.1f} passes/s"
+        f"{ref_rate:9.1f} passes/s = samples/s"
     )
-    print(f"speed-up  {ours_rate / ref_rate:8.1f} x")
+    print(f"speed-up per pass (K=1 both)         {ours_rate / ref_rate:8.1f} x")
+    print(f"speed-up per sample (K={k} vs 1 draw)  {ours_k_rate / ref_rate:8.1f} x")
 
 
 if __name__ == "__main__":

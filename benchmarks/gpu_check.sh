@@ -29,9 +29,16 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 exec timeout 295 "$PYTHON" - "$OUT_JSON" <<'PY'
 import dataclasses, json, math, os, platform, sys, time, traceback
 
+import types
+
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+try:  # GPU images may lack polars; gampen_ml.data imports it only for the shard tables
+    import polars  # noqa: F401
+except ImportError:
+    sys.modules["polars"] = types.ModuleType("polars")
 
 from gampen_ml.config import PAPER, NetworkConfig
 from gampen_ml.infer import mc_dropout_samples
