@@ -25,11 +25,10 @@ from torch import nn
 
 from gampen_ml.data.transforms import arsinh_image
 from gampen_ml.infer import (
-    DEFAULT_CPU_TAIL_BATCH_BYTES,
-    DEFAULT_TAIL_BATCH_BYTES,
     InferenceError,
     _set_mc_dropout_mode,
     chunk_seed,
+    default_tail_batch_bytes,
     pick_device,
     tail_draws,
 )
@@ -174,7 +173,7 @@ def adaptive_mc_dropout_samples(
     model = model.to(device)
     previous_modes = _set_mc_dropout_mode(model)
     use_amp = autocast_bf16 and device.type == "cuda"
-    budget = DEFAULT_TAIL_BATCH_BYTES if device.type == "cuda" else DEFAULT_CPU_TAIL_BATCH_BYTES
+    budget = default_tail_batch_bytes(device)
     k = draws_per_pass
     try:
         for start in range(0, len(images), galaxies_per_batch):

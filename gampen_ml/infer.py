@@ -25,8 +25,11 @@ from torch import nn
 from gampen_ml.data.transforms import LabelScaler, arsinh_image
 from gampen_ml.model.loss import split_outputs, unit_lower_triangular
 
-#: Default memory budget for one batch of repeated head outputs fed to the tail on CUDA.
-DEFAULT_TAIL_BATCH_BYTES = 256 * 2**20
+#: Default memory budget for one batch of repeated head outputs fed to the tail on CUDA
+#: (capped at 1/8 of the card's memory: the tail's activations peak at ~5x this). At the
+#: paper preset that is ~560 rows per tail call, where an H200 is saturated
+#: (``benchmarks/results/gpu.md``: 512 and 1024 rows give the same passes/s).
+DEFAULT_TAIL_BATCH_BYTES = 4 * 2**30
 #: Default on CPU: small enough that a tail batch's activations stay in cache (the
 #: ``quick`` tail runs ~2x faster per row at 64 rows than at 256 on one core).
 DEFAULT_CPU_TAIL_BATCH_BYTES = 8 * 2**20
@@ -41,6 +44,14 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     if device is not None:
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_tail_batch_bytes(device: torch.device) -> int:
+    """Tail budget for ``device``: cache-sized on CPU, memory-sized on CUDA."""
+    if device.type != "cuda":
+        return DEFAULT_CPU_TAIL_BATCH_BYTES
+    total = torch.cuda.get_device_properties(device).total_memory
+    return min(DEFAULT_TAIL_BATCH_BYTES, total // 8)
 
 
 def chunk_seed(seed: int, first_galaxy: int, first_pass: int) -> int:
@@ -155,9 +166,7 @@ def mc_dropout_samples(
     previous = _set_mc_dropout_mode(model)
     use_amp = autocast_bf16 and device.type == "cuda"
     if tail_batch_bytes is None:
-        tail_batch_bytes = (
-            DEFAULT_TAIL_BATCH_BYTES if device.type == "cuda" else DEFAULT_CPU_TAIL_BATCH_BYTES
-        )
+        tail_batch_bytes = default_tail_batch_bytes(device)
     n_galaxies = len(images)
     try:
         for start in range(0, n_galaxies, galaxies_per_batch):
