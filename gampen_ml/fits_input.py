@@ -50,6 +50,7 @@ from astropy.wcs import WCS
 from astropy.wcs.utils import proj_plane_pixel_scales
 
 from gampen_ml.config import ImagingConfig
+from gampen_ml.sim.errors import InputFileError
 
 #: Largest fraction of non-finite pixels that is repaired (set to 0) instead of rejected.
 MAX_NONFINITE_FRACTION = 0.01
@@ -71,13 +72,16 @@ TABLE_SCHEMA = {
 }
 
 
-class CutoutError(ValueError):
-    """A cutout file cannot be used; the message names the file and the problem."""
+class CutoutError(InputFileError):
+    """A cutout file cannot be used; the message names the file and the problem.
+
+    An :class:`gampen_ml.sim.errors.InputFileError` (so a ``ValueError``): bad input that
+    no retry can fix, which the Dagster assets fail without retrying.
+    """
 
     def __init__(self, path: Path | str, problem: str) -> None:
+        super().__init__(path, problem)
         self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{path}: {problem}")
 
 
 @dataclass(frozen=True)
