@@ -51,9 +51,14 @@ def test_parallel_materializations_and_a_reader(tiny_world, tmp_path):
     env = child_env(GAMPEN_PROFILE="tiny", GAMPEN_DUCKDB=str(db), GAMPEN_STORAGE=str(root),
                     DAGSTER_HOME=str(tmp_path))  # fmt: skip
     procs = [
-        subprocess.Popen([sys.executable, "-c", CHILD, json.dumps([a, p, str(root), str(tmp_path)])],
-                         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)  # fmt: skip
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD, json.dumps([a, p, str(root), str(tmp_path)])],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
         for a, p in jobs
     ]
     seen_counts, seen_lineage = set(), []
