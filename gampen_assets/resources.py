@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dagster import ConfigurableResource
+from dagster import ConfigurableResource, Failure
 from pydantic import Field
 
 from gampen_ml.config import (
@@ -66,8 +66,14 @@ class GampenSettings(ConfigurableResource):
     )
 
     def profile(self) -> Profile:
-        """The :class:`Profile` named by ``profile_name`` (or the environment default)."""
-        return get_profile(self.profile_name or None)
+        """The :class:`Profile` named by ``profile_name`` (or the environment default).
+
+        A bad profile cannot succeed on a retry: it fails the step without retries.
+        """
+        try:
+            return get_profile(self.profile_name or None)
+        except ConfigError as exc:
+            raise Failure(description=f"ConfigError: {exc}", allow_retries=False) from exc
 
     def root(self) -> Path:
         """Absolute storage root."""

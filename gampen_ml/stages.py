@@ -274,7 +274,7 @@ def dataset_inputs(
         return split_inputs(shard_dirs, "test")
     from gampen_ml.fits_input import load_cutouts
 
-    batch = load_cutouts(root / "inbox_batches" / dataset, profile.imaging)
+    batch = load_cutouts(partition_dir(root, "inbox_batches", dataset), profile.imaging)
     return batch.images, batch.table, None
 
 

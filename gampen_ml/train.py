@@ -442,7 +442,15 @@ def load_trained_model(
         )
     device = torch.device(device or "cpu")
     model = GaMPEN(NetworkConfig(**meta["network"]), meta["dropout_rate"], meta["image_px"])
-    state = torch.load(model_dir / STATE_DICT_FILE, map_location=device, weights_only=True)
+    try:
+        state = torch.load(model_dir / STATE_DICT_FILE, map_location=device, weights_only=True)
+    except Exception as exc:
+        # weights_only refuses pickled code (UnpicklingError) and torn files fail to load:
+        # either way name the file instead of a traceback.
+        raise StorageError(
+            f"{model_dir / STATE_DICT_FILE} is not a loadable tensor state_dict "
+            f"(pickled objects are refused): {str(exc).splitlines()[0]}"
+        ) from exc
     model.load_state_dict(state)
     model = model.to(device).eval()
     return model, LabelScaler.load(model_dir / SCALER_FILE), meta

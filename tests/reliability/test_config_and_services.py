@@ -54,11 +54,6 @@ def _retries(result):
     return [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="assets call settings.profile() outside fail_fast_on_bad_input(): a ConfigError "
-    "from an unknown profile is retried 3 times (5+15+35 s with TRANSIENT_RETRY)",
-)
 def test_unknown_profile_fails_the_run_without_retry_or_output(tmp_path, monkeypatch):
     monkeypatch.setenv("GAMPEN_DUCKDB", str(tmp_path / "g.duckdb"))
     # Same retry count, no delay: the test measures whether a retry happens, not its wait.
