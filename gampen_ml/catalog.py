@@ -24,6 +24,7 @@ import gampen_ml
 from gampen_ml.calibrate import Recalibration
 from gampen_ml.config import AB_ZEROPOINT_NJY, CREDIBLE_LEVELS, PARAMETERS
 from gampen_ml.data.transforms import LabelScaler
+from gampen_ml.flags import image_asymmetry
 from gampen_ml.infer import mc_dropout_samples, predict_physical
 from gampen_ml.io import StorageError, atomic_file
 from gampen_ml.posterior import level_tag, summarize
@@ -53,6 +54,7 @@ def _catalog_schema() -> dict[str, pl.DataType]:
         {
             "component_true": pl.String(),
             "magnitude_mode": pl.Float64(),
+            "asymmetry": pl.Float64(),
             "model_name": pl.String(),
             "model_version": pl.String(),
             "dropout_rate": pl.Float64(),
@@ -68,7 +70,7 @@ def _catalog_schema() -> dict[str, pl.DataType]:
 CATALOG_SCHEMA: dict[str, pl.DataType] = _catalog_schema()
 #: Columns that may hold nulls (real cutouts have no truth; simulations no FITS origin).
 NULLABLE_COLUMNS: frozenset[str] = frozenset(
-    {"source_file", "hdu", "ra_deg", "dec_deg", "component_true"}
+    {"source_file", "hdu", "ra_deg", "dec_deg", "component_true", "asymmetry"}
     | {f"{p}_true" for p in PARAMETERS}
 )
 #: Optional per-galaxy metadata columns taken from ``meta`` when present.
@@ -187,6 +189,8 @@ def build_catalog(
     if "flux_nJy_mode" not in summary.columns:
         raise CatalogSchemaError("build_catalog: summary lacks column 'flux_nJy_mode'")
     columns["magnitude_mode"] = magnitude_ab(summary["flux_nJy_mode"].to_numpy())
+    if "asymmetry" not in summary.columns:
+        columns["asymmetry"] = pl.repeat(None, n, eager=True)
     columns.update(
         {
             "model_name": pl.repeat(model_name, n, eager=True),
@@ -322,7 +326,10 @@ def catalog_from_images(
         physical = predict_physical(scaled, scaler)
         if sample_store is not None:
             sample_store[start : start + len(scaled)] = scaled.astype(np.float16)
-        parts.append(summarize(physical))
+        # Image asymmetry beside the posterior: the training galaxies are point-symmetric,
+        # so a high value marks a galaxy outside the training distribution (flags.py).
+        asymmetry = image_asymmetry(images[start : start + len(physical)])
+        parts.append(summarize(physical).with_columns(pl.Series("asymmetry", asymmetry)))
         if progress is not None:
             progress(start + len(physical), n_galaxies)
     if sample_store is not None:
