@@ -130,6 +130,10 @@ class NetworkConfig:
     fc_width: int = 4096
     stn_output_px: int = 239
     stn_localization_pool: int = 1
+    #: The sampler reads a grid ``stn_supersample`` times finer than its output and
+    #: average-pools it back: an area (anti-aliased) resampling when the output is much
+    #: coarser than the input (1 = plain bilinear sampling, as in the paper).
+    stn_supersample: int = 1
     in_channels: int = 1
     n_outputs: int = 9
 
@@ -284,7 +288,11 @@ QUICK = Profile(
     noise=NoiseConfig(n_sky_objects=200),
     simulation=SimulationConfig(n_galaxies=4000, n_shards=4),
     network=NetworkConfig(
-        width_multiplier=0.125, fc_width=256, stn_output_px=64, stn_localization_pool=4
+        width_multiplier=0.125,
+        fc_width=256,
+        stn_output_px=64,
+        stn_localization_pool=4,
+        stn_supersample=4,
     ),
     training=TrainingConfig(
         optimizer="adamw",

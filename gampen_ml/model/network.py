@@ -65,6 +65,9 @@ class ZoomSTN(nn.Module):
         Scales the localization convolution widths (64, 96).
     localization_pool : int
         Average-pooling factor applied before the localization network (1 = none).
+    supersample : int
+        Sample a grid this many times finer than the output and average-pool it back
+        (anti-aliased area resampling; 1 = plain bilinear, as in the paper).
     """
 
     def __init__(
@@ -74,10 +77,12 @@ class ZoomSTN(nn.Module):
         output_px: int,
         width_multiplier: float = 1.0,
         localization_pool: int = 1,
+        supersample: int = 1,
     ) -> None:
         super().__init__()
         self.output_px = output_px
         self.localization_pool = localization_pool
+        self.supersample = supersample
         layers: list[nn.Module] = []
         channels, size = in_channels, image_px // localization_pool
         for filters, kernel in STN_CONVS:
@@ -118,12 +123,13 @@ class ZoomSTN(nn.Module):
         theta = torch.stack(
             [torch.stack([s, zeros, zeros], 1), torch.stack([zeros, s, zeros], 1)], 1
         )
+        side = self.output_px * self.supersample
         grid = F.affine_grid(
-            theta.to(x.dtype),
-            [x.shape[0], x.shape[1], self.output_px, self.output_px],
-            align_corners=False,
+            theta.to(x.dtype), [x.shape[0], x.shape[1], side, side], align_corners=False
         )
         cropped = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if self.supersample > 1:
+            cropped = F.avg_pool2d(cropped, self.supersample)
         return cropped, s
 
 
@@ -159,6 +165,7 @@ class GaMPEN(nn.Module):
             network_cfg.stn_output_px,
             width_multiplier=m,
             localization_pool=network_cfg.stn_localization_pool,
+            supersample=network_cfg.stn_supersample,
         )
         widths = [scaled_width(v, m) if isinstance(v, int) else v for v in VGG16_LAYERS]
         first = widths[0]
