@@ -50,6 +50,8 @@ def materialize(select: str, partition: str | None = None) -> float:
         MODULE,
         "--select",
         select,
+        "--config-json",
+        IN_PROCESS,
     ]
     if partition:
         cmd += ["--partition", partition]
