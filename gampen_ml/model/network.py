@@ -170,9 +170,20 @@ class GaMPEN(nn.Module):
         widths = [scaled_width(v, m) if isinstance(v, int) else v for v in VGG16_LAYERS]
         first = widths[0]
         # Deterministic part: the first convolution has no dropout before it (Table 3).
-        self.first_conv = nn.Sequential(
-            nn.Conv2d(network_cfg.in_channels, first, 3, padding=1), nn.ReLU(inplace=True)
-        )
+        bn = network_cfg.batch_norm
+
+        def conv(c_in: int, c_out: int) -> list[nn.Module]:
+            layers = [nn.Conv2d(c_in, c_out, 3, padding=1)]
+            return (
+                [*layers, nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+                if bn
+                else [
+                    *layers,
+                    nn.ReLU(inplace=True),
+                ]
+            )
+
+        self.first_conv = nn.Sequential(*conv(network_cfg.in_channels, first))
         layers: list[nn.Module] = []
         channels, size = first, network_cfg.stn_output_px
         for v in widths[1:]:
@@ -180,11 +191,7 @@ class GaMPEN(nn.Module):
                 layers.append(nn.MaxPool2d(2, 2))
                 size //= 2
             else:
-                layers += [
-                    nn.Dropout(dropout_rate),
-                    nn.Conv2d(channels, v, 3, padding=1),
-                    nn.ReLU(inplace=True),
-                ]
+                layers += [nn.Dropout(dropout_rate), *conv(channels, v)]
                 channels = v
         if size < 1:
             raise ValueError(
