@@ -20,6 +20,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from gampen_ml.adaptive import adaptive_mc_dropout_samples, stopping_samples, summarize_ragged
-from gampen_ml.config import CREDIBLE_LEVELS, PARAMETERS, get_profile
+from gampen_ml.config import CREDIBLE_LEVELS, PARAMETERS, dropout_key, get_profile
 from gampen_ml.data.datasets import ShardImages
 from gampen_ml.infer import mc_dropout_samples
 from gampen_ml.posterior import coverage, level_tag
@@ -39,10 +40,25 @@ TOLERANCES = (0.05, 0.1, 0.2, 0.3)
 
 
 def default_model_dir() -> Path:
-    """The integrator's trained quick model if present, else the development one."""
-    root = Path(os.environ.get("DAGSTER_HOME", "dagster_home")) / "data" / "trained_model"
-    found = sorted(root.glob("dropout-*/state_dict.pt"))
-    return found[0].parent if found else Path("/tmp/exp_b")
+    """The champion dropout rate's trained model if calibrated, else the smallest rate > 0.
+
+    Falls back to the development model in ``/tmp/exp_b``. A rate of 0 has no epistemic
+    spread and is not a useful test of when MC dropout has converged.
+    """
+    data = Path(os.environ.get("DAGSTER_HOME", "dagster_home")) / "data"
+    calibration = data / "calibrated_dropout_rate" / "all" / "calibration.json"
+    if calibration.is_file():
+        rate = json.loads(calibration.read_text()).get("chosen_dropout_rate")
+        if rate:
+            chosen = data / "trained_model" / dropout_key(float(rate))
+            if (chosen / "state_dict.pt").is_file():
+                return chosen
+    rated = []
+    for state in (data / "trained_model").glob("dropout-*/state_dict.pt"):
+        rate = json.loads((state.parent / "model.json").read_text())["dropout_rate"]
+        if rate > 0:
+            rated.append((rate, state.parent))
+    return min(rated)[1] if rated else Path("/tmp/exp_b")
 
 
 def coverages(table, truth: np.ndarray) -> dict[str, np.ndarray]:

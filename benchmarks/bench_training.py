@@ -62,8 +62,8 @@ def make_data(folder: Path, n: int, px: int) -> tuple[Path, Path]:
     return shard, per_file
 
 
-def platform_loop(profile, shard: Path, steps: int) -> float:
-    """Images/s of the platform's loop (after one warm-up step)."""
+def platform_loop(profile, shard: Path, steps: int) -> tuple[float, float]:
+    """Images/s (wall, process CPU time) of the platform's loop (after one warm-up step)."""
     cfg = profile.training
     data = ShardImages([shard], "train")
     scaler = LabelScaler.fit(data.physical_labels())
@@ -77,7 +77,7 @@ def platform_loop(profile, shard: Path, steps: int) -> float:
     batches = iterate_batches(data, scaler, cfg.batch_size, order=order, augment_rng=rng)
     for step, (x, y) in enumerate(prefetch(batches)):
         if step == 1:
-            started, done = time.perf_counter(), 0
+            started, cpu, done = time.perf_counter(), time.process_time(), 0
         x = x.contiguous(memory_format=torch.channels_last)
         loss = gaussian_nll(model(x), y)
         optimizer.zero_grad(set_to_none=True)
@@ -86,11 +86,11 @@ def platform_loop(profile, shard: Path, steps: int) -> float:
         done += len(x)
         if step == steps:
             break
-    return done / (time.perf_counter() - started)
+    return done / (time.perf_counter() - started), done / (time.process_time() - cpu)
 
 
-def reference_loop(profile, per_file: Path, labels: np.ndarray, steps: int) -> float:
-    """Images/s of a per-file, per-item, fp32 default-format loop (after one warm-up step)."""
+def reference_loop(profile, per_file: Path, labels: np.ndarray, steps: int) -> tuple[float, float]:
+    """Images/s (wall, CPU) of a per-file, per-item, fp32 default-format loop (after warm-up)."""
     cfg = profile.training
     scaler = LabelScaler.fit(labels)
     scaled = scaler.transform(labels)
@@ -103,7 +103,7 @@ def reference_loop(profile, per_file: Path, labels: np.ndarray, steps: int) -> f
     done, started = 0, None
     for step in range(steps + 1):
         if step == 1:
-            started, done = time.perf_counter(), 0
+            started, cpu, done = time.perf_counter(), time.process_time(), 0
         index = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
         xs = [torch.from_numpy(arsinh_image(np.load(files[i])))[None] for i in index]
         ys = [torch.from_numpy(scaled[i]) for i in index]
@@ -113,7 +113,7 @@ def reference_loop(profile, per_file: Path, labels: np.ndarray, steps: int) -> f
         loss.backward()
         optimizer.step()
         done += len(x)
-    return done / (time.perf_counter() - started)
+    return done / (time.perf_counter() - started), done / (time.process_time() - cpu)
 
 
 def paper_seconds_per_step(steps: int, batch_size: int | None) -> tuple[float, int]:
@@ -142,28 +142,36 @@ def main() -> None:
     parser.add_argument("--profile", default="quick")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--steps", type=int, default=6, help="timed steps per loop")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats")
     parser.add_argument("--paper-steps", type=int, default=2, help="0 skips the paper preset")
     parser.add_argument("--paper-batch", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     args = parser.parse_args()
 
     profile = get_profile(args.profile)
-    n = profile.training.batch_size * (args.steps + 1)
+    n = profile.training.batch_size * (args.steps + 2)
     results: dict = {"profile": profile.name, "batch_size": profile.training.batch_size}
     with tempfile.TemporaryDirectory() as tmp:
         shard, per_file = make_data(Path(tmp), n, profile.imaging.stamp_size_px)
         labels = ShardImages([shard], None).physical_labels()
         for threads in args.threads:
             torch.set_num_threads(threads)
-            ref = reference_loop(profile, per_file, labels, args.steps)
-            ours = platform_loop(profile, shard, args.steps)
+            # interleaved repeats, medians: load drift on a shared machine hits both alike
+            refs, ours_ = [], []
+            for _ in range(args.repeats):
+                refs.append(reference_loop(profile, per_file, labels, args.steps))
+                ours_.append(platform_loop(profile, shard, args.steps))
+            ref, ours = np.median(refs, axis=0), np.median(ours_, axis=0)
             results[f"threads_{threads}"] = {
-                "reference_images_per_s": round(ref, 1),
-                "platform_images_per_s": round(ours, 1),
-                "speedup": round(ours / ref, 2),
+                "reference_images_per_s_wall_cpu": [round(v, 1) for v in ref],
+                "platform_images_per_s_wall_cpu": [round(v, 1) for v in ours],
+                "speedup_wall": round(ours[0] / ref[0], 2),
+                "speedup_cpu_time": round(ours[1] / ref[1], 2),
             }
-            print(f"{profile.name}, {threads} thread(s): reference {ref:.0f} images/s, "
-                  f"platform {ours:.0f} images/s ({ours / ref:.2f}x)")  # fmt: skip
+            print(f"{profile.name}, {threads} thread(s), median of {args.repeats}: reference "
+                  f"{ref[0]:.0f} images/s (CPU-time {ref[1]:.0f}), platform {ours[0]:.0f} "
+                  f"images/s (CPU-time {ours[1]:.0f}); speed-up wall {ours[0] / ref[0]:.2f}x, "
+                  f"CPU-time {ours[1] / ref[1]:.2f}x")  # fmt: skip
     if args.paper_steps:
         torch.set_num_threads(max(args.threads))
         seconds, batch = paper_seconds_per_step(args.paper_steps, args.paper_batch)

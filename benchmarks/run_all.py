@@ -1,6 +1,6 @@
 """Run every benchmark in one go and assemble ``benchmarks/RESULTS.md``.
 
-    .venv/bin/python -m benchmarks.run_all                 # the suite, sized for ~8 min on 2 cores
+    .venv/bin/python -m benchmarks.run_all                 # the suite, sized for ~8 min on 2 cores, 1 thread
     .venv/bin/python -m benchmarks.run_all posterior scale # only those whose name matches
     .venv/bin/python -m benchmarks.run_all --full          # each script's own (larger) defaults
     .venv/bin/python -m benchmarks.run_all --assemble-only # just rebuild RESULTS.md
@@ -28,14 +28,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ORDER = ["simulation", "training", "inference", "posterior", "adaptive", "scale", "gpu", "pipeline"]
 
-#: Arguments of the default (budgeted) run; ``--full`` drops them.
+#: Arguments of the default (budgeted) run; ``--full`` drops them. One torch thread: on a
+#: shared 2-core machine two OpenMP threads per process spin against the other jobs and
+#: slow batch-1 code (the references) by 10x or more, which would inflate every ratio.
 BUDGET_ARGS: dict[str, list[str]] = {
     "simulation": ["--n-naive", "40", "--n-fast", "400"],
-    "training": ["--threads", "1", "2", "--steps", "5", "--paper-steps", "0"],
-    "inference": ["--threads", "2", "--galaxies", "64", "--passes", "40"],
+    "training": ["--threads", "1", "--steps", "5", "--paper-steps", "0"],
+    "inference": ["--threads", "1", "--galaxies", "64", "--passes", "40"],
     "posterior": ["--galaxies", "2000", "--reference", "20"],
-    "adaptive": ["--galaxies", "192", "--threads", "2"],
-    "scale": ["--sizes", "20000", "100000", "--threads", "2", "--batch", "512"],
+    "adaptive": ["--galaxies", "192", "--threads", "1"],
+    "scale": ["--sizes", "20000", "100000", "--threads", "1", "--batch", "512"],
 }
 
 
