@@ -298,6 +298,33 @@ def coverage_bounds(level: float, n: int, tolerance: float) -> tuple[float, floa
 
 @asset_check(
     asset=calibrated_dropout_rate,
+    blocking=True,
+    description="Calibration files complete: chosen rate in the grid, coverages finite in [0, 1], "
+    "recalibration factors positive",
+)
+def calibration_valid(settings: GampenSettings) -> AssetCheckResult:
+    profile = settings.profile()
+    folder = partition_dir(settings.root(), "calibrated_dropout_rate")
+    problems: list[str] = []
+    missing = [f for f in ("calibration.json", "coverage.parquet") if not (folder / f).is_file()]
+    if missing:
+        return AssetCheckResult(passed=False, metadata=_failed([f"missing {missing}"]))
+    calibration = json.loads((folder / "calibration.json").read_text())
+    coverage = pl.read_parquet(folder / "coverage.parquet")["coverage"].to_numpy()
+    if float(calibration.get("chosen_dropout_rate", -1)) not in profile.calibration.dropout_rates:
+        problems.append(f"chosen rate {calibration.get('chosen_dropout_rate')} not in the grid")
+    if not (np.all(np.isfinite(coverage)) and np.all((coverage >= 0) & (coverage <= 1))):
+        problems.append("coverage values not finite in [0, 1]")
+    recal = folder / "recalibration.json"
+    if calibration.get("recalibrated"):
+        scale = json.loads(recal.read_text())["scale"] if recal.is_file() else []
+        if len(scale) != 3 or not all(math.isfinite(k) and k > 0 for k in scale):
+            problems.append(f"recalibration factors {scale} are not 3 positive numbers")
+    return AssetCheckResult(passed=not problems, metadata=_failed(problems))
+
+
+@asset_check(
+    asset=calibrated_dropout_rate,
     # Not blocking: a model whose coverage is off still gives a catalog worth looking at;
     # the failed check (and the coverage table in the metadata) says how far off it is.
     blocking=False,
@@ -543,6 +570,6 @@ def plots_written(
 
 
 DATA_CHECKS = [psf_library_valid, noise_pool_valid, simulated_galaxies_valid]
-MODEL_CHECKS = [trained_model_valid, champion_coverage_within_tolerance]
+MODEL_CHECKS = [trained_model_valid, calibration_valid, champion_coverage_within_tolerance]
 CATALOG_CHECKS = [posterior_catalog_valid, flags_consistent_with_catalog, plots_written]
 ALL_CHECKS = [*DATA_CHECKS, *MODEL_CHECKS, *CATALOG_CHECKS]
