@@ -1065,6 +1065,40 @@ def loss_curve(history: Sequence[dict]) -> Figure:
     return fig
 
 
+def expected_coverage(
+    levels: np.ndarray,
+    coverage_by_parameter: np.ndarray,
+    *,
+    tarp_alpha: np.ndarray | None = None,
+    tarp_ecp: np.ndarray | None = None,
+) -> Figure:
+    """Expected-coverage curve: HPD coverage at every credible level, per parameter.
+
+    Parameters
+    ----------
+    levels : (L,) float
+        Credible levels.
+    coverage_by_parameter : (L, 3) float
+        Coverage of each parameter (``gampen_ml.posterior.expected_coverage_curve``).
+    tarp_alpha, tarp_ecp : (B,) float, optional
+        TARP joint (3-D) expected coverage (``gampen_ml.posterior.tarp_coverage``).
+    """
+    fig = _new_figure(5.0, 4.6)
+    ax = _subplots(fig, 1, 1)[0, 0]
+    ax.plot([0, 1], [0, 1], color="0.5", ls=":", lw=1, label="calibrated")
+    colours = (OKABE_ITO["blue"], OKABE_ITO["vermillion"], OKABE_ITO["green"])
+    for j, (p, colour) in enumerate(zip(PARAMETERS, colours, strict=True)):
+        ax.plot(levels, coverage_by_parameter[:, j], color=colour, lw=1.5, label=PARAM_LABELS[p])
+    if tarp_alpha is not None and tarp_ecp is not None:
+        ax.plot(tarp_alpha, tarp_ecp, color="black", lw=1.2, ls="--", label="TARP (joint 3-D)")
+    ax.set_xlabel("credible level")
+    ax.set_ylabel("fraction of galaxies covered")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left")
+    return fig
+
+
 def save_figure(fig: Figure, path: Path | str, dpi: int = DPI) -> Path:
     """Write ``fig`` as a PNG of ``figsize * dpi`` pixels (atomically) and release it.
 
