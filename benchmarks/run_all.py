@@ -26,7 +26,18 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["simulation", "training", "inference", "posterior", "adaptive", "scale", "gpu", "pipeline"]
+ORDER = [
+    "summary",
+    "simulation",
+    "training",
+    "inference",
+    "posterior",
+    "adaptive",
+    "scale",
+    "gpu",
+    "pipeline",
+    "validation",
+]
 
 #: Arguments of the default (budgeted) run; ``--full`` drops them. One torch thread: on a
 #: shared 2-core machine two OpenMP threads per process spin against the other jobs and
