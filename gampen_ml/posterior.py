@@ -369,7 +369,7 @@ def tarp_coverage(
     truth : (N, P) array_like
     seed : int
     num_alpha_bins : int, optional
-        Credibility bins (``tarp`` default: ``N // 10``).
+        Credibility bins (default ``max(2, N // 10)``; tarp's own ``N // 10`` is 0 below 10).
 
     Returns
     -------
@@ -397,7 +397,12 @@ def tarp_coverage(
     state = np.random.get_state()  # noqa: NPY002  tarp reseeds the global RNG; leave it as it was
     try:
         ecp, alpha = tarp.get_tarp_coverage(
-            draws, theta, references=references, num_alpha_bins=num_alpha_bins, norm=False
+            draws,
+            theta,
+            references=references,
+            # tarp's default (N // 10 bins) is zero below 10 galaxies.
+            num_alpha_bins=num_alpha_bins or max(2, theta.shape[0] // 10),
+            norm=False,
         )
     finally:
         np.random.set_state(state)  # noqa: NPY002

@@ -117,7 +117,9 @@ def test_calibration_sets_champion(pipeline):
         resources["settings"].tracking_uri(), calibration["model_name"], "champion"
     )
     assert info["version"] == calibration["model_version"] == meta["model_version"].value
-    (check,) = result.get_asset_check_evaluations()
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert checks["calibration_valid"].passed
+    check = checks["champion_coverage_within_tolerance"]
     assert check.metadata["n_val_galaxies"].value == meta["n_val_galaxies"].value
 
 
