@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gampen_ml.model.dropout import SparseDropout
+
 from gampen_ml.config import NetworkConfig
 
 #: VGG-16 convolution blocks (Table 3, rows 2-31 of the downstream CNN).
@@ -110,6 +112,13 @@ class ZoomSTN(nn.Module):
         nn.init.zeros_(self.regressor[-1].weight)
         nn.init.ones_(self.regressor[-1].bias)
 
+    @staticmethod
+    def _identity_grid(side: int, like: torch.Tensor) -> torch.Tensor:
+        """``(side, side, 2)`` sampling grid of ``F.affine_grid`` for the identity, ``align_corners=False``."""
+        c = torch.arange(side, device=like.device, dtype=like.dtype).mul_(2.0).add_(1.0)
+        c = c.div_(side).sub_(1.0)
+        return torch.stack(torch.broadcast_tensors(c[None, :], c[:, None]), dim=-1)
+
     def scale(self, x: torch.Tensor) -> torch.Tensor:
         """Zoom factor ``s`` per image: ``(N, C, S, S)`` -> ``(N,)``."""
         if self.localization_pool > 1:
@@ -119,14 +128,11 @@ class ZoomSTN(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Crop ``(N, C, S, S)`` to ``(N, C, P, P)``; also return the scales ``(N,)``."""
         s = self.scale(x)
-        zeros = torch.zeros_like(s)
-        theta = torch.stack(
-            [torch.stack([s, zeros, zeros], 1), torch.stack([zeros, s, zeros], 1)], 1
-        )
+        # affine_grid with theta = [[s, 0, 0], [0, s, 0]] is s times the identity grid; building
+        # it as one broadcast product skips affine_grid's per-image base grid and batched
+        # matmul (a fifth of a quick training step on CPU) and gives the same numbers.
         side = self.output_px * self.supersample
-        grid = F.affine_grid(
-            theta.to(x.dtype), [x.shape[0], x.shape[1], side, side], align_corners=False
-        )
+        grid = s.to(x.dtype)[:, None, None, None] * self._identity_grid(side, x)
         cropped = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         if self.supersample > 1:
             cropped = F.avg_pool2d(cropped, self.supersample)
@@ -191,7 +197,7 @@ class GaMPEN(nn.Module):
                 layers.append(nn.MaxPool2d(2, 2))
                 size //= 2
             else:
-                layers += [nn.Dropout(dropout_rate), *conv(channels, v)]
+                layers += [SparseDropout(dropout_rate), *conv(channels, v)]
                 channels = v
         if size < 1:
             raise ValueError(
@@ -204,10 +210,10 @@ class GaMPEN(nn.Module):
             nn.Flatten(),
             nn.Linear(channels * size * size, fc),
             nn.ReLU(inplace=True),
-            nn.Dropout(dropout_rate),
+            SparseDropout(dropout_rate),
             nn.Linear(fc, fc),
             nn.ReLU(inplace=True),
-            nn.Dropout(dropout_rate),
+            SparseDropout(dropout_rate),
             nn.Linear(fc, network_cfg.n_outputs),
         )
         self._init_weights()

@@ -56,7 +56,7 @@ def test_paper_network_is_table_3():
 def _layer_sequence(model: GaMPEN) -> list[str]:
     names = {nn.Conv2d: "C", nn.MaxPool2d: "M", nn.Dropout: "D", nn.Linear: "F"}
     layers = [*model.first_conv, *model.features, *model.classifier]
-    return [names[type(m)] for m in layers if type(m) in names]
+    return [names[k] for m in layers for k in names if isinstance(m, k)]
 
 
 def test_dropout_positions_match_table_3():
@@ -99,6 +99,19 @@ def test_stn_is_identity_at_init():
     cropped, scale = model.stn(x)
     torch.testing.assert_close(scale, torch.ones(4))
     torch.testing.assert_close(cropped, x, atol=1e-5, rtol=1e-5)
+
+
+def test_stn_grid_is_affine_grid_of_the_zoom():
+    # The broadcast identity grid equals F.affine_grid of [[s, 0, 0], [0, s, 0]].
+    from gampen_ml.model.network import ZoomSTN
+
+    s = torch.tensor([1.0, 0.73, 0.25])
+    theta = torch.zeros(3, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = s
+    for side in (32, 239, 256):
+        expected = torch.nn.functional.affine_grid(theta, [3, 1, side, side], align_corners=False)
+        ours = s[:, None, None, None] * ZoomSTN._identity_grid(side, s)
+        torch.testing.assert_close(ours, expected, atol=2e-7, rtol=0)
 
 
 def test_stn_zoom_crops_the_centre():
