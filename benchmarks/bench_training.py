@@ -8,7 +8,8 @@ synthetic 239x239 images, in one process:
   in a background thread (:func:`gampen_ml.data.datasets.prefetch`), channels-last
   tensors, as in :func:`gampen_ml.train.train_model`.
 * **reference** — what a first implementation does: one ``.npy`` file per galaxy opened per
-  item, per-item tensors stacked per batch, default memory format, fp32.
+  item, per-item tensors stacked per batch, default memory format, fp32, the network with
+  torch's stock ``F.affine_grid`` STN and ``nn.Dropout`` (:mod:`benchmarks.reference`).
 
 It also times a few optimizer steps of the ``paper`` preset (Table 3) at its batch size.
 
@@ -29,6 +30,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from benchmarks.reference import reference_model
 from gampen_ml.config import get_profile
 from gampen_ml.data.datasets import ShardImages, epoch_order, iterate_batches, prefetch
 from gampen_ml.data.transforms import LabelScaler, arsinh_image
@@ -96,7 +98,7 @@ def reference_loop(profile, per_file: Path, labels: np.ndarray, steps: int) -> t
     scaled = scaler.transform(labels)
     files = sorted(per_file.glob("*.npy"))
     torch.manual_seed(0)
-    model = GaMPEN(profile.network, 0.01, np.load(files[0]).shape[0])
+    model = reference_model(GaMPEN(profile.network, 0.01, np.load(files[0]).shape[0]))
     optimizer = make_optimizer(model, cfg)
     model.train()
     order = np.random.default_rng(0).permutation(len(files))

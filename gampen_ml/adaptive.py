@@ -29,6 +29,7 @@ from gampen_ml.infer import (
     _set_mc_dropout_mode,
     chunk_seed,
     default_tail_batch_bytes,
+    fold_batch_norm,
     pick_device,
     tail_draws,
 )
@@ -172,6 +173,7 @@ def adaptive_mc_dropout_samples(
     device = pick_device(device)
     model = model.to(device)
     previous_modes = _set_mc_dropout_mode(model)
+    net = fold_batch_norm(model)
     use_amp = autocast_bf16 and device.type == "cuda"
     budget = default_tail_batch_bytes(device)
     k = draws_per_pass
@@ -182,7 +184,7 @@ def adaptive_mc_dropout_samples(
                 chunk = chunk[:, None]
             x = torch.from_numpy(arsinh_image(chunk)).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                head = model.deterministic_head(x)
+                head = net.deterministic_head(x)
             n = head.shape[0]
             max_rows = max(1, budget // max(1, head[0].numel() * head.element_size()))
             out = np.full((n, max_passes * k, 3), np.nan, dtype=np.float32)
@@ -192,7 +194,7 @@ def adaptive_mc_dropout_samples(
             for p0 in range(0, max_passes, batch_passes):
                 tc = min(batch_passes, max_passes - p0)
                 draws = tail_draws(
-                    model,
+                    net,
                     head[torch.from_numpy(active).to(device)],
                     tc,
                     chunk_seed(seed, start, p0),

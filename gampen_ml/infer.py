@@ -16,11 +16,13 @@ the same settings give the same samples bit for bit on the same device.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from gampen_ml.data.transforms import LabelScaler, arsinh_image
 from gampen_ml.model.loss import split_outputs, unit_lower_triangular
@@ -69,6 +71,31 @@ def _set_mc_dropout_mode(model: nn.Module) -> dict[nn.Module, bool]:
         if isinstance(module, nn.modules.dropout._DropoutNd):
             module.train(True)
     return previous
+
+
+def fold_batch_norm(model: nn.Module) -> nn.Module:
+    """``model`` itself if it has no batch norm, else an eval-mode copy with BN folded.
+
+    Every ``Conv2d`` directly followed by a ``BatchNorm2d`` in an ``nn.Sequential`` becomes one
+    convolution with the BN's running statistics folded into its weights and bias (the BN
+    turns into ``nn.Identity``). MC dropout keeps BN in eval mode, where this is the same
+    affine map; it saves the BN pass over every activation of every MC pass. Training-mode
+    flags of the other modules are copied as they are.
+    """
+    if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        return model
+    folded = copy.deepcopy(model)
+    for seq in folded.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        for i in range(len(seq) - 1):
+            conv, bn = seq[i], seq[i + 1]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                if bn.training:
+                    raise InferenceError("fold_batch_norm: batch norm must be in eval mode")
+                seq[i] = fuse_conv_bn_eval(conv.eval(), bn)
+                seq[i + 1] = nn.Identity()
+    return folded
 
 
 def draw_from_outputs(out: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -164,6 +191,7 @@ def mc_dropout_samples(
     device = pick_device(device)
     model = model.to(device)
     previous = _set_mc_dropout_mode(model)
+    net = fold_batch_norm(model)
     use_amp = autocast_bf16 and device.type == "cuda"
     if tail_batch_bytes is None:
         tail_batch_bytes = default_tail_batch_bytes(device)
@@ -176,7 +204,7 @@ def mc_dropout_samples(
             x = torch.from_numpy(arsinh_image(chunk)).to(device)
             n = x.shape[0]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                head = model.deterministic_head(x)
+                head = net.deterministic_head(x)
             per_pass = head[0].numel() * head.element_size()
             t_chunk = passes_per_chunk or max(1, tail_batch_bytes // max(1, n * per_pass))
             t_chunk = min(t_chunk, n_passes)
@@ -186,7 +214,7 @@ def mc_dropout_samples(
             for p0 in range(0, n_passes, t_chunk):
                 tc = min(t_chunk, n_passes - p0)
                 out[:, p0 * k : (p0 + tc) * k] = tail_draws(
-                    model, head, tc, chunk_seed(seed, start, p0), k, use_amp, max_rows
+                    net, head, tc, chunk_seed(seed, start, p0), k, use_amp, max_rows
                 )
             yield start, out.cpu().numpy()
     finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -160,3 +162,33 @@ def test_several_draws_per_pass_sample_the_same_mixture():
     assert blocks.shape == (200, 3)
     with pytest.raises(InferenceError, match="draws_per_pass"):
         collect(model, images(1), 4, seed=0, draws_per_pass=0)
+
+
+def test_fold_batch_norm_keeps_the_mc_function():
+    # A quick-preset network (batch norm) with trained-like running statistics: the folded
+    # copy gives the same outputs in MC mode for the same dropout masks, and the
+    # original model keeps its BN layers.
+    from gampen_ml.config import QUICK
+    from gampen_ml.infer import _set_mc_dropout_mode, fold_batch_norm
+    from gampen_ml.model import GaMPEN
+
+    torch.manual_seed(0)
+    model = GaMPEN(QUICK.network, 0.05, 239)
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.5, 0.5)
+    _set_mc_dropout_mode(model)
+    folded = fold_batch_norm(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 13
+    x = torch.asinh(torch.rand(4, 1, 239, 239) * 40)
+    with torch.no_grad():
+        torch.manual_seed(7)
+        expected = model(x)
+        torch.manual_seed(7)
+        got = folded(x)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    nobn = GaMPEN(dataclasses.replace(QUICK.network, batch_norm=False), 0.05, 239)
+    assert fold_batch_norm(nobn) is nobn
