@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gampen_ml.model.dropout import SparseDropout
-
 from gampen_ml.config import NetworkConfig
+from gampen_ml.model.dropout import SparseDropout
 
 #: VGG-16 convolution blocks (Table 3, rows 2-31 of the downstream CNN).
 VGG16_LAYERS: tuple[int | str, ...] = (
