@@ -141,7 +141,7 @@ def adaptive_mc_dropout_samples(
     device: str | torch.device | None = None,
     galaxies_per_batch: int = 32,
     draws_per_pass: int = 1,
-    autocast_bf16: bool = False,
+    autocast_bf16: bool = True,
 ) -> Iterator[AdaptiveChunk]:
     """MC dropout like :func:`gampen_ml.infer.mc_dropout_samples`, stopping converged galaxies.
 

@@ -280,7 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, func, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.set_defaults(func=func)
-        p.add_argument("--profile", help="paper, quick or tiny (default $GAMPEN_PROFILE or quick)")
+        p.add_argument(
+            "--profile", help="paper, paper-short, quick or tiny (default $GAMPEN_PROFILE or quick)"
+        )
         p.add_argument(
             "--root",
             default=None,

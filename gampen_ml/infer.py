@@ -129,7 +129,7 @@ def mc_dropout_samples(
     device: str | torch.device | None = None,
     galaxies_per_batch: int = 32,
     passes_per_chunk: int | None = None,
-    autocast_bf16: bool = False,
+    autocast_bf16: bool = True,
     tail_batch_bytes: int | None = None,
     draws_per_pass: int = 1,
 ) -> Iterator[tuple[int, np.ndarray]]:
@@ -156,7 +156,8 @@ def mc_dropout_samples(
         Passes per tail batch; by default as many as fit in ``tail_batch_bytes`` of
         repeated head outputs.
     autocast_bf16 : bool
-        Run the network in bfloat16 autocast on CUDA (ignored on CPU, which stays fp32).
+        Run the network in bfloat16 autocast on CUDA (the default, as in training; ignored
+        on CPU, which stays fp32).
         Draws are always made in float32.
     tail_batch_bytes : int, optional
         Memory budget for the repeated head outputs of one tail call: it sets the passes
