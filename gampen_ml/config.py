@@ -162,6 +162,14 @@ class TrainingConfig:
     #: scratch without batch norm needs it: the NLL with learned variances can kick the
     #: weights into a dead-ReLU state from which the model predicts a constant.
     grad_clip_norm: float | None = None
+    #: Fraction of the optimizer steps during which the squared error of the predicted means
+    #: (``gampen_ml.model.mean_squared_error``) is added to eq. 8; eq. 8 alone afterwards, so
+    #: the variances are fit by the paper's loss. Eq. 8 scales each parameter's error by its
+    #: predicted inverse variance: once Re and flux are sharp, the shared features get
+    #: ~40x more gradient from them than from B/T, whose error stays large, and B/T is never
+    #: learned (Seitzer et al. 2022 describe this failure of heteroscedastic losses). 0 = off
+    #: (the paper).
+    mean_warmup_fraction: float = 0.0
     #: Random flips and 90-degree rotations (preserve B/T, Re and flux).
     augment: bool = True
     num_workers: int = 0
@@ -281,6 +289,11 @@ def validate_profile(profile: Profile) -> None:
         raise ConfigError(f"profile {profile.name!r}: inference needs at least 2 MC passes")
     if profile.inference.draws_per_pass < 1:
         raise ConfigError(f"profile {profile.name!r}: inference.draws_per_pass must be >= 1")
+    if not 0.0 <= profile.training.mean_warmup_fraction <= 1.0:
+        raise ConfigError(
+            f"profile {profile.name!r}: training.mean_warmup_fraction must lie in [0, 1], "
+            f"got {profile.training.mean_warmup_fraction}"
+        )
     if profile.training.optimizer not in ("sgd", "adamw"):
         raise ConfigError(
             f"profile {profile.name!r}: training.optimizer must be 'sgd' or 'adamw', "
@@ -312,6 +325,7 @@ QUICK = Profile(
         epochs=14,
         lr_schedule="onecycle",
         grad_clip_norm=1.0,
+        mean_warmup_fraction=0.65,
     ),
     inference=InferenceConfig(
         n_passes=100, n_passes_calibration=50, draws_per_pass=10, galaxies_per_batch=64
@@ -352,6 +366,7 @@ PAPER_SHORT = Profile(
         epochs=16,
         lr_schedule="onecycle",
         grad_clip_norm=1.0,
+        mean_warmup_fraction=0.65,
     ),
     inference=InferenceConfig(
         n_passes=300, n_passes_calibration=100, draws_per_pass=5, galaxies_per_batch=64

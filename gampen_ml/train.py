@@ -43,7 +43,7 @@ from gampen_ml.data.datasets import (
 )
 from gampen_ml.data.transforms import LabelScaler
 from gampen_ml.io import StorageError, atomic_file, file_sha256
-from gampen_ml.model import GaMPEN, gaussian_nll
+from gampen_ml.model import GaMPEN, gaussian_nll, mean_squared_error
 
 MODEL_FORMAT = "gampen-model/1"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -215,6 +215,7 @@ def train_model(
         data_version = shards_data_version(shard_dirs)
         per_rank = (len(train_set) - len(train_set) % world_size) // world_size
         steps_per_epoch = math.ceil(per_rank / cfg.batch_size)
+        warmup_steps = round(cfg.mean_warmup_fraction * cfg.epochs * steps_per_epoch)
 
         # ---- model and optimizer (same initial weights on every rank: same seed)
         torch.manual_seed(seed)
@@ -286,19 +287,22 @@ def train_model(
                 y = y.to(device, non_blocking=True)
                 with autocast:
                     out = train_net(x)
-                loss = gaussian_nll(out, y)
+                nll = gaussian_nll(out, y)
+                loss = nll
+                if epoch * steps_per_epoch + step < warmup_steps:
+                    loss = nll + mean_squared_error(out, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip_norm is not None:
                     nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
                 optimizer.step()
                 scheduler.step()
-                loss_sum += loss.detach() * len(x)
+                loss_sum += nll.detach() * len(x)
                 n_seen += len(x)
                 if bar is not None:
                     bar.update(1)
                     if step % 10 == 0:
-                        bar.set_postfix(loss=f"{loss.item():.4f}")
+                        bar.set_postfix(loss=f"{nll.item():.4f}")
             if bar is not None:
                 bar.close()
             totals = _all_reduce_sum(

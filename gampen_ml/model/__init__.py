@@ -1,6 +1,12 @@
 """GaMPEN network (STN + VGG-16 with Monte-Carlo dropout) and its LDL^T Gaussian loss."""
 
-from gampen_ml.model.loss import covariance, gaussian_nll, split_outputs, unit_lower_triangular
+from gampen_ml.model.loss import (
+    covariance,
+    gaussian_nll,
+    mean_squared_error,
+    split_outputs,
+    unit_lower_triangular,
+)
 from gampen_ml.model.network import VGG16_LAYERS, GaMPEN, ZoomSTN
 
 __all__ = [
@@ -9,6 +15,7 @@ __all__ = [
     "ZoomSTN",
     "covariance",
     "gaussian_nll",
+    "mean_squared_error",
     "split_outputs",
     "unit_lower_triangular",
 ]

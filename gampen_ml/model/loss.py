@@ -70,3 +70,13 @@ def gaussian_nll(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     z = (L_inv @ (y.float() - mu).unsqueeze(-1)).squeeze(-1)
     per_galaxy = 0.5 * (torch.exp(-log_var) * z.square()).sum(-1) + 0.5 * log_var.sum(-1)
     return per_galaxy.mean()
+
+
+def mean_squared_error(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Batch mean of ``|y - mu|^2`` over the three scaled labels (float32).
+
+    The training warm-up term (``TrainingConfig.mean_warmup_fraction``): unlike eq. 8 it
+    weights every parameter's error equally, whatever variance the network predicts.
+    """
+    mu = split_outputs(out.float())[0]
+    return (y.float() - mu).square().sum(-1).mean()
