@@ -15,11 +15,13 @@ figures included, plus each model's ``history.json`` and the calibration table).
 Usage::
 
     python -m benchmarks.paper_short OUT_DIR [--profile paper-short] [--budget-s 540]
+        [--dropout-rates 0.01] [--epochs 12]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -31,7 +33,7 @@ from pathlib import Path
 import torch
 
 from gampen_ml import cli
-from gampen_ml.config import dropout_key, get_profile
+from gampen_ml.config import PROFILES, dropout_key, get_profile
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,9 +42,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default=None, help="default: paper-short on CUDA, else tiny")
     parser.add_argument("--budget-s", type=float, default=540.0, help="start no stage past this")
     parser.add_argument("--root", type=Path, default=None, help="storage root (default: temp)")
+    parser.add_argument("--dropout-rates", default=None, help="e.g. 0.01 (default: profile's)")
+    parser.add_argument("--epochs", type=int, default=None, help="default: the profile's")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     profile = get_profile(args.profile or ("paper-short" if cuda else "tiny"))
+    if args.dropout_rates or args.epochs:
+        # A shorter variant under the same name: the CLI stages below look the profile up
+        # by name in this process.
+        rates = args.dropout_rates
+        profile = profile.replace(
+            calibration=dataclasses.replace(
+                profile.calibration,
+                dropout_rates=tuple(float(r) for r in rates.split(","))
+                if rates
+                else profile.calibration.dropout_rates,
+            ),
+            training=dataclasses.replace(
+                profile.training, epochs=args.epochs or profile.training.epochs
+            ),
+        )
+        PROFILES[profile.name] = profile
     out = args.out_dir.resolve()
     out.mkdir(parents=True, exist_ok=True)
     root = (args.root or Path(tempfile.mkdtemp(prefix="paper_short_"))).resolve()
@@ -54,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "torch": torch.__version__,
         "n_galaxies": profile.simulation.n_galaxies,
+        "epochs": profile.training.epochs,
+        "mean_warmup_fraction": profile.training.mean_warmup_fraction,
         "dropout_rates": list(profile.calibration.dropout_rates),
         "stages_s": {},
         "skipped": [],

@@ -6,12 +6,14 @@
 #
 # Usage: benchmarks/paper_short_gpu.sh [OUT_DIR]   (default: $OUT/paper_short or ./paper_short)
 #   PROFILE   override the profile;  BUDGET_S  start no stage after this (default 540);  PYTHON
+#   Extra arguments go to benchmarks/paper_short.py (e.g. --dropout-rates 0.01 --epochs 12).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-${OUT:-.}/paper_short}"
+shift || true
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 exec "$PYTHON" -m benchmarks.paper_short "$OUT_DIR" ${PROFILE:+--profile "$PROFILE"} \
-  --budget-s "${BUDGET_S:-540}"
+  --budget-s "${BUDGET_S:-540}" "$@"

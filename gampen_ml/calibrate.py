@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -121,9 +121,13 @@ def coverage_error(table: pl.DataFrame) -> pl.DataFrame:
 
 
 def select_dropout_rate(
-    tables: pl.DataFrame | Iterable[pl.DataFrame], recalibrated: bool = False
+    tables: pl.DataFrame | Iterable[pl.DataFrame],
+    recalibrated: bool = False,
+    *,
+    sharpness: Mapping[float, float] | None = None,
+    tolerance: float | None = None,
 ) -> float:
-    """The dropout rate whose coverage is closest to nominal (paper §5).
+    """The dropout rate whose posteriors are calibrated — and, among those, the sharpest.
 
     Parameters
     ----------
@@ -132,12 +136,21 @@ def select_dropout_rate(
         validation split.
     recalibrated : bool
         Judge the rows with this ``recalibrated`` value (default: the raw posteriors).
+    sharpness : mapping rate -> float, optional
+        A posterior width per rate (smaller = sharper), e.g. the mean posterior standard
+        deviation in the scaled label space.
+    tolerance : float, optional
+        Largest mean ``|coverage - level|`` that counts as calibrated.
 
     Returns
     -------
     float
-        The rate with the smallest mean ``|coverage - level|`` over parameters and levels;
-        ties go to the smaller rate.
+        Without ``sharpness``/``tolerance``: the rate with the smallest mean
+        ``|coverage - level|`` over parameters and levels (paper §5), ties to the smaller rate.
+        With them: the sharpest rate among those within ``tolerance`` ("maximise sharpness
+        subject to calibration", Gneiting et al. 2007), falling back to the closest to nominal
+        when none is within it. Coverage alone would reward a model that never converged
+        but whose wide posteriors cover the truth.
     """
     table = tables if isinstance(tables, pl.DataFrame) else pl.concat(list(tables))
     table = table.filter(pl.col("recalibrated") == recalibrated)
@@ -145,7 +158,15 @@ def select_dropout_rate(
         raise CalibrationError(
             f"select_dropout_rate: no coverage rows with recalibrated={recalibrated}"
         )
-    return float(coverage_error(table)["dropout_rate"][0])
+    errors = coverage_error(table)
+    if sharpness is not None and tolerance is not None:
+        calibrated = errors.filter(pl.col("coverage_error") <= tolerance)["dropout_rate"]
+        missing = [r for r in calibrated if r not in sharpness]
+        if missing:
+            raise CalibrationError(f"select_dropout_rate: no sharpness for rates {missing}")
+        if len(calibrated):
+            return float(min(calibrated, key=lambda r: (sharpness[r], r)))
+    return float(errors["dropout_rate"][0])
 
 
 @dataclass(frozen=True)

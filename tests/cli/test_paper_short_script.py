@@ -49,11 +49,19 @@ def test_paper_short_script_runs_every_stage_and_writes_the_report(tmp_path):
     assert "validation/validation.md" in names
 
 
-def test_paper_short_budget_skips_remaining_stages(tmp_path):
+def test_paper_short_budget_and_overrides(tmp_path):
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "GAMPEN_STORAGE")}
     proc = subprocess.run(
-        ["bash", str(REPO / "benchmarks" / "paper_short_gpu.sh"), str(out)],
+        [
+            "bash",
+            str(REPO / "benchmarks" / "paper_short_gpu.sh"),
+            str(out),
+            "--dropout-rates",
+            "0.05",
+            "--epochs",
+            "3",
+        ],
         env={**env, "PYTHON": sys.executable, "BUDGET_S": "0"},
         capture_output=True,
         text=True,
@@ -65,3 +73,6 @@ def test_paper_short_budget_skips_remaining_stages(tmp_path):
     assert timings["stages_s"] == {}
     assert timings["skipped"][0] == "simulate" and timings["skipped"][-1] == "validate"
     assert not (out / "validation.md").exists()
+    # The overrides replace the profile's grid and epochs.
+    assert timings["dropout_rates"] == [0.05] and timings["epochs"] == 3
+    assert "train dropout-0.05" in timings["skipped"] and len(timings["skipped"]) == 5

@@ -30,6 +30,10 @@ def synthetic(spread, n=3000, t=500, seed=0):
     return samples.astype(np.float32), truth, (centre, sigma)
 
 
+def _truth_frame(truth):
+    return pl.DataFrame({"bt": truth[:, 0], "re_arcsec": truth[:, 1], "flux_nJy": truth[:, 2]})
+
+
 def test_coverage_table_from_truths_and_from_catalog_true_columns():
     samples, truth, _ = synthetic(1.0, n=400, t=300)
     summary = summarize(samples)
@@ -63,6 +67,35 @@ def test_select_dropout_rate_closest_to_nominal():
     assert select_dropout_rate(pl.concat(tables[::2])) == 0.05  # 1.6 is closer than 0.5
     with pytest.raises(CalibrationError, match="recalibrated=True"):
         select_dropout_rate(tables, recalibrated=True)
+
+
+def test_select_sharpest_among_calibrated_posteriors():
+    # Two calibrated models: a converged one (sharp, sigma 1) and one that never learned
+    # (posteriors 5x wider, still covering its 5x larger errors). Coverage alone cannot tell
+    # them apart; "sharpest subject to calibration" picks the converged one.
+    good, truth_g, _ = synthetic(1.0, n=1500, t=400, seed=3)
+    rng = np.random.default_rng(4)
+    bad = good * 5.0 + rng.normal(0, 0.01, size=good.shape).astype(np.float32)
+    truth_b = truth_g * 5.0
+    tables = [
+        coverage_table(summarize(good), _truth_frame(truth_g), LEVELS, dropout_rate=0.01),
+        coverage_table(summarize(bad), _truth_frame(truth_b), LEVELS, dropout_rate=0.0),
+    ]
+    sharp = {0.01: float(good.std(axis=1).mean()), 0.0: float(bad.std(axis=1).mean())}
+    assert sharp[0.0] > 4 * sharp[0.01]
+    assert select_dropout_rate(tables, sharpness=sharp, tolerance=0.03) == 0.01
+    # A sharp but mis-calibrated model (posteriors 3x too narrow) is not eligible.
+    narrow = good / 3.0 + (good.mean(axis=1, keepdims=True) * (1 - 1 / 3.0))
+    tables.append(coverage_table(summarize(narrow), _truth_frame(truth_g), LEVELS,
+                                 dropout_rate=0.05))  # fmt: skip
+    sharp[0.05] = float(narrow.std(axis=1).mean())
+    assert select_dropout_rate(tables, sharpness=sharp, tolerance=0.03) == 0.01
+    # None within tolerance: the closest to nominal, as the paper.
+    assert select_dropout_rate(tables, sharpness=sharp, tolerance=0.0) == select_dropout_rate(
+        tables
+    )
+    with pytest.raises(CalibrationError, match="no sharpness"):
+        select_dropout_rate(tables, sharpness={0.0: 1.0}, tolerance=0.03)
 
 
 def test_recalibration_restores_under_dispersed_coverage():
