@@ -119,7 +119,12 @@ def hpd_intervals(
     -------
     lo, hi : (L, N) ndarray
     """
-    sorted_samples = np.sort(_as_2d(samples), axis=1)
+    return _nested_hpd_from_sorted(np.sort(_as_2d(samples), axis=1), levels)
+
+
+def _nested_hpd_from_sorted(
+    sorted_samples: np.ndarray, levels: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray]:
     n_gal, n_samples = sorted_samples.shape
     rows = np.arange(n_gal)
     lo = np.empty((len(levels), n_gal), dtype=sorted_samples.dtype)
@@ -230,7 +235,8 @@ def summarize(
     -------
     pl.DataFrame
         ``N`` rows; for each parameter ``p``: ``{p}_mode``, ``{p}_mean``, ``{p}_median``,
-        ``{p}_std`` (ddof=1) and ``{p}_{tag}_lo`` / ``{p}_{tag}_hi`` (float64).
+        ``{p}_std`` (ddof=1) and ``{p}_{tag}_lo`` / ``{p}_{tag}_hi`` (float64; the HPD
+        intervals of :func:`hpd_intervals`, nested across levels).
     """
     samples = np.asarray(samples)
     if samples.ndim != 3 or samples.shape[2] != len(parameters):
@@ -248,11 +254,11 @@ def summarize(
         columns[f"{name}_mean"] = x.mean(axis=1)
         columns[f"{name}_median"] = np.median(sorted_x, axis=1)
         columns[f"{name}_std"] = x.std(axis=1, ddof=1)
-        for level in levels:
+        lo, hi = _nested_hpd_from_sorted(sorted_x, levels)
+        for i, level in enumerate(levels):
             tag = level_tag(level)
-            lo, hi = _hpd_from_sorted(sorted_x, level)
-            columns[f"{name}_{tag}_lo"] = lo
-            columns[f"{name}_{tag}_hi"] = hi
+            columns[f"{name}_{tag}_lo"] = lo[i]
+            columns[f"{name}_{tag}_hi"] = hi[i]
     return pl.DataFrame(columns)
 
 

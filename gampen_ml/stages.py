@@ -21,6 +21,7 @@ from gampen_ml.calibrate import (
     Recalibration,
     coverage_table,
     fit_recalibration,
+    search_physical_recalibration,
     select_dropout_rate,
 )
 from gampen_ml.catalog import SAMPLES_FILE, catalog_from_images
@@ -272,7 +273,7 @@ def calibrate_dropout_rates(
         (out_dir / "recalibration.json").write_text(
             json.dumps(recalibration.to_dict(), indent=2) + "\n"
         )
-        log(f"recalibration scales {recalibration.scale}")
+        log(f"recalibration scales {recalibration.scale}, exponents {recalibration.exponent}")
     for rate in model_dirs:
         sample_dir = out_dir / dropout_key(rate)
         (sample_dir / SAMPLES_FILE).unlink(missing_ok=True)
@@ -293,10 +294,11 @@ def _recalibrate(
 ) -> tuple[Recalibration, pl.DataFrame]:
     """Fit one model's spread factors on validation; return them and the coverage they give.
 
-    The factors are fit in the scaled space; B/T's physical posterior also has point masses
-    at exactly 0 and 1 (snapped single-component galaxies), where a narrower scaled spread
-    can lose coverage. A factor is kept only where it brings the physical validation
-    coverage closer to nominal.
+    The factors are fit in the scaled space (exact search); B/T's physical posterior also has
+    point masses at exactly 0 and 1 (snapped single-component galaxies), where a narrower
+    scaled spread can lose coverage. Where the scaled fit does not bring a parameter's
+    physical validation coverage closer to nominal, that parameter is searched on its
+    physical coverage instead (:func:`gampen_ml.calibrate.search_physical_recalibration`).
     """
     truths_scaled = scaler.transform(truths.select(PARAMETERS).to_numpy().astype(np.float64))
     recalibration = fit_recalibration(samples, truths_scaled)
@@ -308,16 +310,30 @@ def _recalibrate(
         )
 
     recalibrated = table(recalibration)
-    kept = [
-        k if _coverage_error(recalibrated, p) < _coverage_error(raw, p) else 1.0
-        for k, p in zip(recalibration.scale, PARAMETERS, strict=True)
-    ]
-    if tuple(kept) != recalibration.scale:
-        log(
-            f"dropout {rate:g}: recalibration factors {recalibration.scale} -> {tuple(kept)} "
-            "(physical check)"
+    scale, exponent = list(recalibration.scale), list(recalibration.exponent)
+    for j, p in enumerate(PARAMETERS):
+        if _coverage_error(recalibrated, p) < _coverage_error(raw, p):
+            continue
+
+        # The scaled-space fit did not help this parameter's physical coverage (B/T: point
+        # masses at 0 and 1): search directly on the physical coverage instead.
+        def to_physical(z: np.ndarray, j: int = j) -> np.ndarray:
+            full = np.zeros((*z.shape, len(PARAMETERS)), dtype=np.float32)
+            full[..., j] = z
+            return scaler.inverse(full)[..., j]
+
+        exponent[j], scale[j], _ = search_physical_recalibration(
+            samples[:, :, j], truths[p].to_numpy(), to_physical
         )
-        recalibration = dataclasses.replace(recalibration, scale=tuple(kept))
+        log(
+            f"dropout {rate:g}: {p} scaled-space fit (scale {recalibration.scale[j]:.3f}, "
+            f"exponent {recalibration.exponent[j]:g}) did not improve the physical coverage; "
+            f"physical search: scale {scale[j]:.3f}, exponent {exponent[j]:g}"
+        )
+    if (tuple(scale), tuple(exponent)) != (recalibration.scale, recalibration.exponent):
+        recalibration = dataclasses.replace(
+            recalibration, scale=tuple(scale), exponent=tuple(exponent)
+        )
         recalibrated = table(recalibration)
     return recalibration, recalibrated
 

@@ -119,6 +119,10 @@ def test_hpd_intervals_are_nested_and_plain_hpd_when_unimodal():
     lo, hi = hpd_intervals(u, CREDIBLE_LEVELS)
     assert np.all(lo[2] <= lo[1]) and np.all(lo[1] <= lo[0])
     assert np.all(hi[0] <= hi[1]) and np.all(hi[1] <= hi[2])
+    # The catalog summary uses the same nested intervals.
+    summary = summarize(u[:, :, None], parameters=("bt",))
+    np.testing.assert_array_equal(summary["bt_hpd68_lo"].to_numpy(), lo[0])
+    np.testing.assert_array_equal(summary["bt_hpd99_hi"].to_numpy(), hi[2])
     # Each interval still holds its share of the samples.
     for i, level in enumerate(CREDIBLE_LEVELS):
         inside = ((u >= lo[i][:, None]) & (u <= hi[i][:, None])).mean(axis=1)
