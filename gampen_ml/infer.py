@@ -32,9 +32,11 @@ from gampen_ml.model.loss import split_outputs, unit_lower_triangular
 #: paper preset that is ~560 rows per tail call, where an H200 is saturated
 #: (``benchmarks/results/gpu.md``: 512 and 1024 rows give the same passes/s).
 DEFAULT_TAIL_BATCH_BYTES = 4 * 2**30
-#: Default on CPU: small enough that a tail batch's activations stay in cache (the
-#: ``quick`` tail runs ~2x faster per row at 64 rows than at 256 on one core).
-DEFAULT_CPU_TAIL_BATCH_BYTES = 8 * 2**20
+#: Default on CPU: 128 rows of the ``quick`` head per tail call. Measured on one core
+#: (``benchmarks/results/inference.md``): 64 rows ~900 passes/s, 128 rows ~1,400, 192 rows
+#: ~1,290 — large enough to amortize the per-call costs (dropout position draws for 14
+#: layers, the per-chunk seeding), small enough that the activations stay in cache.
+DEFAULT_CPU_TAIL_BATCH_BYTES = 16 * 2**20
 
 
 class InferenceError(ValueError):

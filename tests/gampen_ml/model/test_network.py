@@ -101,17 +101,44 @@ def test_stn_is_identity_at_init():
     torch.testing.assert_close(cropped, x, atol=1e-5, rtol=1e-5)
 
 
-def test_stn_grid_is_affine_grid_of_the_zoom():
-    # The broadcast identity grid equals F.affine_grid of [[s, 0, 0], [0, s, 0]].
+@pytest.mark.parametrize("supersample", [1, 4])
+def test_stn_matches_affine_grid_sample_and_its_gradient(supersample):
+    # A X A^T with tent weights == F.affine_grid + F.grid_sample (bilinear, zeros padding,
+    # align_corners=False) + avg_pool2d, in value and in the gradient w.r.t. the zoom s,
+    # including zooms beyond the frame (s > 1: zero padding) and the paper's odd sizes.
+    import torch.nn.functional as F
+
     from gampen_ml.model.network import ZoomSTN
 
-    s = torch.tensor([1.0, 0.73, 0.25])
-    theta = torch.zeros(3, 2, 3)
-    theta[:, 0, 0] = theta[:, 1, 1] = s
-    for side in (32, 239, 256):
-        expected = torch.nn.functional.affine_grid(theta, [3, 1, side, side], align_corners=False)
-        ours = s[:, None, None, None] * ZoomSTN._identity_grid(side, s)
-        torch.testing.assert_close(ours, expected, atol=2e-7, rtol=0)
+    torch.manual_seed(0)
+    for image_px, output_px in [(239, 64), (48, 32), (239, 239)]:
+        stn = ZoomSTN(1, image_px, output_px, width_multiplier=0.0625, supersample=supersample)
+        x = torch.asinh(torch.rand(3, 1, image_px, image_px) * 30)
+        s = torch.tensor([1.0, 0.37, 1.25], requires_grad=True)
+        stn.scale = lambda _x, s=s: s  # drive the zoom directly
+        ours, _ = stn(x)
+        zeros = torch.zeros_like(s)
+        theta = torch.stack(
+            [torch.stack([s, zeros, zeros], 1), torch.stack([zeros, s, zeros], 1)], 1
+        )
+        side = output_px * supersample
+        grid = F.affine_grid(theta, [3, 1, side, side], align_corners=False)
+        ref = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if supersample > 1:
+            ref = F.avg_pool2d(ref, supersample)
+        # float32 rounding of the sampling positions: ~1e-4 where the image is steep.
+        torch.testing.assert_close(ours, ref, atol=3e-4, rtol=1e-4)
+        weights = torch.randn_like(ref)
+        (g_ours,) = torch.autograd.grad((ours * weights).sum(), s)
+        (g_ref,) = torch.autograd.grad((ref * weights).sum(), s)
+        if output_px == image_px:
+            # Same size: at s = 1 every sampling position is an integer, where the output is
+            # not differentiable in s and float rounding picks the one-sided slope; only
+            # require a non-zero gradient there (the STN must be able to leave the identity).
+            assert torch.all(torch.isfinite(g_ours)) and g_ours[0].abs() > 0
+            torch.testing.assert_close(g_ours[1], g_ref[1], atol=1e-3, rtol=1e-3)
+        else:
+            torch.testing.assert_close(g_ours, g_ref, atol=1e-3, rtol=1e-3)
 
 
 def test_stn_zoom_crops_the_centre():
@@ -171,7 +198,9 @@ def test_tiny_model_overfits_a_batch():
         losses.append(loss.item())
     # Start ~ 0.5 * E|y|^2 = 1.5 (unit variances); fitting the batch lowers it by > 0.75 nat.
     assert losses[0] > 1.3
-    assert min(losses[-30:]) < losses[0] - 0.75, losses[::10]
+    # (min over the second half: at this learning rate the tiny net's loss spikes now and then,
+    # and where a spike falls shifts with float rounding.)
+    assert min(losses[75:]) < losses[0] - 0.75, losses[::10]
 
 
 def test_rejects_bad_sizes():
