@@ -350,9 +350,11 @@ TINY = Profile(
 
 #: The paper's images, PSF and noise libraries and Table-3 network, shortened to minutes on
 #: one GPU (``benchmarks/paper_short_gpu.sh``): 9,000 galaxies, two dropout rates, fewer MC
-#: passes (x5 draws each). Training follows the recipe that converges from scratch (batch
-#: norm after each convolution, AdamW one-cycle, gradient clipping; see ``docs/validation.md``):
-#: the paper's SGD at lr 5e-7 fine-tuned ImageNet weights we cannot download.
+#: passes (x5 draws each). Training is the `quick` recipe (batch norm after each convolution,
+#: AdamW one-cycle, gradient clipping, mean warm-up), since the paper's SGD at lr 5e-7
+#: fine-tuned ImageNet weights we cannot download. At full width it converged in only one
+#: of three H200 runs (``docs/validation.md``): a lower peak learning rate is the next thing
+#: to try before trusting this profile's accuracy.
 PAPER_SHORT = Profile(
     name="paper-short",
     simulation=SimulationConfig(n_galaxies=9000, n_shards=3),

@@ -114,7 +114,7 @@ class ZoomSTN(nn.Module):
     def _resampling_matrix(
         self, s: torch.Tensor, image_px: int, like: torch.Tensor
     ) -> torch.Tensor:
-        """``(N, P, S)`` weights: output row ``j`` is the sum over input rows ``i`` of ``A[n, j, i]``.
+        """``(N, P, S)`` weights ``A``: output row ``j`` = sum over ``i`` of ``A[n, j, i]`` x row ``i``.
 
         ``F.grid_sample`` (bilinear, zero padding, ``align_corners=False``) at the zoom grid
         ``u_j = s (2 j + 1) / side - 1`` reads input pixel coordinate
@@ -154,10 +154,10 @@ class ZoomSTN(nn.Module):
         """Crop ``(N, C, S, S)`` to ``(N, C, P, P)``; also return the scales ``(N,)``."""
         s = self.scale(x)
         # The zoom grid is separable: bilinear sampling (and the supersampling average) of an
-        # image is A X A^T with A the (P, S) tent-weight matrix of the zoom. Two small matrix
-        # products replace F.affine_grid + F.grid_sample + avg_pool2d (the same numbers, and
-        # the same gradient in s) at a fraction of the cost on a CPU.
-        # fp32 even under autocast, as F.grid_sample runs.
+        # image is A X A^T with A the (P, S) bilinear-weight matrix of the zoom. Two small
+        # matrix products replace F.affine_grid + F.grid_sample + avg_pool2d (the same
+        # numbers, the same gradient in s) at a fraction of the cost on a CPU. In fp32 even
+        # under autocast, as F.grid_sample runs.
         with torch.autocast(x.device.type, enabled=False):
             x = x.float()
             rows = self._resampling_matrix(s, x.shape[-2], x)[:, None]  # (N, 1, P, H)
