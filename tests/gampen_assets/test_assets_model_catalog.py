@@ -107,8 +107,10 @@ def test_calibration_sets_champion(pipeline):
     assert chosen in TINY.calibration.dropout_rates
     folder = tmp / "storage" / "calibrated_dropout_rate" / "all"
     table = pl.read_parquet(folder / "coverage.parquet")
-    # 3 parameters x 3 levels per rate, plus the recalibrated champion.
-    assert table.height == 9 * (len(TINY.calibration.dropout_rates) + 1)
+    # 3 parameters x 3 levels per rate, raw and recalibrated (every rate is recalibrated
+    # before the sharpest calibrated one is chosen).
+    assert table.height == 9 * 2 * len(TINY.calibration.dropout_rates)
+    assert set(table["recalibrated"]) == {False, True}
     assert "| dropout_rate | split |" in meta["coverage_table"].value
     calibration = json.loads((folder / "calibration.json").read_text())
     from gampen_ml.registry import model_version_info
