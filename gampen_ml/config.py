@@ -359,17 +359,7 @@ PAPER_SHORT = Profile(
     name="paper-short",
     simulation=SimulationConfig(n_galaxies=9000, n_shards=3),
     network=NetworkConfig(batch_norm=True),
-    training=TrainingConfig(
-        optimizer="adamw",
-        learning_rate=1e-3,
-        momentum=0.9,
-        weight_decay=1e-4,
-        batch_size=64,
-        epochs=16,
-        lr_schedule="onecycle",
-        grad_clip_norm=1.0,
-        mean_warmup_fraction=0.65,
-    ),
+    training=dataclasses.replace(QUICK.training, learning_rate=1e-3, epochs=16),
     inference=InferenceConfig(
         n_passes=300, n_passes_calibration=100, draws_per_pass=5, galaxies_per_batch=64
     ),
