@@ -126,19 +126,20 @@ def _nested_hpd_from_sorted(
     sorted_samples: np.ndarray, levels: Sequence[float]
 ) -> tuple[np.ndarray, np.ndarray]:
     n_gal, n_samples = sorted_samples.shape
-    rows = np.arange(n_gal)
+    rows = np.arange(n_gal)[:, None]
     lo = np.empty((len(levels), n_gal), dtype=sorted_samples.dtype)
     hi = np.empty_like(lo)
-    # Allowed sample-index range [start, stop) of each galaxy's next window.
-    start, stop = np.zeros(n_gal, dtype=np.int64), np.full(n_gal, n_samples, dtype=np.int64)
+    # Each galaxy's next window must lie inside its previous one: samples
+    # [start, start + span). The span is the same for every galaxy, so the candidate
+    # windows form a regular (N, span - k + 1) array.
+    start, span = np.zeros(n_gal, dtype=np.int64), n_samples
     for i in np.argsort(levels, kind="stable")[::-1]:
-        k = n_in_interval(levels[i], n_samples)
-        widths = sorted_samples[:, k - 1 :] - sorted_samples[:, : n_samples - k + 1]
-        first_index = np.arange(n_samples - k + 1)
-        inside = (first_index >= start[:, None]) & (first_index + k <= stop[:, None])
-        first = np.argmin(np.where(inside, widths, np.inf), axis=1)
-        lo[i], hi[i] = sorted_samples[rows, first], sorted_samples[rows, first + k - 1]
-        start, stop = first, first + k
+        k = min(n_in_interval(levels[i], n_samples), span)
+        first = start[:, None] + np.arange(span - k + 1)
+        widths = sorted_samples[rows, first + k - 1] - sorted_samples[rows, first]
+        start = first[rows[:, 0], np.argmin(widths, axis=1)]
+        lo[i], hi[i] = sorted_samples[rows[:, 0], start], sorted_samples[rows[:, 0], start + k - 1]
+        span = k
     return lo, hi
 
 
