@@ -534,19 +534,16 @@ def predict_cutouts(
     return PredictResult(catalog, batch.rejections)
 
 
-def stn_crops(
-    model_dir: Path, images: np.ndarray, device: str | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def stn_crops(model, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """STN inputs, crops and zoom scales of a few galaxies (for paper Figs 4-5).
 
-    Returns ``(images (n,S,S), crops (n,P,P), scales (n,))`` as float32 arrays.
+    ``model`` is a loaded GaMPEN (:func:`gampen_ml.train.load_trained_model`). Returns
+    ``(images (n,S,S), crops (n,P,P), scales (n,))`` as float32 arrays.
     """
     import torch
 
     from gampen_ml.data.transforms import arsinh_image
-    from gampen_ml.train import load_trained_model
 
-    model, _, _ = load_trained_model(model_dir, device)
     x = np.asarray(images, dtype=np.float32)
     with torch.inference_mode():
         tensor = torch.from_numpy(arsinh_image(x[:, None])).to(next(model.parameters()).device)
@@ -561,6 +558,7 @@ def coverage_diagnostics(
     out_dir: Path,
     *,
     seed: int,
+    samples_physical: np.ndarray | None = None,
 ) -> dict[str, Path]:
     """Calibration beyond the paper's three levels, for a catalog with truths.
 
@@ -577,6 +575,9 @@ def coverage_diagnostics(
     scaler : LabelScaler
         Maps scaled samples to physical units (and truths to the scaled space for TARP,
         whose distances need commensurate axes).
+    samples_physical : (N, T, 3) array_like, optional
+        ``scaler.inverse`` of ``samples_scaled`` when the caller has it already (it is not
+        computed a second time).
     """
     from gampen_ml import plots
     from gampen_ml.catalog import magnitude_ab
@@ -589,7 +590,9 @@ def coverage_diagnostics(
 
     truth = catalog.select([f"{p}_true" for p in PARAMETERS]).to_numpy().astype(np.float64)
     scaled = np.asarray(samples_scaled, dtype=np.float32)
-    curve = expected_coverage_curve(predict_physical(scaled, scaler), truth)
+    if samples_physical is None:
+        samples_physical = predict_physical(scaled, scaler)
+    curve = expected_coverage_curve(samples_physical, truth)
     ecp, alpha, atc = tarp_coverage(scaled, scaler.transform(truth), seed=seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {
@@ -669,10 +672,13 @@ def diagnostics_and_publish(
     calibration = read_calibration(root)
     rate = float(calibration["chosen_dropout_rate"])
     model_dir = partition_dir(root, "trained_model", dropout_key(rate))
-    samples = None
-    if (catalog_dir / SAMPLES_FILE).is_file():
-        _, scaler, _ = load_trained_model(model_dir)
-        samples = predict_physical(load_npy_mmap(catalog_dir / SAMPLES_FILE), scaler)
+    has_samples = (catalog_dir / SAMPLES_FILE).is_file()
+    model = scaler = samples_scaled = samples = None
+    if has_samples or dataset == SIM_TEST:
+        model, scaler, _ = load_trained_model(model_dir, device)  # once, for both uses below
+    if has_samples:
+        samples_scaled = load_npy_mmap(catalog_dir / SAMPLES_FILE)
+        samples = predict_physical(samples_scaled, scaler)
     with atomic_partition_dir(partition_dir(root, "diagnostic_plots", dataset)) as tmp:
         paths = plots.make_catalog_figures(
             catalog,
@@ -691,7 +697,7 @@ def diagnostics_and_publish(
                 paths[name] = plots.save_figure(fig, tmp / f"{name}.png")
         if dataset == SIM_TEST:
             images, _, _ = split_inputs(shard_dirs(profile, root), "test")
-            x, crops, scales = stn_crops(model_dir, images[0 : min(64, len(images))], device)
+            x, crops, scales = stn_crops(model, images[0 : min(64, len(images))])
             paths["stn_examples"] = plots.save_figure(
                 plots.stn_examples(x, crops, scales), tmp / "stn_examples.png"
             )
@@ -699,10 +705,11 @@ def diagnostics_and_publish(
                 paths.update(
                     coverage_diagnostics(
                         catalog,
-                        load_npy_mmap(catalog_dir / SAMPLES_FILE),
+                        samples_scaled,
                         scaler,
                         tmp,
                         seed=derive_seed(profile.seed, "diagnostic_plots", dataset),
+                        samples_physical=samples,
                     )
                 )
             md, js = validation_report(
