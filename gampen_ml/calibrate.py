@@ -203,11 +203,7 @@ class Recalibration:
             raise CalibrationError(
                 f"Recalibration.apply: samples must be (N, T, 3), got {samples_scaled.shape}"
             )
-        if any(g != 1.0 for g in self.exponent):
-            samples_scaled = reshape_tails(samples_scaled, np.asarray(self.exponent))
-        mean = samples_scaled.mean(axis=1, keepdims=True)
-        k = np.asarray(self.scale, dtype=np.float32)
-        return mean + k * (samples_scaled - mean)
+        return _reshape_and_stretch(samples_scaled, self.exponent, self.scale)
 
     def to_dict(self) -> dict:
         """JSON-serializable description."""
@@ -266,6 +262,17 @@ def reshape_tails(samples: np.ndarray, exponent: np.ndarray | float) -> np.ndarr
     return (mean + std * np.sign(d) * np.abs(d) ** g).astype(np.float32)
 
 
+def _reshape_and_stretch(samples: np.ndarray, exponent, scale) -> np.ndarray:
+    """:func:`reshape_tails` by ``exponent``, then stretch by ``scale`` about each mean.
+
+    ``exponent`` and ``scale`` broadcast over the trailing (parameter) axis; float32.
+    """
+    g = np.asarray(exponent, dtype=np.float32)
+    x = samples if np.all(g == 1.0) else reshape_tails(samples, g)
+    mean = x.mean(axis=1, keepdims=True)
+    return mean + np.asarray(scale, dtype=np.float32) * (x - mean)
+
+
 def _admissible_scales(lo, hi, mean, truth) -> tuple[np.ndarray, np.ndarray]:
     """Interval ``[k_min, k_max]`` of spread factors for which truth lies in the stretched HPD.
 
@@ -301,13 +308,14 @@ def _coverage_vs_scale(samples: np.ndarray, truth: np.ndarray, levels, grid) -> 
     return out
 
 
-def _objective(coverage: np.ndarray, levels: np.ndarray, catalog: list[int]):
+def _objective(coverage: np.ndarray, levels: Sequence[float]):
     """Fit objective and mean error of coverage ``(L, K)`` at ``levels`` ``(L,)``, per column.
 
-    Mean ``|coverage - level|`` plus the largest one at the catalog levels (indices
-    ``catalog``).
+    Mean ``|coverage - level|`` plus the largest one at the catalog levels
+    (:data:`CREDIBLE_LEVELS` among ``levels``).
     """
-    abs_error = np.abs(coverage - levels[:, None])
+    catalog = [i for i, level in enumerate(levels) if level in CREDIBLE_LEVELS]
+    abs_error = np.abs(coverage - np.asarray(levels, dtype=np.float64)[:, None])
     error = abs_error.mean(axis=0)
     return error + (abs_error[catalog].max(axis=0) if catalog else 0.0), error
 
@@ -334,15 +342,11 @@ def search_physical_recalibration(
     """
     x = np.asarray(samples_scaled, dtype=np.float32)
     truth = np.asarray(truth, dtype=np.float64)
-    levels_arr = np.asarray(levels, dtype=np.float64)
-    catalog = [i for i, level in enumerate(levels) if level in CREDIBLE_LEVELS]
 
     def score(g: float, k: float) -> float:
-        shaped = x if g == 1.0 else reshape_tails(x, g)
-        mean = shaped.mean(axis=1, keepdims=True)
-        lo, hi = hpd_intervals(to_physical(mean + k * (shaped - mean)), levels)
+        lo, hi = hpd_intervals(to_physical(_reshape_and_stretch(x, g, k)), levels)
         cov = ((lo <= truth) & (truth <= hi)).mean(axis=1)
-        return float(_objective(cov[:, None], levels_arr, catalog)[0][0])
+        return float(_objective(cov[:, None], levels)[0][0])
 
     best = (score(1.0, 1.0), 1.0, 1.0)
     for g in EXPONENT_GRID:
@@ -390,8 +394,6 @@ def fit_recalibration(
             "fit_recalibration: samples (N, T, 3) and truths (N, 3) disagree: "
             f"{samples_scaled.shape} vs {truths_scaled.shape}"
         )
-    levels_arr = np.asarray(levels, dtype=np.float64)
-    catalog = [i for i, level in enumerate(levels) if level in CREDIBLE_LEVELS]
     grid = np.concatenate([SCALE_GRID, [1.0]])
     scale, exponent, before, after = [], [], [], []
     for j in range(samples_scaled.shape[2]):
@@ -405,7 +407,7 @@ def fit_recalibration(
                 raise CalibrationError(
                     f"fit_recalibration: parameter {PARAMETERS[j]}: {exc}"
                 ) from exc
-            objective, error = _objective(cov, levels_arr, catalog)
+            objective, error = _objective(cov, levels)
             if g == 1.0:
                 before.append(float(error[-1]))
             i = int(np.argmin(objective[:-1]))

@@ -68,11 +68,26 @@ def n_in_interval(level: float, n_samples: int) -> int:
     return int(min(n_samples, max(1, math.ceil(level * n_samples - 1e-9))))
 
 
+def _shortest_window(
+    sorted_samples: np.ndarray, k: int, start: np.ndarray | None = None, span: int = 0
+) -> np.ndarray:
+    """First index of each galaxy's shortest window of ``k`` sorted samples.
+
+    With ``start``, the window must lie inside samples ``[start, start + span)`` of its row
+    (the span is the same for every row, so the candidates form a regular array).
+    """
+    if start is None:
+        n_samples = sorted_samples.shape[1]
+        return np.argmin(sorted_samples[:, k - 1 :] - sorted_samples[:, : n_samples - k + 1], 1)
+    rows = np.arange(len(start))[:, None]
+    first = start[:, None] + np.arange(span - k + 1)
+    widths = sorted_samples[rows, first + k - 1] - sorted_samples[rows, first]
+    return first[rows[:, 0], np.argmin(widths, axis=1)]
+
+
 def _hpd_from_sorted(sorted_samples: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
-    n_samples = sorted_samples.shape[1]
-    k = n_in_interval(level, n_samples)
-    widths = sorted_samples[:, k - 1 :] - sorted_samples[:, : n_samples - k + 1]
-    first = np.argmin(widths, axis=1)
+    k = n_in_interval(level, sorted_samples.shape[1])
+    first = _shortest_window(sorted_samples, k)
     rows = np.arange(sorted_samples.shape[0])
     return sorted_samples[rows, first], sorted_samples[rows, first + k - 1]
 
@@ -126,19 +141,15 @@ def _nested_hpd_from_sorted(
     sorted_samples: np.ndarray, levels: Sequence[float]
 ) -> tuple[np.ndarray, np.ndarray]:
     n_gal, n_samples = sorted_samples.shape
-    rows = np.arange(n_gal)[:, None]
+    rows = np.arange(n_gal)
     lo = np.empty((len(levels), n_gal), dtype=sorted_samples.dtype)
     hi = np.empty_like(lo)
-    # Each galaxy's next window must lie inside its previous one: samples
-    # [start, start + span). The span is the same for every galaxy, so the candidate
-    # windows form a regular (N, span - k + 1) array.
-    start, span = np.zeros(n_gal, dtype=np.int64), n_samples
+    # Widest level first; each narrower window is searched inside the previous one.
+    start, span = None, n_samples
     for i in np.argsort(levels, kind="stable")[::-1]:
         k = min(n_in_interval(levels[i], n_samples), span)
-        first = start[:, None] + np.arange(span - k + 1)
-        widths = sorted_samples[rows, first + k - 1] - sorted_samples[rows, first]
-        start = first[rows[:, 0], np.argmin(widths, axis=1)]
-        lo[i], hi[i] = sorted_samples[rows[:, 0], start], sorted_samples[rows[:, 0], start + k - 1]
+        start = _shortest_window(sorted_samples, k, start, span)
+        lo[i], hi[i] = sorted_samples[rows, start], sorted_samples[rows, start + k - 1]
         span = k
     return lo, hi
 

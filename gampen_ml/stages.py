@@ -8,6 +8,7 @@ storage root (``gampen_ml.io.partition_dir``) and publishes its output atomicall
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 from collections.abc import Callable, Mapping, Sequence
@@ -317,13 +318,10 @@ def _recalibrate(
 
         # The scaled-space fit did not help this parameter's physical coverage (B/T: point
         # masses at 0 and 1): search directly on the physical coverage instead.
-        def to_physical(z: np.ndarray, j: int = j) -> np.ndarray:
-            full = np.zeros((*z.shape, len(PARAMETERS)), dtype=np.float32)
-            full[..., j] = z
-            return scaler.inverse(full)[..., j]
-
         exponent[j], scale[j], _ = search_physical_recalibration(
-            samples[:, :, j], truths[p].to_numpy(), to_physical
+            samples[:, :, j],
+            truths[p].to_numpy(),
+            functools.partial(scaler.inverse_parameter, index=j),
         )
         log(
             f"dropout {rate:g}: {p} scaled-space fit (scale {recalibration.scale[j]:.3f}, "

@@ -103,14 +103,20 @@ class LabelScaler:
 
     def inverse(self, scaled: np.ndarray) -> np.ndarray:
         """Scaled ``(..., 3)`` -> physical ``(..., 3)`` float64, B/T snapped to 0/1 at the limits."""
-        z = np.asarray(scaled, dtype=np.float64) * np.asarray(self.std) + np.asarray(self.mean)
-        out = np.empty_like(z)
-        bt = 1.0 / (1.0 + np.exp(-z[..., 0]))
-        bt[bt <= self.bt_low] = 0.0
-        bt[bt >= self.bt_high] = 1.0
-        out[..., 0] = bt
-        out[..., 1:] = np.exp(z[..., 1:])
+        scaled = np.asarray(scaled)
+        out = np.empty(scaled.shape, dtype=np.float64)
+        for j in range(len(PARAMETERS)):
+            out[..., j] = self.inverse_parameter(scaled[..., j], j)
         return out
+
+    def inverse_parameter(self, scaled: np.ndarray, index: int) -> np.ndarray:
+        """One parameter's scaled values (any shape) -> physical float64 (``index`` into
+        :data:`~gampen_ml.config.PARAMETERS`; B/T snapped to 0/1 at the limits)."""
+        z = np.asarray(scaled, dtype=np.float64) * self.std[index] + self.mean[index]
+        if index != 0:
+            return np.exp(z)
+        bt = 1.0 / (1.0 + np.exp(-z))
+        return np.where(bt <= self.bt_low, 0.0, np.where(bt >= self.bt_high, 1.0, bt))
 
     def to_dict(self) -> dict:
         """JSON-serializable description."""

@@ -210,15 +210,8 @@ class GaMPEN(nn.Module):
         bn = network_cfg.batch_norm
 
         def conv(c_in: int, c_out: int) -> list[nn.Module]:
-            layers = [nn.Conv2d(c_in, c_out, 3, padding=1)]
-            return (
-                [*layers, nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
-                if bn
-                else [
-                    *layers,
-                    nn.ReLU(inplace=True),
-                ]
-            )
+            norm = [nn.BatchNorm2d(c_out)] if bn else []
+            return [nn.Conv2d(c_in, c_out, 3, padding=1), *norm, nn.ReLU(inplace=True)]
 
         self.first_conv = nn.Sequential(*conv(network_cfg.in_channels, first))
         layers: list[nn.Module] = []
