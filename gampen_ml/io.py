@@ -6,7 +6,9 @@ Every asset partition lives in its own folder under the storage root::
 
 A partition is written into a hidden temporary sibling folder and renamed into place
 only when complete (:func:`atomic_partition_dir`), so a crash never leaves a half
-partition visible and readers only ever see whole partitions.
+partition visible and readers only ever see whole partitions. The temporary folder's name
+carries its writer's process id and host; the next writer of the same partition removes
+the leftovers of writers on its host that no longer run (a killed run's half shard).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,14 +61,15 @@ def atomic_partition_dir(final: Path | str) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    remove_stale_partition_dirs(final)
+    tmp = final.parent / f".tmp-{final.name}-{_writer_token()}"
     tmp.mkdir()
     try:
         yield tmp
         _fsync_tree(tmp)
         old = None
         if final.exists():
-            old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+            old = final.parent / f".old-{final.name}-{_writer_token()}"
             os.replace(final, old)
         os.replace(tmp, final)
         if old is not None:
@@ -72,6 +77,44 @@ def atomic_partition_dir(final: Path | str) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _writer_token() -> str:
+    """``<8 hex>-<pid>@<host>``: unique, and says which process on which host wrote it."""
+    return f"{uuid.uuid4().hex[:8]}-{os.getpid()}@{socket.gethostname()}"
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_partition_dirs(final: Path | str) -> list[Path]:
+    """Remove ``.tmp-``/``.old-`` siblings of ``final`` left by dead writers on this host.
+
+    Only folders named by :func:`atomic_partition_dir` whose process id no longer runs on
+    this host are removed; a live writer's folder, or one from another host (which cannot
+    be checked from here), is kept. Returns the removed folders.
+    """
+    final = Path(final)
+    pattern = re.compile(rf"^\.(?:tmp|old)-{re.escape(final.name)}-[0-9a-f]{{8}}-(\d+)@(.+)$")
+    host = socket.gethostname()
+    removed = []
+    if not final.parent.is_dir():
+        return removed
+    for entry in final.parent.iterdir():
+        match = pattern.match(entry.name)
+        if match is None or match.group(2) != host or not entry.is_dir():
+            continue
+        if int(match.group(1)) != os.getpid() and not _pid_running(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
 
 
 @contextlib.contextmanager

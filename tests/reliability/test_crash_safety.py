@@ -113,6 +113,8 @@ def test_shard_killed_mid_render_leaves_nothing_and_rerun_is_byte_identical(tiny
         for name in ("images.npy", "labels.parquet"):
             assert (final / name).read_bytes() == (reference / name).read_bytes(), name
     assert visible(shards_dir) == ["shard-000"]
+    # The killed writer's torn folder was removed by the rerun (its process is gone).
+    assert not hidden[0].exists() and sorted(p.name for p in shards_dir.iterdir()) == ["shard-000"]
     ensure_schema(tmp_path / "g.duckdb", root)
     rows = query(tmp_path / "g.duckdb", "SELECT count(*) AS n FROM simulations")
     assert rows[0]["n"] == open_shard(final)[1].height
