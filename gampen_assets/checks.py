@@ -453,7 +453,8 @@ def check_catalog(settings: GampenSettings, key: str) -> AssetCheckResult:
 
 def check_flags(settings: GampenSettings, key: str) -> AssetCheckResult:
     """The body of ``flags_consistent_with_catalog`` for partition ``key``, callable without Dagster."""
-    from gampen_ml.flags import FLAG_COLUMNS, compute_flags
+    from gampen_ml.flags import FLAG_COLUMNS, OPTIONAL_FLAG_COLUMNS
+    from gampen_ml.stages import catalog_flags
 
     root = settings.root()
     catalog = pl.read_parquet(partition_dir(root, "posterior_catalog", key) / "catalog.parquet")
@@ -468,11 +469,12 @@ def check_flags(settings: GampenSettings, key: str) -> AssetCheckResult:
         )
     mismatches = {}
     if not problems:
-        expected = compute_flags(catalog, settings.profile().flags)
+        expected = catalog_flags(catalog, settings.profile(), root)
+        columns = [*FLAG_COLUMNS, *(c for c in OPTIONAL_FLAG_COLUMNS if c in expected.columns)]
         mismatches = {
-            c: int((flags[c] != expected[c]).sum()) for c in FLAG_COLUMNS if c in flags.columns
+            c: int((flags[c] != expected[c]).sum()) for c in columns if c in flags.columns
         }
-        missing = [c for c in FLAG_COLUMNS if c not in flags.columns]
+        missing = [c for c in columns if c not in flags.columns]
         if missing:
             problems.append(f"missing flag columns {missing}")
         if any(mismatches.values()):

@@ -55,6 +55,7 @@ def _catalog_schema() -> dict[str, pl.DataType]:
             "component_true": pl.String(),
             "magnitude_mode": pl.Float64(),
             "asymmetry": pl.Float64(),
+            "psf_fwhm_arcsec": pl.Float64(),
             "model_name": pl.String(),
             "model_version": pl.String(),
             "dropout_rate": pl.Float64(),
@@ -70,11 +71,11 @@ def _catalog_schema() -> dict[str, pl.DataType]:
 CATALOG_SCHEMA: dict[str, pl.DataType] = _catalog_schema()
 #: Columns that may hold nulls (real cutouts have no truth; simulations no FITS origin).
 NULLABLE_COLUMNS: frozenset[str] = frozenset(
-    {"source_file", "hdu", "ra_deg", "dec_deg", "component_true", "asymmetry"}
+    {"source_file", "hdu", "ra_deg", "dec_deg", "component_true", "asymmetry", "psf_fwhm_arcsec"}
     | {f"{p}_true" for p in PARAMETERS}
 )
 #: Optional per-galaxy metadata columns taken from ``meta`` when present.
-META_COLUMNS = ("source_file", "hdu", "ra_deg", "dec_deg")
+META_COLUMNS = ("source_file", "hdu", "ra_deg", "dec_deg", "psf_fwhm_arcsec")
 
 
 class CatalogSchemaError(ValueError):
@@ -146,7 +147,7 @@ def build_catalog(
         :func:`gampen_ml.posterior.summarize` output, ``N`` rows.
     meta : pl.DataFrame
         ``N`` rows with ``galaxy_id`` and optionally ``source_file``, ``hdu``, ``ra_deg``,
-        ``dec_deg`` (missing ones become null).
+        ``dec_deg``, ``psf_fwhm_arcsec`` (missing ones become null).
     truths : pl.DataFrame or None
         ``N`` rows with ``bt``, ``re_arcsec``, ``flux_nJy`` and optionally ``component``
         (e.g. the simulation labels); ``None`` for real cutouts.

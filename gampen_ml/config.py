@@ -142,6 +142,12 @@ class NetworkConfig:
     #: small ``quick`` network learn in a few hundred steps. Eval mode at inference, so MC
     #: dropout stays the only source of epistemic spread.
     batch_norm: bool = False
+    #: The STN's zoom factor is ``lo + (hi - lo) sigmoid(z)`` of the regressor output ``z``
+    #: (initialised at ``s = 1``), not ``z`` itself. Not in the paper: unbounded, one bad
+    #: step can push ``s`` to hundreds, the sampling grid leaves the frame, the crop is all
+    #: zeros and no gradient brings it back (the network collapses to a constant predictor;
+    #: seen in a ``quick`` training). ``None`` = unbounded (models saved before this field).
+    stn_zoom_range: tuple[float, float] | None = (0.1, 1.25)
     in_channels: int = 1
     n_outputs: int = 9
 
@@ -220,6 +226,10 @@ class FlagConfig:
     #: asymmetry (``gampen_ml.flags.image_asymmetry``) exceeds this; only when the catalog
     #: carries an ``asymmetry`` column.
     max_asymmetry: float = 0.01
+    #: A galaxy is "psf_outside_library" when its cutout's PSF FWHM (catalog column
+    #: ``psf_fwhm_arcsec``, from the FITS file) lies more than this fraction outside the
+    #: FWHM range of the PSF library the model was trained with.
+    psf_fwhm_tolerance: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -262,6 +272,12 @@ def validate_profile(profile: Profile) -> None:
         )
     if len(set(rates)) != len(rates):
         raise ConfigError(f"profile {profile.name!r}: calibration.dropout_rates has duplicates")
+    zoom = profile.network.stn_zoom_range
+    if zoom is not None and not (len(zoom) == 2 and 0 < zoom[0] < 1 < zoom[1]):
+        raise ConfigError(
+            f"profile {profile.name!r}: network.stn_zoom_range must be (lo, hi) with "
+            f"0 < lo < 1 < hi, got {zoom}"
+        )
     fractions = profile.simulation.split_fractions
     if abs(sum(fractions) - 1.0) > 1e-9 or min(fractions) <= 0:
         raise ConfigError(

@@ -32,6 +32,12 @@ Validation and repairs (each repair is written to the ``repairs`` column)
 * RA/Dec of the stamp centre from the celestial WCS when a 2-D image has one (an
   invalid WCS is ignored and noted); cube planes take RA/Dec from a binary-table HDU
   with ``RA``/``DEC`` columns (degrees, one row per plane) when present, else null.
+* PSF FWHM (arcsec), for the ``psf_outside_library`` flag, from the first of: a
+  ``PSF_FWHM`` header keyword (image HDU, else primary); a ``PSF_FWHM`` column of the
+  binary table of a cube (one row per plane); an image HDU named ``PSF`` (2-D, shared by
+  every plane, or 3-D, one PSF per plane), measured with
+  :func:`gampen_ml.sim.psf.measure_fwhm_arcsec`. Null when the file carries none; a
+  value that is not a positive number rejects the file.
 """
 
 from __future__ import annotations
@@ -68,6 +74,7 @@ TABLE_SCHEMA = {
     "ra_deg": pl.Float64,
     "dec_deg": pl.Float64,
     "pixel_scale_arcsec": pl.Float64,
+    "psf_fwhm_arcsec": pl.Float64,
     "repairs": pl.String,
 }
 
@@ -106,6 +113,7 @@ class CutoutBatch:
         0..N-1), ``source_file`` (relative to ``root``), ``hdu`` (HDU index of a 2-D
         image, plane index of a cube, as in ``docs/catalog.md``), ``ra_deg``,
         ``dec_deg``, ``pixel_scale_arcsec`` (null when the header has none),
+        ``psf_fwhm_arcsec`` (null when the file carries no PSF information),
         ``repairs`` (semicolon-separated, empty when none).
     rejections : list[Rejection]
         One per rejected file.
@@ -205,16 +213,54 @@ def _centre_radec(header: fits.Header, shape_yx: tuple[int, int]) -> tuple[float
     return float(icrs.ra.deg), float(icrs.dec.deg)
 
 
-def _cube_radec(hdul: fits.HDUList, n_planes: int) -> tuple[np.ndarray, np.ndarray] | None:
+def _plane_columns(hdul: fits.HDUList, n_planes: int, names: tuple[str, ...]):
+    """Columns ``names`` (float64) of the first binary table with them and one row per plane."""
     for hdu in hdul:
         if isinstance(hdu, fits.BinTableHDU):
             columns = {c.upper(): c for c in hdu.columns.names}
-            if "RA" in columns and "DEC" in columns and len(hdu.data) == n_planes:
-                return (
-                    np.asarray(hdu.data[columns["RA"]], dtype=np.float64),
-                    np.asarray(hdu.data[columns["DEC"]], dtype=np.float64),
-                )
+            if all(n in columns for n in names) and len(hdu.data) == n_planes:
+                return tuple(np.asarray(hdu.data[columns[n]], dtype=np.float64) for n in names)
     return None
+
+
+def _psf_fwhm_arcsec(
+    hdul: fits.HDUList, header: fits.Header, n_planes: int, cube: bool, scale: float, path: Path
+) -> np.ndarray:
+    """``(n_planes,)`` PSF FWHM in arcsec from the file (see the module docstring), NaN if none."""
+    from gampen_ml.sim.psf import measure_fwhm_arcsec
+
+    fwhm = np.full(n_planes, np.nan)
+    for source in (header, hdul[0].header):
+        if "PSF_FWHM" in source:
+            value = source["PSF_FWHM"]
+            try:
+                fwhm[:] = float(value)
+            except (TypeError, ValueError):
+                fwhm[:] = np.nan
+            where = f"header PSF_FWHM = {value!r}"
+            break
+    else:
+        column = _plane_columns(hdul, n_planes, ("PSF_FWHM",)) if cube else None
+        names = [h.name.upper() for h in hdul]
+        if column is not None:
+            fwhm, where = column[0], "table column PSF_FWHM"
+        elif "PSF" in names:
+            psf = hdul[names.index("PSF")].data
+            psf = None if psf is None else np.asarray(psf, dtype=np.float64)
+            if psf is None or psf.ndim not in (2, 3) or (psf.ndim == 3 and len(psf) != n_planes):
+                shape = None if psf is None else psf.shape
+                raise CutoutError(
+                    path, f"PSF HDU has shape {shape}; expected 2-D or ({n_planes}, ny, nx)"
+                )
+            planes = psf if psf.ndim == 3 else psf[None]
+            measured = np.array([measure_fwhm_arcsec(p, scale) for p in planes])
+            fwhm[:] = measured if psf.ndim == 3 else measured[0]
+            where = "PSF HDU (measured FWHM)"
+        else:
+            return fwhm
+    if not (np.all(np.isfinite(fwhm)) and np.all(fwhm > 0)):
+        raise CutoutError(path, f"{where}: PSF FWHM must be positive arcsec, got {fwhm[:5]}")
+    return fwhm
 
 
 def fit_to_stamp(image: np.ndarray, stamp_px: int) -> np.ndarray:
@@ -323,7 +369,19 @@ def load_cutout_file(
                 index, hdu = _image_hdu(hdul, path)
                 data = np.asarray(hdu.data)
                 header = hdu.header.copy()
-                cube_radec = _cube_radec(hdul, data.shape[0]) if data.ndim == 3 else None
+                n_planes = data.shape[0] if data.ndim == 3 else 1
+                cube_radec = (
+                    _plane_columns(hdul, n_planes, ("RA", "DEC")) if data.ndim == 3 else None
+                )
+                scale = _pixel_scale_arcsec(header, path)
+                psf_fwhm = _psf_fwhm_arcsec(
+                    hdul,
+                    header,
+                    n_planes,
+                    data.ndim == 3,
+                    scale or imaging.pixel_scale_arcsec,
+                    path,
+                )
     except CutoutError:
         raise
     except Exception as exc:  # astropy signals bad/truncated files with many types
@@ -352,7 +410,6 @@ def load_cutout_file(
     if (ny, nx) != (stamp_px, stamp_px):
         repairs.append(f"{ny}x{nx}->{stamp_px}x{stamp_px} centred crop/pad")
 
-    scale = _pixel_scale_arcsec(header, path)
     if scale is not None:
         expected = imaging.pixel_scale_arcsec
         if not np.isfinite(scale) or abs(scale / expected - 1.0) > PIXEL_SCALE_TOLERANCE:
@@ -395,10 +452,15 @@ def load_cutout_file(
             "ra_deg": ra,
             "dec_deg": dec,
             "pixel_scale_arcsec": [scale] * n,
+            "psf_fwhm_arcsec": psf_fwhm,
             "repairs": repair_text,
         },
         schema=TABLE_SCHEMA,
-    ).with_columns(pl.col("ra_deg").fill_nan(None), pl.col("dec_deg").fill_nan(None))
+    ).with_columns(
+        pl.col("ra_deg").fill_nan(None),
+        pl.col("dec_deg").fill_nan(None),
+        pl.col("psf_fwhm_arcsec").fill_nan(None),
+    )
     return stamps, table
 
 

@@ -12,6 +12,11 @@ convolved with a sheared Moffat PSF, all centred on the stamp, hence exactly sym
 under a 180-degree rotation about the central pixel. Knots, off-centre bulges and
 neighbours break that symmetry, and on them coverage fails while the posterior widths
 (``unreliable``) do not react (``docs/validation.md``, "Beyond the training distribution").
+
+Optional ``psf_outside_library`` flag (when the catalog has a ``psf_fwhm_arcsec`` column and
+the caller passes the training PSF library's FWHM range): a PSF wider or sharper than any
+the network saw biases Re while the image stays point-symmetric, so no image flag can
+catch it; the cutout's PSF FWHM (from its FITS file) can.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from gampen_ml.config import FlagConfig
 
 FLAG_COLUMNS = ("bulge_dominated", "disk_dominated", "small", "unreliable")
 #: Flags added only when the catalog carries their input column (``asymmetry``).
-OPTIONAL_FLAG_COLUMNS = ("asymmetric",)
+OPTIONAL_FLAG_COLUMNS = ("asymmetric", "psf_outside_library")
 
 FLAGS_SCHEMA: dict[str, pl.DataType] = {
     "galaxy_id": pl.Int64(),
@@ -43,7 +48,11 @@ def _require(catalog: pl.DataFrame, columns: list[str], where: str) -> None:
         raise FlagError(f"{where}: catalog lacks column(s) {missing}")
 
 
-def compute_flags(catalog: pl.DataFrame, cfg: FlagConfig) -> pl.DataFrame:
+def compute_flags(
+    catalog: pl.DataFrame,
+    cfg: FlagConfig,
+    psf_fwhm_range: tuple[float, float] | None = None,
+) -> pl.DataFrame:
     """Qualitative flags per galaxy.
 
     Parameters
@@ -53,6 +62,11 @@ def compute_flags(catalog: pl.DataFrame, cfg: FlagConfig) -> pl.DataFrame:
         ``bt_mode``, ``re_arcsec_mode``, ``flux_nJy_mode`` and the 68.27 % HPD bounds.
     cfg : FlagConfig
         Thresholds.
+    psf_fwhm_range : (float, float), optional
+        FWHM range (arcsec) of the training PSF library
+        (:func:`gampen_ml.sim.psf.library_fwhm_range`); with it and a ``psf_fwhm_arcsec``
+        column, ``psf_outside_library`` is added: the cutout's PSF FWHM is known and lies
+        outside the range widened by ``cfg.psf_fwhm_tolerance`` (unknown: False).
 
     Returns
     -------
@@ -61,7 +75,8 @@ def compute_flags(catalog: pl.DataFrame, cfg: FlagConfig) -> pl.DataFrame:
         ``disk_dominated`` (``bt_mode <= disk_dominated_max_bt``), ``small``
         (``re_arcsec_mode < small_max_re_arcsec``), ``unreliable`` (68.27 % HPD width of
         B/T above ``max_bt_width``, or of Re / flux relative to the mode above
-        ``max_re_fractional_width`` / ``max_flux_fractional_width``).
+        ``max_re_fractional_width`` / ``max_flux_fractional_width``); plus the optional
+        ``asymmetric`` and ``psf_outside_library`` when their inputs exist.
     """
     needed = ["galaxy_id", "dataset", "bt_mode", "re_arcsec_mode", "flux_nJy_mode"] + [
         f"{p}_hpd68_{side}" for p in ("bt", "re_arcsec", "flux_nJy") for side in ("lo", "hi")
@@ -74,6 +89,13 @@ def compute_flags(catalog: pl.DataFrame, cfg: FlagConfig) -> pl.DataFrame:
     optional = []
     if "asymmetry" in catalog.columns:
         optional.append((pl.col("asymmetry") > cfg.max_asymmetry).alias("asymmetric"))
+    if psf_fwhm_range is not None and "psf_fwhm_arcsec" in catalog.columns:
+        lo, hi = psf_fwhm_range
+        fwhm = pl.col("psf_fwhm_arcsec")
+        outside = (fwhm < lo * (1.0 - cfg.psf_fwhm_tolerance)) | (
+            fwhm > hi * (1.0 + cfg.psf_fwhm_tolerance)
+        )
+        optional.append(outside.fill_null(False).alias("psf_outside_library"))
     return catalog.select(
         pl.col("galaxy_id").cast(pl.Int64),
         pl.col("dataset").cast(pl.String),

@@ -10,8 +10,10 @@ with the profile's passes and draws) and the qualitative flags
   (``affected``), and the ``nominal`` control's coverage on the *same* galaxies;
 * bias and sigma of the residuals ``mode - true`` (B/T) or ``(mode - true) / true``
   (``re_arcsec``, ``flux_nJy``);
-* the fraction flagged by each reliability flag (``unreliable``, and ``asymmetric`` when the
-  flags provide it) and the coverage among the galaxies not flagged.
+* the fraction flagged by each reliability flag (``unreliable``, and ``asymmetric`` /
+  ``psf_outside_library`` when the flags provide them) and the coverage among the galaxies
+  not flagged. Each variant's catalog carries the PSF FWHM each galaxy was drawn with, and
+  the flags know the library's FWHM range, as an inbox batch with PSF metadata would.
 
 :func:`misspecification_report` writes the table as Markdown and JSON.
 :func:`real_galaxy_stamps` / :func:`real_galaxy_report` draw the five AEGIS HST galaxies of
@@ -47,11 +49,11 @@ from gampen_ml.posterior import level_tag
 from gampen_ml.sim.misspecified import VARIANTS, render_misspecified
 from gampen_ml.sim.noise import NoisePool, draw_noise, read_noise_pool
 from gampen_ml.sim.parameters import quantize_sersic_n, sample_parameters
-from gampen_ml.sim.psf import read_psf_library
+from gampen_ml.sim.psf import library_fwhm_range, read_psf_library
 from gampen_ml.sim.render import SERSIC_N_STEP
 
 #: Flags that mark a posterior as not to be trusted, when the flag table has them.
-RELIABILITY_FLAGS: tuple[str, ...] = ("unreliable", "asymmetric")
+RELIABILITY_FLAGS: tuple[str, ...] = ("unreliable", "asymmetric", "psf_outside_library")
 #: Level tags in the order of :data:`CREDIBLE_LEVELS` (``68``, ``95``, ``99``).
 TAGS: tuple[str, ...] = tuple(level_tag(lv).removeprefix("hpd") for lv in CREDIBLE_LEVELS)
 
@@ -71,6 +73,8 @@ TABLE_SCHEMA: dict[str, pl.DataType] = {
     "control_unreliable_fraction": pl.Float64(),
     "asymmetric_fraction": pl.Float64(),
     "control_asymmetric_fraction": pl.Float64(),
+    "psf_outside_library_fraction": pl.Float64(),
+    "control_psf_outside_library_fraction": pl.Float64(),
     "n_reliable": pl.Int64(),
     **{f"reliable_coverage_{t}": pl.Float64() for t in TAGS},
     "n_not_flagged": pl.Int64(),
@@ -241,6 +245,7 @@ def evaluate_misspecification(
             f"profile {profile.name!r} stamp size {profile.imaging.stamp_size_px}"
         )
     cube, _ = read_psf_library(psf_dir)
+    fwhm_range = library_fwhm_range(psf_dir)
     pool = read_noise_pool(noise_dir)
     rng = np.random.default_rng(derive_seed(seed, "misspecification", "parameters"))
     params = sample_parameters(profile.simulation.priors, n_per_variant, rng)
@@ -260,7 +265,7 @@ def evaluate_misspecification(
             model,
             scaler,
             images,
-            labels.select("galaxy_id"),
+            labels.select("galaxy_id", "psf_fwhm_arcsec"),
             n_passes=inference.n_passes,
             draws_per_pass=inference.draws_per_pass,
             seed=mc_seed,
@@ -273,7 +278,7 @@ def evaluate_misspecification(
         catalog = catalog.with_columns(
             pl.Series("asymmetry", image_asymmetry(images), dtype=pl.Float64)
         )
-        flags = compute_flags(catalog, profile.flags)
+        flags = compute_flags(catalog, profile.flags, psf_fwhm_range=fwhm_range)
         folder = out_dir / variant
         folder.mkdir(exist_ok=True)
         catalog.write_parquet(folder / "catalog.parquet")
@@ -319,8 +324,9 @@ def misspecification_markdown(table: pl.DataFrame) -> str:
     lines = [
         "| variant | parameter | N | coverage 68/95/99 % | control 68/95/99 % | bias | σ "
         "| control bias / σ | unreliable % (control) | asymmetric % (control) "
+        "| PSF outside library % (control) "
         "| coverage 68/95/99 % not unreliable (N) | coverage 68/95/99 % not flagged (N) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table.iter_rows(named=True):
         cov = "/".join(_pct(r[f"coverage_{t}"]) for t in TAGS)
@@ -333,6 +339,8 @@ def misspecification_markdown(table: pl.DataFrame) -> str:
             f"| {_fmt(r['control_bias'])} / {_fmt(r['control_sigma'])} "
             f"| {_pct(r['unreliable_fraction'])} ({_pct(r['control_unreliable_fraction'])}) "
             f"| {_pct(r['asymmetric_fraction'])} ({_pct(r['control_asymmetric_fraction'])}) "
+            f"| {_pct(r['psf_outside_library_fraction'])} "
+            f"({_pct(r['control_psf_outside_library_fraction'])}) "
             f"| {rel} ({r['n_reliable']}) | {nfl} ({r['n_not_flagged']}) |"
         )
     return "\n".join(lines) + "\n"
@@ -368,7 +376,8 @@ def misspecification_report(
         "variant changes; control = the nominal (training-distribution) catalog of the same "
         "galaxies. Residuals: B/T `mode - true`; Re and flux `(mode - true) / true`. "
         "`unreliable`: posterior wider than the FlagConfig limits; `asymmetric`: image "
-        "asymmetry above its limit (when the flags provide it).\n\n"
+        "asymmetry above its limit; `psf_outside_library`: the cutout's PSF FWHM lies outside "
+        "the training PSF library's range (when the flags provide them).\n\n"
         + misspecification_markdown(table)
     )
     with atomic_file(md) as tmp:
@@ -511,7 +520,7 @@ def real_galaxy_report(
     catalog = catalog.with_columns(
         pl.Series("asymmetry", image_asymmetry(images), dtype=pl.Float64)
     )
-    flags = compute_flags(catalog, profile.flags)
+    flags = compute_flags(catalog, profile.flags, psf_fwhm_range=library_fwhm_range(psf_dir))
     out = pl.concat(
         [
             table.select("ident", "catalog_mag", "magnitude_drawn", "dilation"),

@@ -408,6 +408,21 @@ def calibrate_and_publish(
     return result
 
 
+def catalog_flags(catalog: pl.DataFrame, profile: Profile, root: Path) -> pl.DataFrame:
+    """:func:`gampen_ml.flags.compute_flags` with the training PSF library's FWHM range.
+
+    The range (``psf_library/all/psfs.parquet``) enables ``psf_outside_library``; without a
+    stored library that flag is left out.
+    """
+    from gampen_ml.flags import compute_flags
+
+    psf_dir = partition_dir(root, "psf_library")
+    fwhm_range = (
+        psf.library_fwhm_range(psf_dir) if (psf_dir / psf.PSF_TABLE_FILE).is_file() else None
+    )
+    return compute_flags(catalog, profile.flags, psf_fwhm_range=fwhm_range)
+
+
 def read_calibration(root: Path) -> dict:
     """``calibration.json`` of ``calibrated_dropout_rate`` plus its ``recalibration``."""
     folder = partition_dir(root, "calibrated_dropout_rate")

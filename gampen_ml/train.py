@@ -445,7 +445,11 @@ def load_trained_model(
             f"expected {MODEL_FORMAT!r}"
         )
     device = torch.device(device or "cpu")
-    model = GaMPEN(NetworkConfig(**meta["network"]), meta["dropout_rate"], meta["image_px"])
+    network = dict(meta["network"])
+    # Saved before the STN zoom was bounded: keep the unbounded zoom the weights were fit with.
+    zoom = network.get("stn_zoom_range")
+    network["stn_zoom_range"] = None if zoom is None else tuple(zoom)
+    model = GaMPEN(NetworkConfig(**network), meta["dropout_rate"], meta["image_px"])
     try:
         state = torch.load(model_dir / STATE_DICT_FILE, map_location=device, weights_only=True)
     except Exception as exc:

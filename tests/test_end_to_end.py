@@ -76,12 +76,14 @@ def test_pipeline_materializes_every_asset(home):
     assert (home / "mlflow.db").is_file() and (home / "gampen.duckdb").is_file()
 
 
-def _write_batch(inbox: Path, images: np.ndarray) -> Path:
+def _write_batch(inbox: Path, images: np.ndarray, psf_fwhm: list[float | None]) -> Path:
     batch = inbox / "night-001"
     batch.mkdir(parents=True)
-    for i, image in enumerate(images):
+    for i, (image, fwhm) in enumerate(zip(images, psf_fwhm, strict=True)):
         hdu = fits.PrimaryHDU(np.asarray(image, dtype=">f4"))  # big-endian, as telescopes write
         hdu.header["PIXSCALE"] = 0.168
+        if fwhm is not None:
+            hdu.header["PSF_FWHM"] = fwhm
         hdu.writeto(batch / f"galaxy_{i}.fits")
     (batch / "truncated.fits").write_bytes((batch / "galaxy_0.fits").read_bytes()[:3000])
     (batch / "_READY").touch()
@@ -101,7 +103,11 @@ def test_inbox_batch_is_catalogued_by_the_daemon(home):
         start_new_session=True,
     )
     try:
-        _write_batch(home / "inbox", images)
+        library = pl.read_parquet(data / "psf_library/all/psfs.parquet")["measured_fwhm_arcsec"]
+        # galaxy_0 seen through a PSF far wider than the library's, galaxy_1 within, galaxy_2
+        # without PSF information.
+        psf_fwhm = [2.5 * library.max(), float(library.median()), None]
+        _write_batch(home / "inbox", images, psf_fwhm)
         plots = data / "diagnostic_plots" / "night-001" / "index.md"
         deadline = time.monotonic() + 900
         while not plots.exists() and time.monotonic() < deadline:
@@ -120,6 +126,12 @@ def test_inbox_batch_is_catalogued_by_the_daemon(home):
     assert catalog["bt_true"].null_count() == 3
     flags = pl.read_parquet(data / "qualitative_flags/night-001/flags.parquet")
     assert flags.height == 3
+    by_file = flags.join(catalog.select("galaxy_id", "source_file"), on="galaxy_id").sort(
+        "source_file"
+    )
+    assert by_file["psf_outside_library"].to_list() == [True, False, False]
+    fwhm_column = catalog.sort("source_file")["psf_fwhm_arcsec"].to_list()
+    assert fwhm_column[1] == pytest.approx(psf_fwhm[1], rel=1e-12) and fwhm_column[2] is None
     reasons = list((home / "quarantine").rglob("truncated.fits*reason*"))
     assert reasons and reasons[0].read_text().strip()
 

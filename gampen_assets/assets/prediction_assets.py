@@ -149,15 +149,17 @@ def posterior_catalog(
 @asset(
     group_name=GROUP,
     owners=OWNERS,
-    code_version="1",
+    code_version="2",
     kinds={"polars", "parquet"},
     partitions_def=datasets,
-    deps=["posterior_catalog"],
+    deps=["posterior_catalog", "psf_library"],
     pool="duckdb",
     retry_policy=TRANSIENT_RETRY,
     description=(
         "Qualitative flags per galaxy (paper §6.4, §7): bulge-dominated (B/T >= 0.85), "
         'disk-dominated (B/T <= 0.1), small (Re < 1"), and unreliable (68 % HPD too wide); '
+        "beyond the training set: asymmetric (image not point-symmetric) and "
+        "psf_outside_library (cutout PSF FWHM outside the training PSF library's range); "
         "thresholds from profile.flags. flags.parquet; DuckDB view flags."
     ),
 )
@@ -165,7 +167,7 @@ def qualitative_flags(
     context: AssetExecutionContext, settings: GampenSettings
 ) -> MaterializeResult:
     from gampen_ml.catalog import read_catalog
-    from gampen_ml.flags import FLAG_COLUMNS, compute_flags
+    from gampen_ml.flags import FLAG_COLUMNS, OPTIONAL_FLAG_COLUMNS
 
     started_at = datetime.now(UTC)
     profile = settings.profile()
@@ -175,10 +177,10 @@ def qualitative_flags(
     catalog = read_catalog(catalog_dir)
     out = partition_dir(root, "qualitative_flags", key)
     with fail_fast_on_bad_input(), atomic_partition_dir(out) as tmp:
-        flags = compute_flags(catalog, profile.flags)
+        flags = stages.catalog_flags(catalog, profile, root)
         flags.write_parquet(tmp / "flags.parquet")
     version = folder_version(out)
-    counts = {c: int(flags[c].sum()) for c in FLAG_COLUMNS}
+    counts = {c: int(flags[c].sum()) for c in (*FLAG_COLUMNS, *OPTIONAL_FLAG_COLUMNS) if c in flags}
     context.log.info(f"{key}: {counts} of {flags.height} galaxies")
     metadata = {
         "dagster/row_count": flags.height,
@@ -193,7 +195,10 @@ def qualitative_flags(
         asset="qualitative_flags",
         partition=key,
         data_version=version,
-        upstream=[upstream_version(context, root, "posterior_catalog", key)],
+        upstream=[
+            upstream_version(context, root, "posterior_catalog", key),
+            upstream_version(context, root, "psf_library"),
+        ],
         input_paths=[catalog_dir / "catalog.parquet"],
         row_count=flags.height,
         started_at=started_at,

@@ -14,6 +14,8 @@ galaxy and :meth:`GaMPEN.stochastic_tail` T times for Monte-Carlo dropout.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -69,6 +71,10 @@ class ZoomSTN(nn.Module):
     supersample : int
         Sample a grid this many times finer than the output and average-pool it back
         (anti-aliased area resampling; 1 = plain bilinear, as in the paper).
+    zoom_range : (float, float) or None
+        ``(lo, hi)`` with ``lo < 1 < hi``: ``s = lo + (hi - lo) sigmoid(z)`` of the regressor
+        output ``z``, so no step can zoom the grid off the frame (``NetworkConfig``);
+        ``None``: ``s = z`` (unbounded, as in the paper).
     """
 
     def __init__(
@@ -79,8 +85,12 @@ class ZoomSTN(nn.Module):
         width_multiplier: float = 1.0,
         localization_pool: int = 1,
         supersample: int = 1,
+        zoom_range: tuple[float, float] | None = None,
     ) -> None:
         super().__init__()
+        if zoom_range is not None and not 0 < zoom_range[0] < 1 < zoom_range[1]:
+            raise ValueError(f"ZoomSTN: zoom_range must satisfy 0 < lo < 1 < hi, got {zoom_range}")
+        self.zoom_range = None if zoom_range is None else tuple(float(v) for v in zoom_range)
         self.output_px = output_px
         self.localization_pool = localization_pool
         self.supersample = supersample
@@ -109,7 +119,11 @@ class ZoomSTN(nn.Module):
         )
         # Start at the identity transform (s = 1), as in Jaderberg et al. (2015).
         nn.init.zeros_(self.regressor[-1].weight)
-        nn.init.ones_(self.regressor[-1].bias)
+        if self.zoom_range is None:
+            nn.init.ones_(self.regressor[-1].bias)
+        else:
+            lo, hi = self.zoom_range
+            nn.init.constant_(self.regressor[-1].bias, math.log((1 - lo) / (hi - 1)))
 
     def _resampling_matrix(
         self, s: torch.Tensor, image_px: int, like: torch.Tensor
@@ -148,7 +162,11 @@ class ZoomSTN(nn.Module):
         """Zoom factor ``s`` per image: ``(N, C, S, S)`` -> ``(N,)``."""
         if self.localization_pool > 1:
             x = F.avg_pool2d(x, self.localization_pool)
-        return self.regressor(self.localization(x)).squeeze(1)
+        z = self.regressor(self.localization(x)).squeeze(1)
+        if self.zoom_range is None:
+            return z
+        lo, hi = self.zoom_range
+        return lo + (hi - lo) * torch.sigmoid(z)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Crop ``(N, C, S, S)`` to ``(N, C, P, P)``; also return the scales ``(N,)``."""
@@ -203,6 +221,7 @@ class GaMPEN(nn.Module):
             width_multiplier=m,
             localization_pool=network_cfg.stn_localization_pool,
             supersample=network_cfg.stn_supersample,
+            zoom_range=network_cfg.stn_zoom_range,
         )
         widths = [scaled_width(v, m) if isinstance(v, int) else v for v in VGG16_LAYERS]
         first = widths[0]

@@ -159,6 +159,17 @@ def write_psf_library(folder: Path | str, cube: np.ndarray, table: pl.DataFrame)
     table.write_parquet(folder / PSF_TABLE_FILE)
 
 
+def library_fwhm_range(folder: Path | str) -> tuple[float, float]:
+    """Smallest and largest measured FWHM (arcsec) of the library in ``folder``."""
+    path = Path(folder) / PSF_TABLE_FILE
+    if not path.is_file():
+        raise StorageError(f"missing PSF library file {path}")
+    fwhm = pl.read_parquet(path, columns=["measured_fwhm_arcsec"])["measured_fwhm_arcsec"]
+    if fwhm.len() == 0 or fwhm.null_count():
+        raise StorageError(f"{path}: measured_fwhm_arcsec is empty or has nulls")
+    return float(fwhm.min()), float(fwhm.max())
+
+
 def read_psf_library(folder: Path | str) -> tuple[np.ndarray, pl.DataFrame]:
     """Read a library written by :func:`write_psf_library`: ``((n, s, s) float32, table)``."""
     folder = Path(folder)

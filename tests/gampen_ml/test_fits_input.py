@@ -227,3 +227,55 @@ def test_quarantine_refuses_path_traversal(tmp_path, name):
     assert outside.read_text() == "keep me"
     with pytest.raises(CutoutError):
         quarantine([], root, tmp_path / "q", batch_name="../../evil")
+
+
+def moffat_psf(fwhm_arcsec: float, n: int = 25) -> np.ndarray:
+    import galsim
+
+    psf = galsim.Moffat(beta=3.5, fwhm=fwhm_arcsec).drawImage(nx=n, ny=n, scale=SCALE)
+    return psf.array.astype(np.float32)
+
+
+def test_psf_fwhm_from_header_table_or_psf_hdu(tmp_path):
+    header = fits.Header()
+    header["PSF_FWHM"] = 1.1
+    _, table = load_cutout_file(write(tmp_path / "kw.fits", galaxy(), header), IMAGING)
+    assert table["psf_fwhm_arcsec"].to_list() == [1.1]
+
+    # A cube with a per-plane PSF_FWHM column beside RA/DEC.
+    cube = np.stack([galaxy(seed=k) for k in range(2)])
+    columns = [
+        fits.Column(name=name, format="D", array=np.array(values))
+        for name, values in (("RA", [1.0, 2.0]), ("DEC", [0.0, 0.0]), ("PSF_FWHM", [0.7, 0.9]))
+    ]
+    path = tmp_path / "cube.fits"
+    fits.HDUList([fits.PrimaryHDU(cube), fits.BinTableHDU.from_columns(columns)]).writeto(path)
+    _, table = load_cutout_file(path, IMAGING)
+    assert table["psf_fwhm_arcsec"].to_list() == [0.7, 0.9]
+    assert table["ra_deg"].to_list() == [1.0, 2.0]
+
+    # A PSF image HDU: its FWHM is measured (GalSim Moffat of known FWHM, pixel included).
+    path = tmp_path / "psf_hdu.fits"
+    fits.HDUList([fits.PrimaryHDU(galaxy()), fits.ImageHDU(moffat_psf(1.5), name="PSF")]).writeto(
+        path
+    )
+    _, table = load_cutout_file(path, IMAGING)
+    assert table["psf_fwhm_arcsec"][0] == pytest.approx(1.5, rel=0.05)
+
+    # No PSF information: null, not a guess.
+    _, table = load_cutout_file(write(tmp_path / "none.fits", galaxy()), IMAGING)
+    assert table["psf_fwhm_arcsec"].to_list() == [None]
+
+
+@pytest.mark.parametrize("value", ["wide", -0.5, 0.0])
+def test_bad_psf_fwhm_rejects_the_file_naming_it(tmp_path, value):
+    header = fits.Header()
+    header["PSF_FWHM"] = value
+    path = write(tmp_path / "bad_psf.fits", galaxy(), header)
+    with pytest.raises(CutoutError, match=r"bad_psf\.fits: header PSF_FWHM = .*positive"):
+        load_cutout_file(path, IMAGING)
+    # In a batch it is one rejection among the accepted files.
+    write(tmp_path / "ok.fits", galaxy())
+    result = load_cutouts(tmp_path, IMAGING)
+    assert result.accepted_files == ["ok.fits"]
+    assert [r.file for r in result.rejections] == ["bad_psf.fits"]

@@ -58,3 +58,16 @@ def test_flag_precision_against_truth():
     assert result["small"] == 0.5 and result["n_small"] == 2
     none = flag_precision(cat, compute_flags(cat, FlagConfig(small_max_re_arcsec=0.1)))
     assert math.isnan(none["small"]) and none["n_small"] == 0
+
+
+def test_psf_outside_library_needs_the_range_and_a_known_fwhm():
+    fwhm = [None, 0.58, 0.50, 1.25, 1.30, 0.90]
+    cat = catalog().with_columns(pl.Series("psf_fwhm_arcsec", fwhm, dtype=pl.Float64))
+    assert "psf_outside_library" not in compute_flags(cat, FlagConfig()).columns
+    flags = compute_flags(cat, FlagConfig(), psf_fwhm_range=(0.6, 1.2))
+    # 5 % tolerance: 0.57-1.26 passes; unknown FWHM is not flagged.
+    assert flags["psf_outside_library"].to_list() == [False, False, True, False, True, False]
+    strict = compute_flags(cat, FlagConfig(psf_fwhm_tolerance=0.0), psf_fwhm_range=(0.6, 1.2))
+    assert strict["psf_outside_library"].to_list() == [False, True, True, True, True, False]
+    # No FWHM column (older catalogs): no flag, whatever the range.
+    assert "psf_outside_library" not in compute_flags(catalog(), FlagConfig(), (0.6, 1.2)).columns

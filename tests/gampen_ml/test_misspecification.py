@@ -62,7 +62,7 @@ def setup(tmp_path_factory):
 
 def test_evaluation_returns_the_table_and_writes_the_report(setup, tmp_path):
     profile, model_dir, psf_dir, noise_dir = setup
-    variants = ("nominal", "knots", "neighbour")
+    variants = ("nominal", "knots", "neighbour", "psf_outside")
     table = evaluate_misspecification(
         profile, model_dir, psf_dir, noise_dir, tmp_path, n_per_variant=6, seed=3,
         recalibration={"scale": [1.5, 1.0, 1.0]}, variants=variants,
@@ -103,6 +103,14 @@ def test_evaluation_returns_the_table_and_writes_the_report(setup, tmp_path):
     # Knots and neighbours break the symmetry; the nominal images do not.
     assert nom["asymmetry"].abs().max() < cat.filter(aff)["asymmetry"].min()
     assert (tmp_path / "examples.png").stat().st_size > 0
+    # Each catalog carries the PSF FWHM the galaxy was drawn with; the flag compares it with
+    # the library's range: every out-of-library PSF (1.3-1.8") is caught, no nominal one.
+    wide = pl.read_parquet(tmp_path / "psf_outside" / "catalog.parquet")["psf_fwhm_arcsec"]
+    lib_hi = pl.read_parquet(psf_dir / "psfs.parquet")["measured_fwhm_arcsec"].max()
+    assert wide.min() > lib_hi * 1.05 and nom["psf_fwhm_arcsec"].max() <= lib_hi
+    fraction = table.filter(pl.col("variant") == "psf_outside")["psf_outside_library_fraction"]
+    assert fraction.to_list() == [1.0] * 3
+    assert table.filter(pl.col("variant") == "nominal")["psf_outside_library_fraction"].max() == 0
 
     md, js = misspecification_report(table, tmp_path / "report")
     text = md.read_text()

@@ -114,6 +114,22 @@ def test_saved_files_and_reload(tmp_path):
     # The scaler was fitted on the training split only.
     train_bt = ShardImages(shards, "train").physical_labels()[:, 0]
     assert scaler.bt_low == pytest.approx(train_bt[train_bt > 0].min() / 2)
+    assert model.stn.zoom_range == tuple(profile.network.stn_zoom_range)
+
+    # A model saved before the zoom was bounded (no stn_zoom_range in model.json) loads with
+    # the unbounded zoom its weights were fit with.
+    legacy = dict(meta)
+    legacy["network"] = {k: v for k, v in meta["network"].items() if k != "stn_zoom_range"}
+    (tmp_path / "model" / "model.json").write_text(json.dumps(legacy))
+    with torch.no_grad():
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        state["stn.regressor.3.weight"].zero_()  # s = the bias, whatever the image
+        state["stn.regressor.3.bias"].fill_(0.7)
+    torch.save(state, tmp_path / "model" / "state_dict.pt")
+    old_model, _, _ = load_trained_model(tmp_path / "model")
+    assert old_model.stn.zoom_range is None
+    images = torch.randn(2, 1, PX, PX)
+    torch.testing.assert_close(old_model.stn(images)[1], torch.full((2,), 0.7))
 
 
 def test_training_reduces_the_loss(tmp_path):

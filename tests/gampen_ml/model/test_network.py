@@ -1,6 +1,7 @@
 """GaMPEN network: Table-3 layers, parameter counts, STN identity, head/tail split."""
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -143,13 +144,36 @@ def test_stn_matches_affine_grid_sample_and_its_gradient(supersample):
 
 def test_stn_zoom_crops_the_centre():
     model = GaMPEN(dataclasses.replace(SMALL, stn_output_px=48), 0.0, 96)
-    with torch.no_grad():
-        model.stn.regressor[-1].bias.fill_(0.5)  # s = 0.5: keep the central half of each side
+    lo, hi = SMALL.stn_zoom_range
+    with torch.no_grad():  # s = 0.5: keep the central half of each side
+        model.stn.regressor[-1].bias.fill_(math.log((0.5 - lo) / (hi - 0.5)))
     x = torch.randn(2, 1, 96, 96)
     cropped, scale = model.stn(x)
     torch.testing.assert_close(scale, torch.full((2,), 0.5))
     # Pixel centres of the 48-px output land exactly on input pixels 24 ... 71.
     torch.testing.assert_close(cropped, x[..., 24:72, 24:72], atol=1e-4, rtol=1e-4)
+
+
+def test_stn_zoom_is_bounded_and_starts_at_the_identity():
+    model = GaMPEN(dataclasses.replace(SMALL, stn_output_px=48), 0.0, 96)
+    x = torch.randn(4, 1, 96, 96)
+    _, scale = model.stn(x)
+    torch.testing.assert_close(scale, torch.ones(4))  # identity at initialisation
+    lo, hi = SMALL.stn_zoom_range
+    # The step that ruined an unbounded training (regressor output in the hundreds) keeps
+    # the grid on the frame, and the crop keeps a gradient to come back with.
+    with torch.no_grad():
+        model.stn.regressor[-1].bias.fill_(500.0)
+    x.requires_grad_(True)
+    cropped, scale = model.stn(x)
+    assert torch.all(scale <= hi) and torch.all(scale > 1.0)
+    assert cropped.abs().sum() > 0
+    unbounded = GaMPEN(dataclasses.replace(SMALL, stn_output_px=48, stn_zoom_range=None), 0, 96)
+    with torch.no_grad():
+        unbounded.stn.regressor[-1].bias.fill_(500.0)
+    assert unbounded.stn(x)[0].abs().sum() == 0  # the collapse the bound prevents
+    with pytest.raises(ValueError, match="zoom_range"):
+        GaMPEN(dataclasses.replace(SMALL, stn_zoom_range=(0.5, 0.9)), 0.0, 96)
 
 
 def test_forward_equals_tail_of_head():
