@@ -79,21 +79,12 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from gampen_ml import stages
-    from gampen_ml.io import atomic_partition_dir, partition_dir
-    from gampen_ml.sim.shards import simulate_shard
 
     profile = get_profile(args.profile)
     root = Path(args.root)
-    psf_dir, noise_dir = partition_dir(root, "psf_library"), partition_dir(root, "noise_pool")
-    stages.build_psf_library(profile, psf_dir, log=print)
-    stages.build_noise_pool(profile, noise_dir, log=print)
     keys = args.shards.split(",") if args.shards else shard_keys(profile)
-    unknown = sorted(set(keys) - set(shard_keys(profile)))
-    if unknown:
-        raise ConfigError(f"--shards: {unknown} are not shards of profile {profile.name!r}")
-    for key in tqdm(keys, desc="shards", unit="shard", disable=None):
-        with atomic_partition_dir(partition_dir(root, "simulated_galaxies", key)) as tmp:
-            summary = simulate_shard(profile, key, psf_dir, noise_dir, tmp, n_workers=args.workers)
+    shards = stages.simulate_inputs(profile, root, keys, n_workers=args.workers, log=print)
+    for key, summary in tqdm(shards, total=len(keys), desc="shards", unit="shard", disable=None):
         tqdm.write(f"{key}: {summary}")
     print(f"simulations of profile {profile.name} under {root}")
 

@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import json
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +26,14 @@ from gampen_ml.calibrate import (
     select_dropout_rate,
 )
 from gampen_ml.catalog import SAMPLES_FILE, catalog_from_images
-from gampen_ml.config import PARAMETERS, Profile, derive_seed, dropout_key, shard_keys
+from gampen_ml.config import (
+    PARAMETERS,
+    ConfigError,
+    Profile,
+    derive_seed,
+    dropout_key,
+    shard_keys,
+)
 from gampen_ml.data.datasets import ShardImages
 from gampen_ml.data.transforms import LabelScaler
 from gampen_ml.infer import predict_physical
@@ -83,6 +90,34 @@ def build_noise_pool(
 def shard_dirs(profile: Profile, root: Path) -> list[Path]:
     """Folders of every ``simulated_galaxies`` shard of ``profile`` under ``root``."""
     return [partition_dir(root, "simulated_galaxies", key) for key in shard_keys(profile)]
+
+
+def simulate_inputs(
+    profile: Profile,
+    root: Path,
+    keys: Sequence[str] | None = None,
+    *,
+    n_workers: int = 1,
+    log: Callable[[str], None] = _quiet,
+) -> Iterator[tuple[str, dict]]:
+    """PSF library, noise pool, then each simulated shard of ``keys`` (default: all) under ``root``.
+
+    A generator: yields ``(shard key, summary)`` as each shard is published, so callers can
+    show progress; exhaust it (``list(...)``) to simply build everything.
+    """
+    from gampen_ml.sim.shards import simulate_shard
+
+    keys = list(shard_keys(profile) if keys is None else keys)
+    unknown = sorted(set(keys) - set(shard_keys(profile)))
+    if unknown:
+        raise ConfigError(f"shards {unknown} are not shards of profile {profile.name!r}")
+    psf_dir, noise_dir = partition_dir(root, "psf_library"), partition_dir(root, "noise_pool")
+    build_psf_library(profile, psf_dir, log=log)
+    build_noise_pool(profile, noise_dir, log=log)
+    for key in keys:
+        with atomic_partition_dir(partition_dir(root, "simulated_galaxies", key)) as tmp:
+            summary = simulate_shard(profile, key, psf_dir, noise_dir, tmp, n_workers=n_workers)
+        yield key, summary
 
 
 def train_and_publish(

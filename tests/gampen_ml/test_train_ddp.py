@@ -10,9 +10,7 @@ from pathlib import Path
 import pytest
 
 from gampen_ml import stages
-from gampen_ml.config import get_profile, shard_keys
-from gampen_ml.io import atomic_partition_dir, partition_dir
-from gampen_ml.sim.shards import simulate_shard
+from gampen_ml.config import get_profile
 
 SCRIPT = """
 import sys
@@ -32,12 +30,7 @@ print("RESULT", r.final_train_loss, r.final_val_loss, flush=True)
 def test_two_process_ddp_run_agrees_across_ranks(tmp_path):
     profile = get_profile("tiny")
     root = tmp_path / "data"
-    psf_dir, noise_dir = partition_dir(root, "psf_library"), partition_dir(root, "noise_pool")
-    stages.build_psf_library(profile, psf_dir)
-    stages.build_noise_pool(profile, noise_dir)
-    for key in shard_keys(profile):
-        with atomic_partition_dir(partition_dir(root, "simulated_galaxies", key)) as tmp:
-            simulate_shard(profile, key, psf_dir, noise_dir, tmp, n_workers=1)
+    list(stages.simulate_inputs(profile, root))
     script = tmp_path / "ddp_train.py"
     script.write_text(SCRIPT)
     out = tmp_path / "model"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gampen_ml.config import dropout_key, get_profile, shard_keys
+from gampen_ml.config import dropout_key, get_profile
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = get_profile("tiny")
@@ -33,16 +33,10 @@ def tiny_world(tmp_path_factory):
     """
     from gampen_ml import stages
     from gampen_ml.io import atomic_partition_dir, partition_dir
-    from gampen_ml.sim.shards import simulate_shard
     from gampen_ml.train import train_model
 
     root = tmp_path_factory.mktemp("world") / "storage"
-    psf_dir, noise_dir = partition_dir(root, "psf_library"), partition_dir(root, "noise_pool")
-    stages.build_psf_library(TINY, psf_dir)
-    stages.build_noise_pool(TINY, noise_dir)
-    for key in shard_keys(TINY):
-        with atomic_partition_dir(partition_dir(root, "simulated_galaxies", key)) as tmp:
-            simulate_shard(TINY, key, psf_dir, noise_dir, tmp, n_workers=1)
+    list(stages.simulate_inputs(TINY, root))
     model_dir = partition_dir(root, "trained_model", dropout_key(RATE))
     with atomic_partition_dir(model_dir) as tmp:
         train_model(TINY, RATE, stages.shard_dirs(TINY, root), tmp, device="cpu", progress=False)
