@@ -13,6 +13,10 @@
   shortest window are unchanged), so for each ``g`` of a small grid the coverage of every
   level is known in closed form for every ``k``: the fit is an exact search, not a noisy
   optimisation. ``g = 1`` is the plain spread factor.
+- :func:`search_physical_recalibration` — the same two numbers per parameter, chosen on the
+  coverage of the *physical* HPD intervals the catalog reports (a grid search, started
+  from the scaled-space fit). The pipeline keeps this result
+  (``gampen_ml.stages.calibrate_dropout_rates``).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ RECALIBRATION_LEVELS: tuple[float, ...] = tuple(
 )
 #: Candidate spread factors (log-spaced) for the recalibration search.
 SCALE_GRID = np.exp(np.linspace(np.log(0.05), np.log(20.0), 4001))
-#: Candidate tail exponents (1 = keep the posterior's shape).
+#: Candidate tail exponents of the scaled-space fit (1 = keep the posterior's shape).
 EXPONENT_GRID = np.round(np.linspace(0.6, 2.0, 15), 2)
 
 COVERAGE_TABLE_SCHEMA: dict[str, pl.DataType] = {
@@ -320,41 +324,62 @@ def _objective(coverage: np.ndarray, levels: Sequence[float]):
     return error + (abs_error[catalog].max(axis=0) if catalog else 0.0), error
 
 
-#: Spread factors of the physical-space search (:func:`search_physical_recalibration`).
-PHYSICAL_SCALE_GRID = np.unique(np.round(np.exp(np.linspace(np.log(0.4), np.log(2.5), 37)), 4))
+#: Tail exponents and spread factors of the physical-coverage search
+#: (:func:`search_physical_recalibration`): 0.4-2.0 in steps of 0.1, and 0.2-5 in log
+#: steps of 3.4 %.
+PHYSICAL_EXPONENT_GRID = np.round(np.arange(0.4, 2.0001, 0.1), 2)
+PHYSICAL_SCALE_GRID = np.exp(np.linspace(np.log(0.2), np.log(5.0), 97))
+#: The coarse pass of the search takes every n-th exponent and scale of the grids.
+_COARSE_EXPONENT_STEP, _COARSE_SCALE_STEP = 2, 4
 
 
 def search_physical_recalibration(
     samples_scaled: np.ndarray,
     truth: np.ndarray,
     to_physical: Callable[[np.ndarray], np.ndarray],
-    levels: Sequence[float] = RECALIBRATION_LEVELS,
+    levels: Sequence[float] = CREDIBLE_LEVELS,
+    candidates: Iterable[tuple[float, float]] = (),
 ) -> tuple[float, float, float]:
     """One parameter's ``(exponent, scale, objective)`` judged on its *physical* coverage.
 
-    For B/T the physical posterior has point masses at exactly 0 and 1 (the snapped
-    single-component galaxies) that the scaled-space fit cannot see. This brute-force
-    search applies every (``g`` in :data:`EXPONENT_GRID`, ``k`` in
-    :data:`PHYSICAL_SCALE_GRID`) in the scaled space, maps the samples with ``to_physical``
-    (``(N, T)`` scaled -> physical) and scores the physical HPD coverage against ``truth``
-    with :func:`fit_recalibration`'s objective. ``(1, 1)`` (no change) is a candidate, so
-    the result is never worse on the fitting split than the raw posterior.
+    The catalog's intervals are HPD intervals of the *physical* samples, which are not the
+    image of the scaled-space ones (the inverse label transform has a Jacobian; B/T's
+    physical posterior also has point masses at exactly 0 and 1, the snapped
+    single-component galaxies). So each candidate (``g``, ``k``) is applied in the scaled
+    space, the samples are mapped with ``to_physical`` (``(N, T)`` scaled -> physical) and
+    scored on the physical HPD coverage of ``truth`` at ``levels`` with
+    :func:`fit_recalibration`'s objective (mean ``|coverage - level|`` plus the largest at
+    the catalog levels). Coarse-to-fine: every other exponent of
+    :data:`PHYSICAL_EXPONENT_GRID` x every 4th factor of :data:`PHYSICAL_SCALE_GRID`, then
+    the full grids next to the best, with ``(1, 1)`` (no change) and ``candidates`` (e.g.
+    the scaled-space fit) always scored, so the result is never worse on the fitting split
+    than any of them.
     """
     x = np.asarray(samples_scaled, dtype=np.float32)
     truth = np.asarray(truth, dtype=np.float64)
+    scored: dict[tuple[float, float], float] = {}
 
     def score(g: float, k: float) -> float:
-        lo, hi = hpd_intervals(to_physical(_reshape_and_stretch(x, g, k)), levels)
-        cov = ((lo <= truth) & (truth <= hi)).mean(axis=1)
-        return float(_objective(cov[:, None], levels)[0][0])
+        key = (round(float(g), 6), round(float(k), 6))
+        if key not in scored:
+            lo, hi = hpd_intervals(to_physical(_reshape_and_stretch(x, key[0], key[1])), levels)
+            cov = ((lo <= truth) & (truth <= hi)).mean(axis=1)
+            scored[key] = float(_objective(cov[:, None], levels)[0][0])
+        return scored[key]
 
-    best = (score(1.0, 1.0), 1.0, 1.0)
-    for g in EXPONENT_GRID:
-        for k in PHYSICAL_SCALE_GRID:
-            value = score(float(g), float(k))
-            if value < best[0] - 1e-12:
-                best = (value, float(g), float(k))
-    return best[1], best[2], best[0]
+    grid_g, grid_k = PHYSICAL_EXPONENT_GRID, PHYSICAL_SCALE_GRID
+    for g, k in [(1.0, 1.0), *candidates]:
+        score(g, k)
+    for g in grid_g[::_COARSE_EXPONENT_STEP]:
+        for k in grid_k[::_COARSE_SCALE_STEP]:
+            score(g, k)
+    (g0, k0), _ = min(scored.items(), key=lambda item: (item[1], item[0]))
+    i = int(np.argmin(np.abs(np.log(grid_k / k0))))
+    for g in grid_g[np.abs(grid_g - g0) <= 0.1 * _COARSE_EXPONENT_STEP / 2 + 1e-9]:
+        for k in grid_k[max(i - _COARSE_SCALE_STEP, 0) : i + _COARSE_SCALE_STEP + 1]:
+            score(g, k)
+    (g, k), value = min(scored.items(), key=lambda item: (item[1], item[0]))
+    return g, k, value
 
 
 def fit_recalibration(

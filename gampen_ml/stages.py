@@ -328,46 +328,48 @@ def _recalibrate(
     rate: float,
     log: Callable[[str], None],
 ) -> tuple[Recalibration, pl.DataFrame]:
-    """Fit one model's spread factors on validation; return them and the coverage they give.
+    """Fit one model's recalibration on validation; return it and the coverage it gives.
 
-    The factors are fit in the scaled space (exact search); B/T's physical posterior also has
-    point masses at exactly 0 and 1 (snapped single-component galaxies), where a narrower
-    scaled spread can lose coverage. Where the scaled fit does not bring a parameter's
-    physical validation coverage closer to nominal, that parameter is searched on its
-    physical coverage instead (:func:`gampen_ml.calibrate.search_physical_recalibration`).
+    Per parameter, the exact scaled-space fit (:func:`gampen_ml.calibrate.fit_recalibration`)
+    is the starting candidate of a search on the *physical* coverage at ``levels``
+    (:func:`gampen_ml.calibrate.search_physical_recalibration`): the catalog reports
+    physical HPD intervals, which are not the image of the scaled ones (B/T: point masses
+    at exactly 0 and 1; Re, flux: the Jacobian of the log). ``error_before`` /
+    ``error_after`` are the mean ``|coverage - level|`` over ``levels`` of the physical
+    validation coverage, raw and recalibrated.
     """
     truths_scaled = scaler.transform(truths.select(PARAMETERS).to_numpy().astype(np.float64))
-    recalibration = fit_recalibration(samples, truths_scaled)
-
-    def table(recal: Recalibration) -> pl.DataFrame:
-        summary = summarize(predict_physical(recal.apply(samples), scaler))
-        return coverage_table(
-            summary, truths, levels, dropout_rate=rate, split="val", recalibrated=True
-        )
-
-    recalibrated = table(recalibration)
-    scale, exponent = list(recalibration.scale), list(recalibration.exponent)
+    scaled_fit = fit_recalibration(samples, truths_scaled)
+    scale, exponent = [], []
     for j, p in enumerate(PARAMETERS):
-        if _coverage_error(recalibrated, p) < _coverage_error(raw, p):
-            continue
-
-        # The scaled-space fit did not help this parameter's physical coverage (B/T: point
-        # masses at 0 and 1): search directly on the physical coverage instead.
-        exponent[j], scale[j], _ = search_physical_recalibration(
+        g, k, _ = search_physical_recalibration(
             samples[:, :, j],
             truths[p].to_numpy(),
             functools.partial(scaler.inverse_parameter, index=j),
+            levels,
+            candidates=[(scaled_fit.exponent[j], scaled_fit.scale[j])],
         )
+        exponent.append(g)
+        scale.append(k)
         log(
-            f"dropout {rate:g}: {p} scaled-space fit (scale {recalibration.scale[j]:.3f}, "
-            f"exponent {recalibration.exponent[j]:g}) did not improve the physical coverage; "
-            f"physical search: scale {scale[j]:.3f}, exponent {exponent[j]:g}"
+            f"dropout {rate:g}: {p} scaled-space fit (exponent {scaled_fit.exponent[j]:g}, "
+            f"scale {scaled_fit.scale[j]:.3f}) -> physical search: exponent {g:g}, "
+            f"scale {k:.3f}"
         )
-    if (tuple(scale), tuple(exponent)) != (recalibration.scale, recalibration.exponent):
-        recalibration = dataclasses.replace(
-            recalibration, scale=tuple(scale), exponent=tuple(exponent)
-        )
-        recalibrated = table(recalibration)
+    recalibration = Recalibration(
+        scale=tuple(scale),
+        exponent=tuple(exponent),
+        error_before=tuple(_coverage_error(raw, p) for p in PARAMETERS),
+        levels=tuple(float(v) for v in levels),
+    )
+    summary = summarize(predict_physical(recalibration.apply(samples), scaler))
+    recalibrated = coverage_table(
+        summary, truths, levels, dropout_rate=rate, split="val", recalibrated=True
+    )
+    recalibration = dataclasses.replace(
+        recalibration,
+        error_after=tuple(_coverage_error(recalibrated, p) for p in PARAMETERS),
+    )
     return recalibration, recalibrated
 
 
