@@ -320,8 +320,12 @@ def _table(metrics: dict[str, float], prefix: str = "") -> list[str]:
         ref = PAPER_REFERENCE.get(key)
         note = METRIC_NOTES.get(key, "")
         if key.startswith("coverage_"):
-            level = {"68": "68.27", "95": "95.45", "99": "99.73"}[key.split("_")[1]]
-            note = f"HPD coverage, nominal {level} % (paper: test split)"
+            level = {"68": 68.27, "95": 95.45, "99": 99.73}[key.split("_")[1]]
+            n = metrics.get(prefix + "n_galaxies") or 0
+            # Binomial standard error of a calibrated model's coverage on n galaxies: the
+            # scatter to expect from the test split alone.
+            se = f", ±{math.sqrt(level * (100 - level) / n):.1f} s.e. at N={int(n)}" if n else ""
+            note = f"HPD coverage, nominal {level} %{se} (paper: test split)"
         note = note.replace("|", "\\|")  # a bare pipe would split the Markdown cell
         lines.append(
             f"| `{key}` | {_fmt(key, ref) if ref is not None else '-'} | {_fmt(key, value)} | {note} |"

@@ -152,6 +152,8 @@ def test_validation_report_files(known, tmp_path):
     assert "| metric | paper | ours | note |" in text
     assert f"**{N} galaxies with truths**" in text
     assert "| `coverage_68_bt_pct` | 71.8 % |" in text
+    se = 100 * (0.6827 * 0.3173 / N) ** 0.5  # binomial s.e. of a calibrated coverage
+    assert f"nominal 68.27 %, ±{se:.1f} s.e. at N={N} (paper: test split)" in text
     assert "| `sigma_bt` | 0.100 |" in text
     # Mean over bt and re of the 0.01 rate at 68.27 %: (0.68 + 0.70) / 2 = 69.0 %.
     assert "| val | 0.01 | False | 69.0 % | 95.5 % | 99.8 % |" in text
