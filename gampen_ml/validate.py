@@ -76,6 +76,8 @@ METRIC_NOTES: dict[str, str] = {
     "sigma_bt_single": "single-component galaxies (component_true, else true B/T in {0, 1})",
     "sigma_bt_double": "two-component galaxies",
     "sigma_bt_unlabelled": "galaxies not labelled bulge- or disk-dominated (paper: 'reduce ... to 0.076')",
+    "sigma_bt_posterior_mean": "std of posterior mean - true: a broad B/T posterior has point masses "
+    "at 0 and 1 (snapped samples) that pull the mode onto them",
     "sigma_re_arcsec": "std of mode - true",
     "typical_re_fractional_pct": "median |mode - true| / true; the paper does not define 'typical'",
     "sigma_re_arcsec_not_small": 'galaxies not labelled small (Re mode >= 1")',
@@ -110,7 +112,7 @@ def _r2(true: np.ndarray, pred: np.ndarray) -> float:
 
 def _std(x: np.ndarray) -> float:
     x = x[np.isfinite(x)]
-    return float(x.std()) if x.size else math.nan
+    return float(x.std()) if x.size > 1 else math.nan  # one residual has no scatter
 
 
 def _mean(x: np.ndarray) -> float:
@@ -160,6 +162,7 @@ def _metrics_of(cat: pl.DataFrame, f: dict[str, np.ndarray], cfg: FlagConfig) ->
     m["sigma_bt_double"] = _std(res["bt"][double])
     labelled_bt = f["bulge_dominated"] | f["disk_dominated"]
     m["sigma_bt_unlabelled"] = _std(res["bt"][~labelled_bt])
+    m["sigma_bt_posterior_mean"] = _std(_col(cat, "bt_mean") - bt_true)
 
     re_true, re_mode = _col(cat, "re_arcsec_true"), _col(cat, "re_arcsec_mode")
     m["sigma_re_arcsec_not_small"] = _std(res["re_arcsec"][~f["small"]])
@@ -289,6 +292,7 @@ _ROW_ORDER = [
     "sigma_bt_single",
     "sigma_bt_double",
     "sigma_bt_unlabelled",
+    "sigma_bt_posterior_mean",
     "bias_re_arcsec",
     "sigma_re_arcsec",
     "sigma_re_arcsec_not_small",

@@ -76,13 +76,16 @@ def test_coverage_matches_direct_count_and_nominal(known):
 
 
 def test_residual_scatter_bias_r2_and_ratio(known):
-    cat, noise, _ = known
+    cat, noise, sigma = known
     m = validation_metrics(cat)
     single = (cat["component_true"] == "disk").to_numpy()
     assert m["sigma_bt"] == pytest.approx(noise["bt"].std(), rel=1e-9)
     assert m["bias_bt"] == pytest.approx(noise["bt"].mean(), abs=1e-12)
     assert m["sigma_bt_single"] == pytest.approx(SIGMA_SINGLE, rel=0.03)
     assert m["sigma_bt_double"] == pytest.approx(SIGMA_DOUBLE, rel=0.03)
+    # The posterior-mean row uses bt_mean (offset by 0.5 sigma + 1 from the mode).
+    mean_residual = noise["bt"] + 0.5 * sigma["bt"] + 1.0
+    assert m["sigma_bt_posterior_mean"] == pytest.approx(mean_residual.std(), rel=1e-9)
     assert m["sigma_re_arcsec"] == pytest.approx(noise["re_arcsec"].std(), rel=1e-9)
     assert abs(m["bias_flux_nJy"]) < 3 * m["sigma_flux_nJy"] / np.sqrt(N)
     # Median |Gaussian| = 0.6745 sigma of the fractional noise.
