@@ -76,8 +76,8 @@ METRIC_NOTES: dict[str, str] = {
     "sigma_bt_single": "single-component galaxies (component_true, else true B/T in {0, 1})",
     "sigma_bt_double": "two-component galaxies",
     "sigma_bt_unlabelled": "galaxies not labelled bulge- or disk-dominated (paper: 'reduce ... to 0.076')",
-    "sigma_bt_posterior_mean": "std of posterior mean - true: a broad B/T posterior has point masses "
-    "at 0 and 1 (snapped samples) that pull the mode onto them",
+    "sigma_bt_posterior_mean": "std of posterior mean - true: a posterior broad in logit(B/T) is "
+    "U-shaped in B/T, so its mode sits at 0 or 1",
     "sigma_re_arcsec": "std of mode - true",
     "typical_re_fractional_pct": "median |mode - true| / true; the paper does not define 'typical'",
     "sigma_re_arcsec_not_small": 'galaxies not labelled small (Re mode >= 1")',
