@@ -14,6 +14,7 @@ import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
@@ -41,6 +42,9 @@ from gampen_ml.io import atomic_partition_dir, load_npy_mmap, partition_dir
 from gampen_ml.posterior import summarize
 from gampen_ml.registry import registered_model_name
 from gampen_ml.sim import noise, psf
+
+if TYPE_CHECKING:
+    from gampen_ml.sim.shards import ShardSummary
 
 #: Dataset key of the simulated test split.
 SIM_TEST = "sim-test"
@@ -99,7 +103,7 @@ def simulate_inputs(
     *,
     n_workers: int = 1,
     log: Callable[[str], None] = _quiet,
-) -> Iterator[tuple[str, dict]]:
+) -> Iterator[tuple[str, ShardSummary]]:
     """PSF library, noise pool, then each simulated shard of ``keys`` (default: all) under ``root``.
 
     A generator: yields ``(shard key, summary)`` as each shard is published, so callers can

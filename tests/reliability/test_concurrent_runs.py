@@ -80,9 +80,10 @@ def test_parallel_materializations_and_a_reader(tiny_world, tmp_path):
     assert {r["status"] for r in rows} == {"success"}
     upstream = query(db, "SELECT u.upstream_asset AS a, count(*) AS n FROM lineage_upstream u "
                      "GROUP BY 1 ORDER BY 1")  # fmt: skip
-    # Each shard run names psf_library and noise_pool; the flags run names its catalog.
+    # Each shard run names psf_library and noise_pool; the flags run names its catalog and
+    # the PSF library (whose FWHM range the psf_outside_library flag uses).
     assert {r["a"]: r["n"] for r in upstream} == {
-        "noise_pool": 3, "posterior_catalog": 1, "psf_library": 3}  # fmt: skip
+        "noise_pool": 3, "posterior_catalog": 1, "psf_library": 4}  # fmt: skip
     ensure_schema(db, root)
     assert query(db, "SELECT count(*) AS n FROM simulations")[0]["n"] == 48
     flags = query(db, "SELECT count(*) AS n FROM flags")[0]["n"]
