@@ -2,7 +2,8 @@
 
 Where GaMPEN's residuals are largest, the paper replaces numbers by labels assigned from
 the *predicted* values (truths are unknown for real galaxies): highly bulge-dominated
-(B/T mode >= 0.85), highly disk-dominated (B/T mode <= 0.10) and small (Re mode < 1").
+(B/T >= 0.85), highly disk-dominated (B/T <= 0.10) and small (Re mode < 1"). The B/T
+value is the posterior summary ``FlagConfig.bt_estimate`` (the paper's mode by default).
 We add an ``unreliable`` flag for posteriors wider than configurable limits. Precision of
 the labels against the truths (simulations only): paper >= 99 % for B/T, ~97 % for Re.
 
@@ -59,7 +60,8 @@ def compute_flags(
     ----------
     catalog : pl.DataFrame
         Posterior catalog (``docs/catalog.md``): needs ``galaxy_id``, ``dataset``,
-        ``bt_mode``, ``re_arcsec_mode``, ``flux_nJy_mode`` and the 68.27 % HPD bounds.
+        ``bt_<cfg.bt_estimate>``, ``re_arcsec_mode``, ``flux_nJy_mode`` and the 68.27 % HPD
+        bounds.
     cfg : FlagConfig
         Thresholds.
     psf_fwhm_range : (float, float), optional
@@ -71,14 +73,15 @@ def compute_flags(
     Returns
     -------
     pl.DataFrame
-        :data:`FLAGS_SCHEMA`: ``bulge_dominated`` (``bt_mode >= bulge_dominated_min_bt``),
-        ``disk_dominated`` (``bt_mode <= disk_dominated_max_bt``), ``small``
+        :data:`FLAGS_SCHEMA`: ``bulge_dominated`` (B/T ``>= bulge_dominated_min_bt``),
+        ``disk_dominated`` (B/T ``<= disk_dominated_max_bt``), ``small``
         (``re_arcsec_mode < small_max_re_arcsec``), ``unreliable`` (68.27 % HPD width of
         B/T above ``max_bt_width``, or of Re / flux relative to the mode above
         ``max_re_fractional_width`` / ``max_flux_fractional_width``); plus the optional
         ``asymmetric`` and ``psf_outside_library`` when their inputs exist.
     """
-    needed = ["galaxy_id", "dataset", "bt_mode", "re_arcsec_mode", "flux_nJy_mode"] + [
+    bt = f"bt_{cfg.bt_estimate}"
+    needed = ["galaxy_id", "dataset", bt, "re_arcsec_mode", "flux_nJy_mode"] + [
         f"{p}_hpd68_{side}" for p in ("bt", "re_arcsec", "flux_nJy") for side in ("lo", "hi")
     ]
     _require(catalog, needed, "compute_flags")
@@ -99,8 +102,8 @@ def compute_flags(
     return catalog.select(
         pl.col("galaxy_id").cast(pl.Int64),
         pl.col("dataset").cast(pl.String),
-        (pl.col("bt_mode") >= cfg.bulge_dominated_min_bt).alias("bulge_dominated"),
-        (pl.col("bt_mode") <= cfg.disk_dominated_max_bt).alias("disk_dominated"),
+        (pl.col(bt) >= cfg.bulge_dominated_min_bt).alias("bulge_dominated"),
+        (pl.col(bt) <= cfg.disk_dominated_max_bt).alias("disk_dominated"),
         (pl.col("re_arcsec_mode") < cfg.small_max_re_arcsec).alias("small"),
         (
             (width("bt") > cfg.max_bt_width)

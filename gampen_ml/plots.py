@@ -818,13 +818,16 @@ def flag_regions(
     }
     hexbins = []
     for row, (p, (regions, flagged)) in enumerate(spec.items()):
-        pred, r = _col(catalog, f"{p}_mode"), residuals(catalog, p)
+        # The B/T labels read FlagConfig.bt_estimate (the paper's mode by default).
+        estimate = cfg.bt_estimate if p == "bt" else "mode"
+        pred = _col(catalog, f"{p}_{estimate}")
+        r = pred - _col(catalog, f"{p}_true") if p == "bt" else residuals(catalog, p)
         ax = axes[row, 0]
         hexbins.append(_hexbin(ax, pred, r))
         for lo, hi in regions:
             ax.axvspan(lo, hi, facecolor="none", edgecolor="k", hatch="//", lw=0.8, ls="--")
         ax.axhline(0.0, color="k", ls=":", lw=1.0)
-        ax.set_xlabel("predicted " + PARAM_LABELS[p])
+        ax.set_xlabel(f"predicted {PARAM_LABELS[p]} (posterior {estimate})")
         ax.set_ylabel(rf"$\Delta {PARAM_SYMBOLS[p]}${PARAM_UNITS[p]}")
         ax = axes[row, 1]
         ok = np.isfinite(r)

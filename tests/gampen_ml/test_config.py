@@ -62,6 +62,18 @@ def test_bad_dropout_grid_is_rejected_before_any_work(rates):
         get_profile("tiny").replace(calibration=CalibrationConfig(dropout_rates=rates))
 
 
+def test_bad_flag_estimate_and_stn_zoom_range_are_rejected():
+    from gampen_ml.config import FlagConfig, NetworkConfig
+
+    tiny = get_profile("tiny")
+    with pytest.raises(ConfigError, match="bt_estimate"):
+        tiny.replace(flags=FlagConfig(bt_estimate="max"))
+    with pytest.raises(ConfigError, match="stn_zoom_range"):
+        tiny.replace(network=NetworkConfig(stn_zoom_range=(0.5, 0.9)))
+    assert get_profile("quick").flags.bt_estimate == "mean"
+    assert get_profile("paper").flags.bt_estimate == "mode"  # the paper's labels
+
+
 def test_missing_psf_folder_is_rejected(tmp_path):
     with pytest.raises(ConfigError, match="source_dir"):
         get_profile("tiny").replace(psf=PSFConfig(source_dir=str(tmp_path / "nope")))

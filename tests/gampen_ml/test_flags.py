@@ -71,3 +71,21 @@ def test_psf_outside_library_needs_the_range_and_a_known_fwhm():
     assert strict["psf_outside_library"].to_list() == [False, True, True, True, True, False]
     # No FWHM column (older catalogs): no flag, whatever the range.
     assert "psf_outside_library" not in compute_flags(catalog(), FlagConfig(), (0.6, 1.2)).columns
+
+
+def test_bt_labels_read_the_configured_posterior_summary():
+    # A broad B/T posterior: mode at 0.95 (a U-shaped density's edge), mean 0.6.
+    cat = catalog().with_columns(
+        pl.Series("bt_mean", [0.60, 0.90, 0.05, 0.50, 0.50, 0.50]),
+        pl.Series("bt_median", [0.88, 0.30, 0.20, 0.08, 0.50, 0.50]),
+    )
+    by_mode = compute_flags(cat, FlagConfig())
+    assert by_mode["bulge_dominated"].to_list() == [True, True, False, False, False, False]
+    by_mean = compute_flags(cat, FlagConfig(bt_estimate="mean"))
+    assert by_mean["bulge_dominated"].to_list() == [False, True, False, False, False, False]
+    assert by_mean["disk_dominated"].to_list() == [False, False, True, False, False, False]
+    by_median = compute_flags(cat, FlagConfig(bt_estimate="median"))
+    assert by_median["bulge_dominated"].to_list() == [True, False, False, False, False, False]
+    assert by_median["disk_dominated"].to_list() == [False, False, False, True, False, False]
+    with pytest.raises(FlagError, match="bt_mean"):
+        compute_flags(catalog(), FlagConfig(bt_estimate="mean"))
