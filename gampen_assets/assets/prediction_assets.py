@@ -5,6 +5,7 @@ simulation shard, with truths) or one batch of real cutouts that the inbox senso
 at ``<root>/inbox_batches/<batch>/``.
 """
 
+import dataclasses
 from datetime import UTC, datetime
 
 from dagster import (
@@ -187,7 +188,7 @@ def qualitative_flags(
         "n_galaxies": float(flags.height),
         **{f"n_{c}": float(v) for c, v in counts.items()},
         **{f"fraction_{c}": float(v / max(flags.height, 1)) for c, v in counts.items()},
-        "thresholds": MetadataValue.json({k: float(v) for k, v in profile.flags.__dict__.items()}),
+        "thresholds": MetadataValue.json(dataclasses.asdict(profile.flags)),
         "path": MetadataValue.path(str(out / "flags.parquet")),
     }
     lineage.record_materialization(
