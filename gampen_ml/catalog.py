@@ -74,6 +74,9 @@ NULLABLE_COLUMNS: frozenset[str] = frozenset(
     {"source_file", "hdu", "ra_deg", "dec_deg", "component_true", "asymmetry", "psf_fwhm_arcsec"}
     | {f"{p}_true" for p in PARAMETERS}
 )
+#: Nullable columns added after the first catalog format; a stored catalog that predates one
+#: reads with it all null instead of failing (``asymmetry``, ``psf_fwhm_arcsec``).
+LATER_COLUMNS: tuple[str, ...] = ("asymmetry", "psf_fwhm_arcsec")
 #: Optional per-galaxy metadata columns taken from ``meta`` when present.
 META_COLUMNS = ("source_file", "hdu", "ra_deg", "dec_deg", "psf_fwhm_arcsec")
 
@@ -107,12 +110,18 @@ def magnitude_ab(flux_nJy: np.ndarray) -> np.ndarray:
 def validate_catalog(df: pl.DataFrame, source: str = "catalog") -> pl.DataFrame:
     """Check ``df`` against :data:`CATALOG_SCHEMA`; return it in schema column order.
 
+    Columns of :data:`LATER_COLUMNS` that ``df`` lacks (a catalog written before they
+    existed) are added as nulls.
+
     Raises
     ------
     CatalogSchemaError
         Naming ``source`` and the first missing column, wrong dtype, or non-nullable
         column holding nulls.
     """
+    missing_later = [c for c in LATER_COLUMNS if c not in df.columns]
+    if missing_later:
+        df = df.with_columns(pl.lit(None, CATALOG_SCHEMA[c]).alias(c) for c in missing_later)
     for name, dtype in CATALOG_SCHEMA.items():
         if name not in df.columns:
             raise CatalogSchemaError(f"{source}: missing column {name!r} ({dtype})")

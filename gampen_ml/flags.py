@@ -29,7 +29,8 @@ from scipy.ndimage import gaussian_filter
 from gampen_ml.config import FlagConfig
 
 FLAG_COLUMNS = ("bulge_dominated", "disk_dominated", "small", "unreliable")
-#: Flags added only when the catalog carries their input column (``asymmetry``).
+#: Flags added only when their inputs exist (``asymmetry``; ``psf_fwhm_arcsec`` and the
+#: library's FWHM range).
 OPTIONAL_FLAG_COLUMNS = ("asymmetric", "psf_outside_library")
 
 FLAGS_SCHEMA: dict[str, pl.DataType] = {

@@ -117,6 +117,16 @@ def test_write_read_round_trip_and_validation(tmp_path):
         write_catalog(tmp_path, bad)
     with pytest.raises(CatalogSchemaError, match="bt_mode.*null"):
         write_catalog(tmp_path, cat.with_columns(pl.lit(None, pl.Float64).alias("bt_mode")))
+    # A catalog stored before psf_fwhm_arcsec / asymmetry existed reads with them null;
+    # any other missing column is still an error.
+    old = tmp_path / "old"
+    old.mkdir()
+    cat.drop("psf_fwhm_arcsec", "asymmetry").write_parquet(old / "catalog.parquet")
+    again = read_catalog(old)
+    assert again.columns == cat.columns and again["psf_fwhm_arcsec"].null_count() == 3
+    cat.drop("bt_mode").write_parquet(old / "catalog.parquet")
+    with pytest.raises(CatalogSchemaError, match="missing column 'bt_mode'"):
+        read_catalog(old)
 
 
 def test_catalog_from_images_streams_and_matches_direct_summary(tiny_profile, tmp_path):
