@@ -148,6 +148,9 @@ class NetworkConfig:
     #: zeros and no gradient brings it back (the network collapses to a constant predictor;
     #: seen in a ``quick`` training). ``None`` = unbounded (models saved before this field).
     stn_zoom_range: tuple[float, float] | None = (0.1, 1.25)
+    #: Zoom factor of the STN at initialisation (1 = the identity, as in Jaderberg et al.);
+    #: must lie inside ``stn_zoom_range``.
+    stn_zoom_init: float = 1.0
     in_channels: int = 1
     n_outputs: int = 9
 
@@ -287,6 +290,12 @@ def validate_profile(profile: Profile) -> None:
         raise ConfigError(
             f"profile {profile.name!r}: network.stn_zoom_range must be (lo, hi) with "
             f"0 < lo < 1 < hi, got {zoom}"
+        )
+    init = profile.network.stn_zoom_init
+    if not (init > 0 and (zoom is None or zoom[0] < init < zoom[1])):
+        raise ConfigError(
+            f"profile {profile.name!r}: network.stn_zoom_init {init} must be positive and "
+            f"inside stn_zoom_range {zoom}"
         )
     fractions = profile.simulation.split_fractions
     if abs(sum(fractions) - 1.0) > 1e-9 or min(fractions) <= 0:

@@ -86,6 +86,7 @@ class ZoomSTN(nn.Module):
         localization_pool: int = 1,
         supersample: int = 1,
         zoom_range: tuple[float, float] | None = None,
+        zoom_init: float = 1.0,
     ) -> None:
         super().__init__()
         if zoom_range is not None and not 0 < zoom_range[0] < 1 < zoom_range[1]:
@@ -117,13 +118,17 @@ class ZoomSTN(nn.Module):
             nn.ReLU(inplace=True),
             nn.Linear(STN_HIDDEN_FC, 1),
         )
-        # Start at the identity transform (s = 1), as in Jaderberg et al. (2015).
+        # Start at s = zoom_init for every image (1: the identity, Jaderberg et al. 2015).
         nn.init.zeros_(self.regressor[-1].weight)
         if self.zoom_range is None:
-            nn.init.ones_(self.regressor[-1].bias)
+            nn.init.constant_(self.regressor[-1].bias, zoom_init)
         else:
             lo, hi = self.zoom_range
-            nn.init.constant_(self.regressor[-1].bias, math.log((1 - lo) / (hi - 1)))
+            if not lo < zoom_init < hi:
+                raise ValueError(f"ZoomSTN: zoom_init {zoom_init} outside zoom_range {zoom_range}")
+            nn.init.constant_(
+                self.regressor[-1].bias, math.log((zoom_init - lo) / (hi - zoom_init))
+            )
 
     def _resampling_matrix(
         self, s: torch.Tensor, image_px: int, like: torch.Tensor
@@ -222,6 +227,7 @@ class GaMPEN(nn.Module):
             localization_pool=network_cfg.stn_localization_pool,
             supersample=network_cfg.stn_supersample,
             zoom_range=network_cfg.stn_zoom_range,
+            zoom_init=network_cfg.stn_zoom_init,
         )
         widths = [scaled_width(v, m) if isinstance(v, int) else v for v in VGG16_LAYERS]
         first = widths[0]

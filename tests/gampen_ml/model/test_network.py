@@ -174,6 +174,11 @@ def test_stn_zoom_is_bounded_and_starts_at_the_identity():
     assert unbounded.stn(x)[0].abs().sum() == 0  # the collapse the bound prevents
     with pytest.raises(ValueError, match="zoom_range"):
         GaMPEN(dataclasses.replace(SMALL, stn_zoom_range=(0.5, 0.9)), 0.0, 96)
+    # Another starting zoom (NetworkConfig.stn_zoom_init), inside the range.
+    zoomed = GaMPEN(dataclasses.replace(SMALL, stn_output_px=48, stn_zoom_init=0.6), 0.0, 96)
+    torch.testing.assert_close(zoomed.stn(x)[1], torch.full((4,), 0.6))
+    with pytest.raises(ValueError, match="zoom_init"):
+        GaMPEN(dataclasses.replace(SMALL, stn_zoom_init=1.5), 0.0, 96)
 
 
 def test_forward_equals_tail_of_head():
