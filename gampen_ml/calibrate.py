@@ -255,14 +255,17 @@ def reshape_tails(samples: np.ndarray, exponent: np.ndarray | float) -> np.ndarr
     """``m + s sign(d) |d|^g`` with ``d = (x - m) / s`` per galaxy (axis 1), float32.
 
     ``m`` and ``s`` are each galaxy's sample mean and std; ``exponent`` broadcasts over the
-    trailing axes (one per parameter). Galaxies with zero spread are returned unchanged.
+    trailing axes (one per parameter). Galaxies with zero spread are returned unchanged, and
+    so are the samples themselves when every exponent is 1.
     """
+    g = np.asarray(exponent, dtype=np.float32)
+    if np.all(g == 1.0):
+        return samples
     x = np.asarray(samples, dtype=np.float32)
     mean = x.mean(axis=1, keepdims=True)
     std = x.std(axis=1, keepdims=True)
     std = np.where(std > 0, std, 1.0).astype(np.float32)
     d = (x - mean) / std
-    g = np.asarray(exponent, dtype=np.float32)
     return (mean + std * np.sign(d) * np.abs(d) ** g).astype(np.float32)
 
 
@@ -271,8 +274,7 @@ def _reshape_and_stretch(samples: np.ndarray, exponent, scale) -> np.ndarray:
 
     ``exponent`` and ``scale`` broadcast over the trailing (parameter) axis; float32.
     """
-    g = np.asarray(exponent, dtype=np.float32)
-    x = samples if np.all(g == 1.0) else reshape_tails(samples, g)
+    x = reshape_tails(samples, exponent)
     mean = x.mean(axis=1, keepdims=True)
     return mean + np.asarray(scale, dtype=np.float32) * (x - mean)
 
@@ -425,7 +427,7 @@ def fit_recalibration(
         x, truth = samples_scaled[:, :, j], truths_scaled[:, j]
         best = (np.inf, 1.0, 1.0, np.inf)  # (objective, exponent, scale, mean error)
         for g in EXPONENT_GRID:
-            shaped = x if g == 1.0 else reshape_tails(x, g)
+            shaped = reshape_tails(x, g)
             try:
                 cov = _coverage_vs_scale(shaped, truth, levels, grid)
             except PosteriorError as exc:

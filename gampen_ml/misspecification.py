@@ -49,7 +49,7 @@ from gampen_ml.posterior import level_tag
 from gampen_ml.sim.misspecified import VARIANTS, render_misspecified
 from gampen_ml.sim.noise import NoisePool, draw_noise, read_noise_pool
 from gampen_ml.sim.parameters import quantize_sersic_n, sample_parameters
-from gampen_ml.sim.psf import library_fwhm_range, read_psf_library
+from gampen_ml.sim.psf import fwhm_range, read_psf_library
 from gampen_ml.sim.render import SERSIC_N_STEP
 
 #: Flags that mark a posterior as not to be trusted, when the flag table has them.
@@ -244,8 +244,8 @@ def evaluate_misspecification(
             f"{Path(model_dir) / 'model.json'}: image_px {meta['image_px']} differs from "
             f"profile {profile.name!r} stamp size {profile.imaging.stamp_size_px}"
         )
-    cube, _ = read_psf_library(psf_dir)
-    fwhm_range = library_fwhm_range(psf_dir)
+    cube, psf_table = read_psf_library(psf_dir)
+    library_range = fwhm_range(psf_table)
     pool = read_noise_pool(noise_dir)
     rng = np.random.default_rng(derive_seed(seed, "misspecification", "parameters"))
     params = sample_parameters(profile.simulation.priors, n_per_variant, rng)
@@ -278,7 +278,7 @@ def evaluate_misspecification(
         catalog = catalog.with_columns(
             pl.Series("asymmetry", image_asymmetry(images), dtype=pl.Float64)
         )
-        flags = compute_flags(catalog, profile.flags, psf_fwhm_range=fwhm_range)
+        flags = compute_flags(catalog, profile.flags, psf_fwhm_range=library_range)
         folder = out_dir / variant
         folder.mkdir(exist_ok=True)
         catalog.write_parquet(folder / "catalog.parquet")
@@ -492,13 +492,12 @@ def real_galaxy_report(
     ``out_dir``. Returns ``(catalog, png path)``.
     """
     from gampen_ml import plots
-    from gampen_ml.sim.psf import measure_fwhm_arcsec
     from gampen_ml.train import load_trained_model
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cube, _ = read_psf_library(psf_dir)
-    fwhm = np.array([measure_fwhm_arcsec(p, profile.imaging.pixel_scale_arcsec) for p in cube])
+    cube, psf_table = read_psf_library(psf_dir)
+    fwhm = psf_table["measured_fwhm_arcsec"].to_numpy()
     psf_id = int(np.argmin(np.abs(fwhm - np.median(fwhm))))
     pool = read_noise_pool(noise_dir)
     images, table = real_galaxy_stamps(catalog_file, profile.imaging, cube[psf_id], pool, seed=seed)
@@ -520,7 +519,7 @@ def real_galaxy_report(
     catalog = catalog.with_columns(
         pl.Series("asymmetry", image_asymmetry(images), dtype=pl.Float64)
     )
-    flags = compute_flags(catalog, profile.flags, psf_fwhm_range=library_fwhm_range(psf_dir))
+    flags = compute_flags(catalog, profile.flags, psf_fwhm_range=fwhm_range(psf_table))
     out = pl.concat(
         [
             table.select("ident", "catalog_mag", "magnitude_drawn", "dilation"),

@@ -255,16 +255,19 @@ def _hist_bins(values: np.ndarray, n: int = 60, log: bool = False) -> np.ndarray
     return _edges(values, n, log)
 
 
-def residuals(catalog: pl.DataFrame, param: str, *, fractional: bool = False) -> np.ndarray:
-    """Residual ``mode - true`` of one parameter, optionally divided by the truth.
+def residuals(
+    catalog: pl.DataFrame, param: str, *, fractional: bool = False, estimate: str = "mode"
+) -> np.ndarray:
+    """Residual ``{estimate} - true`` of one parameter (the posterior mode by default, or
+    ``mean`` / ``median``), optionally divided by the truth.
 
     Returns
     -------
     (N,) float64
         NaN where the truth is null (or zero, for fractional residuals).
     """
-    mode, true = _col(catalog, f"{param}_mode"), _col(catalog, f"{param}_true")
-    res = mode - true
+    true = _col(catalog, f"{param}_true")
+    res = _col(catalog, f"{param}_{estimate}") - true
     if fractional:
         with np.errstate(divide="ignore", invalid="ignore"):
             res = np.where(true != 0, res / true, np.nan)
@@ -820,8 +823,7 @@ def flag_regions(
     for row, (p, (regions, flagged)) in enumerate(spec.items()):
         # The B/T labels read FlagConfig.bt_estimate (the paper's mode by default).
         estimate = cfg.bt_estimate if p == "bt" else "mode"
-        pred = _col(catalog, f"{p}_{estimate}")
-        r = pred - _col(catalog, f"{p}_true") if p == "bt" else residuals(catalog, p)
+        pred, r = _col(catalog, f"{p}_{estimate}"), residuals(catalog, p, estimate=estimate)
         ax = axes[row, 0]
         hexbins.append(_hexbin(ax, pred, r))
         for lo, hi in regions:

@@ -163,8 +163,8 @@ def _metrics_of(cat: pl.DataFrame, f: dict[str, np.ndarray], cfg: FlagConfig) ->
     m["sigma_bt_double"] = _std(res["bt"][double])
     labelled_bt = f["bulge_dominated"] | f["disk_dominated"]
     # The labels read cfg.bt_estimate; the numbers kept for the rest are that estimate too.
-    m["sigma_bt_unlabelled"] = _std((_col(cat, f"bt_{cfg.bt_estimate}") - bt_true)[~labelled_bt])
-    m["sigma_bt_posterior_mean"] = _std(_col(cat, "bt_mean") - bt_true)
+    m["sigma_bt_unlabelled"] = _std(residuals(cat, "bt", estimate=cfg.bt_estimate)[~labelled_bt])
+    m["sigma_bt_posterior_mean"] = _std(residuals(cat, "bt", estimate="mean"))
 
     re_true, re_mode = _col(cat, "re_arcsec_true"), _col(cat, "re_arcsec_mode")
     m["sigma_re_arcsec_not_small"] = _std(res["re_arcsec"][~f["small"]])

@@ -159,15 +159,20 @@ def write_psf_library(folder: Path | str, cube: np.ndarray, table: pl.DataFrame)
     table.write_parquet(folder / PSF_TABLE_FILE)
 
 
+def fwhm_range(table: pl.DataFrame, source: str = "PSF table") -> tuple[float, float]:
+    """Smallest and largest ``measured_fwhm_arcsec`` of a library table (arcsec)."""
+    fwhm = table["measured_fwhm_arcsec"]
+    if fwhm.len() == 0 or fwhm.null_count():
+        raise StorageError(f"{source}: measured_fwhm_arcsec is empty or has nulls")
+    return float(fwhm.min()), float(fwhm.max())
+
+
 def library_fwhm_range(folder: Path | str) -> tuple[float, float]:
-    """Smallest and largest measured FWHM (arcsec) of the library in ``folder``."""
+    """:func:`fwhm_range` of the library stored in ``folder`` (reads only its table)."""
     path = Path(folder) / PSF_TABLE_FILE
     if not path.is_file():
         raise StorageError(f"missing PSF library file {path}")
-    fwhm = pl.read_parquet(path, columns=["measured_fwhm_arcsec"])["measured_fwhm_arcsec"]
-    if fwhm.len() == 0 or fwhm.null_count():
-        raise StorageError(f"{path}: measured_fwhm_arcsec is empty or has nulls")
-    return float(fwhm.min()), float(fwhm.max())
+    return fwhm_range(pl.read_parquet(path, columns=["measured_fwhm_arcsec"]), str(path))
 
 
 def read_psf_library(folder: Path | str) -> tuple[np.ndarray, pl.DataFrame]:
