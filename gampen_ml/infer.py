@@ -12,6 +12,10 @@ batches. The MVN draws are vectorized: ``y = mu + L sqrt(D) z``.
 Reproducibility: every (galaxy chunk, pass chunk) gets its own seed derived from
 ``(seed, first galaxy, first pass)``; the dropout masks and the normal draws use it, so
 the same settings give the same samples bit for bit on the same device.
+
+A model without active dropout (rate 0, which calibration may choose) gives the same
+``N(mu, Sigma)`` on every pass, so it runs once per galaxy and all ``T x K`` draws come from
+that one Gaussian: the same distribution for ``1/T`` of the network work.
 """
 
 from __future__ import annotations
@@ -73,6 +77,13 @@ def _set_mc_dropout_mode(model: nn.Module) -> dict[nn.Module, bool]:
         if isinstance(module, nn.modules.dropout._DropoutNd):
             module.train(True)
     return previous
+
+
+def has_active_dropout(model: nn.Module) -> bool:
+    """Whether any dropout layer of ``model`` has a rate above 0 (passes would differ)."""
+    return any(
+        isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()
+    )
 
 
 def fold_batch_norm(model: nn.Module) -> nn.Module:
@@ -170,7 +181,9 @@ def mc_dropout_samples(
     draws_per_pass : int
         Draws ``K`` from each pass's ``N(mu_t, Sigma_t)`` (paper: 1). The samples still
         come from the same mixture over dropout masks, but ``K > 1`` gives the tails
-        (the 99.73 % HPD needs ~1000 samples) for ``1/K`` of the network passes.
+        (the 99.73 % HPD needs ~1000 samples) for ``1/K`` of the network passes. Without
+        active dropout (:func:`has_active_dropout`) the network runs once per galaxy and
+        all ``T * K`` draws come from that pass.
 
     Yields
     ------
@@ -191,6 +204,9 @@ def mc_dropout_samples(
         raise InferenceError(
             f"images must have shape (N, S, S) or (N, C, S, S), got {np.shape(images)}"
         )
+    n_samples = n_passes * draws_per_pass
+    if not has_active_dropout(model):
+        n_passes, draws_per_pass = 1, n_samples
     device = pick_device(device)
     model = model.to(device)
     previous = _set_mc_dropout_mode(model)
@@ -213,7 +229,7 @@ def mc_dropout_samples(
             t_chunk = min(t_chunk, n_passes)
             max_rows = max(1, tail_batch_bytes // max(1, per_pass))
             k = draws_per_pass
-            out = torch.empty((n, n_passes * k, 3), dtype=torch.float32, device=device)
+            out = torch.empty((n, n_samples, 3), dtype=torch.float32, device=device)
             for p0 in range(0, n_passes, t_chunk):
                 tc = min(t_chunk, n_passes - p0)
                 out[:, p0 * k : (p0 + tc) * k] = tail_draws(
