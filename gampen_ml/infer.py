@@ -81,9 +81,7 @@ def _set_mc_dropout_mode(model: nn.Module) -> dict[nn.Module, bool]:
 
 def has_active_dropout(model: nn.Module) -> bool:
     """Whether any dropout layer of ``model`` has a rate above 0 (passes would differ)."""
-    return any(
-        isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()
-    )
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
 
 
 def fold_batch_norm(model: nn.Module) -> nn.Module:
