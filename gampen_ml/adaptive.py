@@ -26,11 +26,11 @@ from torch import nn
 from gampen_ml.data.transforms import arsinh_image
 from gampen_ml.infer import (
     InferenceError,
-    _set_mc_dropout_mode,
     chunk_seed,
     default_tail_batch_bytes,
     fold_batch_norm,
     pick_device,
+    set_mc_dropout_mode,
     tail_draws,
 )
 from gampen_ml.posterior import _hpd_from_sorted, summarize
@@ -172,7 +172,7 @@ def adaptive_mc_dropout_samples(
         )
     device = pick_device(device)
     model = model.to(device)
-    previous_modes = _set_mc_dropout_mode(model)
+    previous_modes = set_mc_dropout_mode(model)
     net = fold_batch_norm(model)
     use_amp = autocast_bf16 and device.type == "cuda"
     budget = default_tail_batch_bytes(device)

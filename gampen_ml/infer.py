@@ -69,7 +69,7 @@ def chunk_seed(seed: int, first_galaxy: int, first_pass: int) -> int:
     return ((int(hi) << 32) | int(lo)) & ((1 << 63) - 1)
 
 
-def _set_mc_dropout_mode(model: nn.Module) -> dict[nn.Module, bool]:
+def set_mc_dropout_mode(model: nn.Module) -> dict[nn.Module, bool]:
     """Eval mode everywhere except dropout layers; returns the previous modes."""
     previous = {m: m.training for m in model.modules()}
     model.eval()
@@ -207,7 +207,7 @@ def mc_dropout_samples(
         n_passes, draws_per_pass = 1, n_samples
     device = pick_device(device)
     model = model.to(device)
-    previous = _set_mc_dropout_mode(model)
+    previous = set_mc_dropout_mode(model)
     net = fold_batch_norm(model)
     use_amp = autocast_bf16 and device.type == "cuda"
     if tail_batch_bytes is None:

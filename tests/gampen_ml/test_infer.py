@@ -171,7 +171,7 @@ def test_fold_batch_norm_keeps_the_mc_function():
     # copy gives the same outputs in MC mode for the same dropout masks, and the
     # original model keeps its BN layers.
     from gampen_ml.config import QUICK
-    from gampen_ml.infer import _set_mc_dropout_mode, fold_batch_norm
+    from gampen_ml.infer import fold_batch_norm, set_mc_dropout_mode
     from gampen_ml.model import GaMPEN
 
     torch.manual_seed(0)
@@ -181,7 +181,7 @@ def test_fold_batch_norm_keeps_the_mc_function():
         bn.running_var.uniform_(0.5, 2)
         bn.weight.data.uniform_(0.5, 1.5)
         bn.bias.data.uniform_(-0.5, 0.5)
-    _set_mc_dropout_mode(model)
+    set_mc_dropout_mode(model)
     folded = fold_batch_norm(model)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 13

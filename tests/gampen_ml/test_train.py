@@ -103,14 +103,33 @@ def test_saved_files_and_reload(tmp_path):
     model, scaler, meta2 = load_trained_model(tmp_path / "model")
     assert meta2 == meta and not model.training
     assert sum(isinstance(m, torch.nn.Dropout) for m in model.modules()) == 14
-    # The reloaded model reproduces the reported validation loss (dropout off).
-    from gampen_ml.data.datasets import ShardImages
-    from gampen_ml.train import evaluate_loss
+    # The reloaded model reproduces the reported validation loss: the NLL of one MC-dropout
+    # pass (batch norm eval, dropout on, masks from the fixed validation seed), not of the
+    # network with dropout off.
+    from gampen_ml.data.datasets import ShardImages, iterate_batches
+    from gampen_ml.infer import set_mc_dropout_mode
+    from gampen_ml.model import gaussian_nll
+    from gampen_ml.train import VALIDATION_DROPOUT_SEED, evaluate_loss
 
     val = ShardImages(shards, "val")
-    assert evaluate_loss(model, val, scaler, 8, torch.device("cpu")) == pytest.approx(
-        result.final_val_loss, rel=1e-5
-    )
+    reported = evaluate_loss(model, val, scaler, 8, torch.device("cpu"))
+    assert reported == pytest.approx(result.final_val_loss, rel=1e-5)
+    (x, y), *rest = iterate_batches(val, scaler, 8, order=np.arange(len(val)))
+    assert not rest
+    x = x.contiguous(memory_format=torch.channels_last)
+    for m in model.modules():  # a rate at which a pass visibly differs from dropout off
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.5
+    reported = evaluate_loss(model, val, scaler, 8, torch.device("cpu"))
+    with torch.no_grad():
+        set_mc_dropout_mode(model)
+        torch.manual_seed(VALIDATION_DROPOUT_SEED)
+        mc_pass = float(gaussian_nll(model(x), y))
+        model.eval()
+        dropout_off = float(gaussian_nll(model(x), y))
+    assert reported == pytest.approx(mc_pass, rel=1e-6)
+    assert abs(reported - dropout_off) > 1e-3
+    assert evaluate_loss(model, val, scaler, 8, torch.device("cpu")) == reported  # same masks
     # The scaler was fitted on the training split only.
     train_bt = ShardImages(shards, "train").physical_labels()[:, 0]
     assert scaler.bt_low == pytest.approx(train_bt[train_bt > 0].min() / 2)
