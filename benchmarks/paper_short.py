@@ -44,10 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=None, help="storage root (default: temp)")
     parser.add_argument("--dropout-rates", default=None, help="e.g. 0.01 (default: profile's)")
     parser.add_argument("--epochs", type=int, default=None, help="default: the profile's")
+    parser.add_argument(
+        "--learning-rate", type=float, default=None, help="peak learning rate (profile's)"
+    )
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     profile = get_profile(args.profile or ("paper-short" if cuda else "tiny"))
-    if args.dropout_rates or args.epochs:
+    if args.dropout_rates or args.epochs or args.learning_rate:
         # A shorter variant under the same name: the CLI stages below look the profile up
         # by name in this process.
         rates = args.dropout_rates
@@ -59,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
                 else profile.calibration.dropout_rates,
             ),
             training=dataclasses.replace(
-                profile.training, epochs=args.epochs or profile.training.epochs
+                profile.training,
+                epochs=args.epochs or profile.training.epochs,
+                learning_rate=args.learning_rate or profile.training.learning_rate,
             ),
         )
         PROFILES[profile.name] = profile
@@ -75,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "n_galaxies": profile.simulation.n_galaxies,
         "epochs": profile.training.epochs,
+        "learning_rate": profile.training.learning_rate,
         "mean_warmup_fraction": profile.training.mean_warmup_fraction,
         "dropout_rates": list(profile.calibration.dropout_rates),
         "stages_s": {},

@@ -6,7 +6,8 @@
 #
 # Usage: benchmarks/paper_short_gpu.sh [OUT_DIR]   (default: $OUT/paper_short or ./paper_short)
 #   PROFILE   override the profile;  BUDGET_S  start no stage after this (default 540);  PYTHON
-#   Extra arguments go to benchmarks/paper_short.py (e.g. --dropout-rates 0.01 --epochs 12).
+#   Extra arguments go to benchmarks/paper_short.py (e.g. --dropout-rates 0.01 --epochs 12
+#   --learning-rate 3e-4).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-${OUT:-.}/paper_short}"

@@ -61,6 +61,8 @@ def test_paper_short_budget_and_overrides(tmp_path):
             "0.05",
             "--epochs",
             "3",
+            "--learning-rate",
+            "3e-4",
         ],
         env={**env, "PYTHON": sys.executable, "BUDGET_S": "0"},
         capture_output=True,
@@ -75,4 +77,5 @@ def test_paper_short_budget_and_overrides(tmp_path):
     assert not (out / "validation.md").exists()
     # The overrides replace the profile's grid and epochs.
     assert timings["dropout_rates"] == [0.05] and timings["epochs"] == 3
+    assert timings["learning_rate"] == 3e-4
     assert "train dropout-0.05" in timings["skipped"] and len(timings["skipped"]) == 5
