@@ -22,9 +22,9 @@ import torch
 
 import gampen_ml
 from gampen_ml.calibrate import Recalibration
-from gampen_ml.config import AB_ZEROPOINT_NJY, CREDIBLE_LEVELS, PARAMETERS
+from gampen_ml.config import AB_ZEROPOINT_NJY, CREDIBLE_LEVELS, PARAMETERS, FlagConfig
 from gampen_ml.data.transforms import LabelScaler
-from gampen_ml.flags import image_asymmetry
+from gampen_ml.flags import bt_class_probabilities, image_asymmetry
 from gampen_ml.infer import mc_dropout_samples, predict_physical
 from gampen_ml.io import StorageError, atomic_file
 from gampen_ml.posterior import level_tag, summarize
@@ -54,6 +54,8 @@ def _catalog_schema() -> dict[str, pl.DataType]:
         {
             "component_true": pl.String(),
             "magnitude_mode": pl.Float64(),
+            "bt_prob_bulge": pl.Float64(),
+            "bt_prob_disk": pl.Float64(),
             "asymmetry": pl.Float64(),
             "psf_fwhm_arcsec": pl.Float64(),
             "model_name": pl.String(),
@@ -67,16 +69,19 @@ def _catalog_schema() -> dict[str, pl.DataType]:
     return schema
 
 
+#: Per-galaxy columns computed beside the summary (null in catalogs that predate them).
+SAMPLE_STATISTICS = ("bt_prob_bulge", "bt_prob_disk", "asymmetry")
 #: Column name -> polars dtype, in catalog order (see ``docs/catalog.md``).
 CATALOG_SCHEMA: dict[str, pl.DataType] = _catalog_schema()
 #: Columns that may hold nulls (real cutouts have no truth; simulations no FITS origin).
 NULLABLE_COLUMNS: frozenset[str] = frozenset(
-    {"source_file", "hdu", "ra_deg", "dec_deg", "component_true", "asymmetry", "psf_fwhm_arcsec"}
+    {"source_file", "hdu", "ra_deg", "dec_deg", "component_true", "psf_fwhm_arcsec"}
     | {f"{p}_true" for p in PARAMETERS}
+    | set(SAMPLE_STATISTICS)
 )
 #: Nullable columns added after the first catalog format; a stored catalog that predates one
-#: reads with it all null instead of failing (``asymmetry``, ``psf_fwhm_arcsec``).
-LATER_COLUMNS: tuple[str, ...] = ("asymmetry", "psf_fwhm_arcsec")
+#: reads with it all null instead of failing.
+LATER_COLUMNS: tuple[str, ...] = ("asymmetry", "psf_fwhm_arcsec", "bt_prob_bulge", "bt_prob_disk")
 #: Optional per-galaxy metadata columns taken from ``meta`` when present.
 META_COLUMNS = ("source_file", "hdu", "ra_deg", "dec_deg", "psf_fwhm_arcsec")
 
@@ -199,8 +204,9 @@ def build_catalog(
     if "flux_nJy_mode" not in summary.columns:
         raise CatalogSchemaError("build_catalog: summary lacks column 'flux_nJy_mode'")
     columns["magnitude_mode"] = magnitude_ab(summary["flux_nJy_mode"].to_numpy())
-    if "asymmetry" not in summary.columns:
-        columns["asymmetry"] = pl.repeat(None, n, eager=True)
+    for name in SAMPLE_STATISTICS:
+        if name not in summary.columns:
+            columns[name] = pl.repeat(None, n, eager=True)
     columns.update(
         {
             "model_name": pl.repeat(model_name, n, eager=True),
@@ -267,6 +273,7 @@ def catalog_from_images(
     galaxies_per_batch: int = 32,
     device: str | torch.device | None = None,
     draws_per_pass: int = 1,
+    flags: FlagConfig | None = None,
 ) -> pl.DataFrame:
     """Stream images through MC dropout into a posterior catalog.
 
@@ -299,6 +306,9 @@ def catalog_from_images(
         Provenance; ``dropout_rate`` defaults to the model's.
     galaxies_per_batch, device, draws_per_pass
         Passed to :func:`gampen_ml.infer.mc_dropout_samples`.
+    flags : FlagConfig, optional
+        B/T class thresholds of ``bt_prob_bulge`` / ``bt_prob_disk``
+        (:func:`gampen_ml.flags.bt_class_probabilities`); default ``FlagConfig()``.
 
     Returns
     -------
@@ -339,7 +349,16 @@ def catalog_from_images(
         # Image asymmetry beside the posterior: the training galaxies are point-symmetric,
         # so a high value marks a galaxy outside the training distribution (flags.py).
         asymmetry = image_asymmetry(images[start : start + len(physical)])
-        parts.append(summarize(physical).with_columns(pl.Series("asymmetry", asymmetry)))
+        parts.append(
+            pl.concat(
+                [
+                    summarize(physical),
+                    bt_class_probabilities(physical[:, :, 0], flags),
+                    pl.DataFrame({"asymmetry": asymmetry}),
+                ],
+                how="horizontal",
+            )
+        )
         if progress is not None:
             progress(start + len(physical), n_galaxies)
     if sample_store is not None:

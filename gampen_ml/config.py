@@ -214,17 +214,27 @@ class CalibrationConfig:
     coverage_tolerance: float = 0.03
 
 
+#: Values of ``FlagConfig.bt_estimate``.
+BT_ESTIMATES = ("mode", "mean", "median", "probability")
+
+
 @dataclass(frozen=True)
 class FlagConfig:
     """Qualitative flags (paper §6.4 and §7)."""
 
     bulge_dominated_min_bt: float = 0.85
     disk_dominated_max_bt: float = 0.10
-    #: Which posterior summary of B/T the bulge-/disk-dominated labels read: ``mode`` (the
-    #: paper's "predicted value"), ``mean`` or ``median``. For a narrow posterior they agree;
-    #: a posterior broad in logit(B/T) is U-shaped in B/T and its mode sits at 0 or 1, which
-    #: labels every galaxy (``quick``: mode 45 % precise, mean 83 %; docs/validation.md).
+    #: What the bulge-/disk-dominated labels read: a posterior summary of B/T compared with
+    #: the thresholds above, ``mode`` (the paper's "predicted value"), ``mean`` or
+    #: ``median``; or ``probability``: the posterior probability of the class (catalog
+    #: columns ``bt_prob_bulge`` / ``bt_prob_disk``) must reach ``bt_min_probability``. For a
+    #: narrow posterior the summaries agree; a posterior broad in logit(B/T) is U-shaped in
+    #: B/T and its mode sits at 0 or 1, which labels every galaxy. With calibrated posteriors
+    #: a probability label is right about as often as its probability says (``quick``: mode
+    #: 45 % precise, mean 84 %, probability >= 0.95: 99 %; docs/validation.md).
     bt_estimate: str = "mode"
+    #: Smallest class probability that earns a B/T label when ``bt_estimate="probability"``.
+    bt_min_probability: float = 0.95
     small_max_re_arcsec: float = 1.0
     #: A galaxy is "unreliable" when its 68.27% HPD width exceeds these.
     max_bt_width: float = 0.30
@@ -280,10 +290,15 @@ def validate_profile(profile: Profile) -> None:
         )
     if len(set(rates)) != len(rates):
         raise ConfigError(f"profile {profile.name!r}: calibration.dropout_rates has duplicates")
-    if profile.flags.bt_estimate not in ("mode", "mean", "median"):
+    if profile.flags.bt_estimate not in BT_ESTIMATES:
         raise ConfigError(
-            f"profile {profile.name!r}: flags.bt_estimate must be mode, mean or median, "
+            f"profile {profile.name!r}: flags.bt_estimate must be one of {BT_ESTIMATES}, "
             f"got {profile.flags.bt_estimate!r}"
+        )
+    if not 0.5 < profile.flags.bt_min_probability <= 1.0:
+        raise ConfigError(
+            f"profile {profile.name!r}: flags.bt_min_probability must lie in (0.5, 1], "
+            f"got {profile.flags.bt_min_probability}"
         )
     zoom = profile.network.stn_zoom_range
     if zoom is not None and not (len(zoom) == 2 and 0 < zoom[0] < 1 < zoom[1]):
@@ -371,8 +386,9 @@ QUICK = Profile(
         n_passes=100, n_passes_calibration=50, draws_per_pass=10, galaxies_per_batch=64
     ),
     calibration=CalibrationConfig(dropout_rates=(0.0, 0.01, 0.05)),
-    # Its B/T posteriors are broad: label from the posterior mean (FlagConfig.bt_estimate).
-    flags=FlagConfig(bt_estimate="mean"),
+    # Its B/T posteriors are broad: label where the class has posterior probability >= 0.95
+    # (FlagConfig.bt_estimate; the mode would label every galaxy).
+    flags=FlagConfig(bt_estimate="probability"),
 )
 
 TINY = Profile(

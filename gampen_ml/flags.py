@@ -61,8 +61,8 @@ def compute_flags(
     ----------
     catalog : pl.DataFrame
         Posterior catalog (``docs/catalog.md``): needs ``galaxy_id``, ``dataset``,
-        ``bt_<cfg.bt_estimate>``, ``re_arcsec_mode``, ``flux_nJy_mode`` and the 68.27 % HPD
-        bounds.
+        ``bt_<cfg.bt_estimate>`` (``bt_prob_bulge`` and ``bt_prob_disk`` for
+        ``probability``), ``re_arcsec_mode``, ``flux_nJy_mode`` and the 68.27 % HPD bounds.
     cfg : FlagConfig
         Thresholds.
     psf_fwhm_range : (float, float), optional
@@ -74,18 +74,31 @@ def compute_flags(
     Returns
     -------
     pl.DataFrame
-        :data:`FLAGS_SCHEMA`: ``bulge_dominated`` (B/T ``>= bulge_dominated_min_bt``),
-        ``disk_dominated`` (B/T ``<= disk_dominated_max_bt``), ``small``
+        :data:`FLAGS_SCHEMA`: ``bulge_dominated`` (B/T ``>= bulge_dominated_min_bt``; with
+        ``probability``: ``bt_prob_bulge >= bt_min_probability``), ``disk_dominated`` (B/T
+        ``<= disk_dominated_max_bt``; ``bt_prob_disk``), ``small``
         (``re_arcsec_mode < small_max_re_arcsec``), ``unreliable`` (68.27 % HPD width of
         B/T above ``max_bt_width``, or of Re / flux relative to the mode above
         ``max_re_fractional_width`` / ``max_flux_fractional_width``); plus the optional
         ``asymmetric`` and ``psf_outside_library`` when their inputs exist.
     """
-    bt = f"bt_{cfg.bt_estimate}"
-    needed = ["galaxy_id", "dataset", bt, "re_arcsec_mode", "flux_nJy_mode"] + [
+    if cfg.bt_estimate == "probability":
+        bt_columns = ["bt_prob_bulge", "bt_prob_disk"]
+        bulge = pl.col("bt_prob_bulge") >= cfg.bt_min_probability
+        disk = pl.col("bt_prob_disk") >= cfg.bt_min_probability
+    else:
+        bt_columns = [f"bt_{cfg.bt_estimate}"]
+        bulge = pl.col(bt_columns[0]) >= cfg.bulge_dominated_min_bt
+        disk = pl.col(bt_columns[0]) <= cfg.disk_dominated_max_bt
+    needed = ["galaxy_id", "dataset", *bt_columns, "re_arcsec_mode", "flux_nJy_mode"] + [
         f"{p}_hpd68_{side}" for p in ("bt", "re_arcsec", "flux_nJy") for side in ("lo", "hi")
     ]
     _require(catalog, needed, "compute_flags")
+    if catalog.select(pl.col(bt_columns).null_count()).sum_horizontal().item():
+        raise FlagError(
+            f"compute_flags: {bt_columns} hold nulls (a catalog written before they existed); "
+            "recompute the catalog or choose another FlagConfig.bt_estimate"
+        )
 
     def width(p: str) -> pl.Expr:
         return pl.col(f"{p}_hpd68_hi") - pl.col(f"{p}_hpd68_lo")
@@ -103,8 +116,8 @@ def compute_flags(
     return catalog.select(
         pl.col("galaxy_id").cast(pl.Int64),
         pl.col("dataset").cast(pl.String),
-        (pl.col(bt) >= cfg.bulge_dominated_min_bt).alias("bulge_dominated"),
-        (pl.col(bt) <= cfg.disk_dominated_max_bt).alias("disk_dominated"),
+        bulge.alias("bulge_dominated"),
+        disk.alias("disk_dominated"),
         (pl.col("re_arcsec_mode") < cfg.small_max_re_arcsec).alias("small"),
         (
             (width("bt") > cfg.max_bt_width)
@@ -112,6 +125,53 @@ def compute_flags(
             | (width("flux_nJy") > cfg.max_flux_fractional_width * pl.col("flux_nJy_mode"))
         ).alias("unreliable"),
         *optional,
+    )
+
+
+def bt_point_estimate(cfg: FlagConfig) -> str:
+    """The B/T summary (``mode``/``mean``/``median``) that stands for the labels' B/T value.
+
+    ``cfg.bt_estimate`` itself, or ``mean`` for probability labels (their residuals and the
+    flag-region figure need one number per galaxy).
+    """
+    return "mean" if cfg.bt_estimate == "probability" else cfg.bt_estimate
+
+
+def describe_bt_labels(cfg: FlagConfig) -> str:
+    """How the B/T labels are assigned, in words (reports)."""
+    if cfg.bt_estimate == "probability":
+        return (
+            f"are given where the posterior probability of the class (B/T >= "
+            f"{cfg.bulge_dominated_min_bt:g} or <= {cfg.disk_dominated_max_bt:g}) is at least "
+            f"{cfg.bt_min_probability:g}"
+        )
+    return f"read the posterior {cfg.bt_estimate}"
+
+
+def bt_class_probabilities(bt_samples: np.ndarray, cfg: FlagConfig | None = None) -> pl.DataFrame:
+    """Posterior probability of each B/T class from physical samples.
+
+    Parameters
+    ----------
+    bt_samples : (N, T) array_like
+        B/T posterior samples per galaxy (physical, recalibrated as in the catalog).
+    cfg : FlagConfig, optional
+        Class thresholds (default ``FlagConfig()``: 0.85 and 0.10).
+
+    Returns
+    -------
+    pl.DataFrame
+        ``bt_prob_bulge`` = P(B/T >= ``bulge_dominated_min_bt``) and ``bt_prob_disk`` =
+        P(B/T <= ``disk_dominated_max_bt``), the fractions of samples (float64).
+    """
+    cfg = cfg or FlagConfig()
+    bt = np.asarray(bt_samples)
+    return pl.DataFrame(
+        {
+            "bt_prob_bulge": (bt >= cfg.bulge_dominated_min_bt).mean(axis=1),
+            "bt_prob_disk": (bt <= cfg.disk_dominated_max_bt).mean(axis=1),
+        },
+        schema={"bt_prob_bulge": pl.Float64, "bt_prob_disk": pl.Float64},
     )
 
 

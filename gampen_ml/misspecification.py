@@ -273,6 +273,7 @@ def evaluate_misspecification(
             truths=labels.select(*PARAMETERS, "component"),
             dataset=f"misspecified-{variant}",
             galaxies_per_batch=inference.galaxies_per_batch,
+            flags=profile.flags,
             device=device,
         )
         catalog = catalog.with_columns(
@@ -514,6 +515,7 @@ def real_galaxy_report(
         recalibration=_as_recalibration(recalibration),
         dataset="aegis-f814w",
         galaxies_per_batch=inference.galaxies_per_batch,
+        flags=profile.flags,
         device=device,
     )
     catalog = catalog.with_columns(

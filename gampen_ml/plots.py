@@ -32,7 +32,7 @@ from matplotlib.figure import Figure
 from scipy import stats
 
 from gampen_ml.config import CREDIBLE_LEVELS, PARAMETERS, FlagConfig
-from gampen_ml.flags import FLAG_COLUMNS, compute_flags
+from gampen_ml.flags import FLAG_COLUMNS, bt_point_estimate, compute_flags
 from gampen_ml.io import atomic_file
 
 #: Resolution of every saved PNG; a figure of ``w x h`` inches is ``w*DPI x h*DPI`` px.
@@ -822,7 +822,7 @@ def flag_regions(
     hexbins = []
     for row, (p, (regions, flagged)) in enumerate(spec.items()):
         # The B/T labels read FlagConfig.bt_estimate (the paper's mode by default).
-        estimate = cfg.bt_estimate if p == "bt" else "mode"
+        estimate = bt_point_estimate(cfg) if p == "bt" else "mode"
         pred, r = _col(catalog, f"{p}_{estimate}"), residuals(catalog, p, estimate=estimate)
         ax = axes[row, 0]
         hexbins.append(_hexbin(ax, pred, r))

@@ -266,6 +266,7 @@ def calibrate_dropout_rates(
             dataset="sim-val",
             dropout_rate=rate,
             galaxies_per_batch=inference.galaxies_per_batch,
+            flags=profile.flags,
             device=device,
         )
         table = coverage_table(catalog, None, levels, dropout_rate=rate, split="val")
@@ -528,6 +529,7 @@ def catalog_and_publish(
             model_version=str(calibration["model_version"]),
             dropout_rate=rate,
             galaxies_per_batch=inference.galaxies_per_batch,
+            flags=profile.flags,
             device=device,
         )
         write_catalog(tmp, catalog)
@@ -581,6 +583,7 @@ def predict_cutouts(
         model_version=str(info.get("model_version") or "unregistered"),
         galaxies_per_batch=profile.inference.galaxies_per_batch,
         device=device,
+        flags=profile.flags,
     )
     validate_catalog(catalog, str(out_file))
     with atomic_file(out_file) as tmp:

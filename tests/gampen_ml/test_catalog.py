@@ -166,5 +166,8 @@ def test_catalog_from_images_streams_and_matches_direct_summary(tiny_profile, tm
     direct = summarize(scaler.inverse(scaled))
     np.testing.assert_allclose(cat["re_arcsec_median"], direct["re_arcsec_median"])
     np.testing.assert_allclose(cat["flux_nJy_hpd68_hi"], direct["flux_nJy_hpd68_hi"])
+    bt = scaler.inverse(scaled)[:, :, 0]
+    np.testing.assert_allclose(cat["bt_prob_bulge"], (bt >= 0.85).mean(axis=1))
+    np.testing.assert_allclose(cat["bt_prob_disk"], (bt <= 0.10).mean(axis=1))
     with pytest.raises(CatalogSchemaError, match="meta has 4 rows"):
         catalog_from_images(model, scaler, images, meta.head(4), n_passes=4, seed=1)

@@ -68,11 +68,14 @@ def test_bad_flag_estimate_and_stn_zoom_range_are_rejected():
     tiny = get_profile("tiny")
     with pytest.raises(ConfigError, match="bt_estimate"):
         tiny.replace(flags=FlagConfig(bt_estimate="max"))
+    for bad in (0.5, 1.2):
+        with pytest.raises(ConfigError, match="bt_min_probability"):
+            tiny.replace(flags=FlagConfig(bt_estimate="probability", bt_min_probability=bad))
     with pytest.raises(ConfigError, match="stn_zoom_range"):
         tiny.replace(network=NetworkConfig(stn_zoom_range=(0.5, 0.9)))
     with pytest.raises(ConfigError, match="stn_zoom_init"):
         tiny.replace(network=NetworkConfig(stn_zoom_init=1.3))
-    assert get_profile("quick").flags.bt_estimate == "mean"
+    assert get_profile("quick").flags.bt_estimate == "probability"
     assert get_profile("paper").flags.bt_estimate == "mode"  # the paper's labels
 
 

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import polars as pl
 import pytest
 
 from gampen_ml.config import FlagConfig
-from gampen_ml.flags import FLAGS_SCHEMA, FlagError, compute_flags, flag_precision
+from gampen_ml.flags import (
+    FLAGS_SCHEMA,
+    FlagError,
+    bt_class_probabilities,
+    compute_flags,
+    flag_precision,
+)
 
 
 def catalog() -> pl.DataFrame:
@@ -89,3 +96,49 @@ def test_bt_labels_read_the_configured_posterior_summary():
     assert by_median["disk_dominated"].to_list() == [False, False, False, True, False, False]
     with pytest.raises(FlagError, match="bt_mean"):
         compute_flags(catalog(), FlagConfig(bt_estimate="mean"))
+
+
+def test_probability_labels_read_the_class_probabilities():
+    probs = bt_class_probabilities(
+        np.array([[0.9, 0.95, 0.86, 0.5], [0.0, 0.05, 0.1, 0.2], [0.84, 0.85, 0.11, 0.10]])
+    )
+    assert probs["bt_prob_bulge"].to_list() == [0.75, 0.0, 0.25]  # >= 0.85 counts
+    assert probs["bt_prob_disk"].to_list() == [0.0, 0.75, 0.25]  # <= 0.10 counts
+    cat = catalog().with_columns(
+        pl.Series("bt_prob_bulge", [0.96, 0.90, 0.00, 0.00, 0.95, 0.5]),
+        pl.Series("bt_prob_disk", [0.00, 0.00, 0.99, 0.94, 0.00, 0.5]),
+    )
+    flags = compute_flags(cat, FlagConfig(bt_estimate="probability"))
+    assert flags["bulge_dominated"].to_list() == [True, False, False, False, True, False]
+    assert flags["disk_dominated"].to_list() == [False, False, True, False, False, False]
+    loose = compute_flags(cat, FlagConfig(bt_estimate="probability", bt_min_probability=0.9))
+    assert loose["bulge_dominated"].to_list() == [True, True, False, False, True, False]
+    assert loose["disk_dominated"].to_list() == [False, False, True, True, False, False]
+    with pytest.raises(FlagError, match="bt_prob_bulge"):
+        compute_flags(catalog(), FlagConfig(bt_estimate="probability"))
+    # A catalog written before the columns existed reads them as null: a clear error.
+    old = cat.with_columns(pl.lit(None, pl.Float64).alias("bt_prob_bulge"))
+    with pytest.raises(FlagError, match="hold nulls"):
+        compute_flags(old, FlagConfig(bt_estimate="probability"))
+
+
+def test_probability_labels_are_as_precise_as_calibrated_posteriors_say():
+    # Calibrated by construction: each galaxy's truth is one more draw from its own posterior.
+    rng = np.random.default_rng(3)
+    n, t = 20000, 400
+    centre, width = rng.uniform(-0.2, 1.2, n), rng.uniform(0.02, 0.3, n)
+    draws = np.clip(centre[:, None] + width[:, None] * rng.standard_normal((n, t + 1)), 0, 1)
+    probs = bt_class_probabilities(draws[:, :t])
+    truth = draws[:, t]
+    for column, is_class in (("bt_prob_bulge", truth >= 0.85), ("bt_prob_disk", truth <= 0.10)):
+        p = probs[column].to_numpy()
+        labelled = p >= 0.95
+        precision = is_class[labelled].mean()
+        # Binomial s.e. of the precision over the labelled galaxies.
+        se = math.sqrt(0.05 * 0.95 / labelled.sum())
+        assert labelled.sum() > 1000
+        assert abs(precision - p[labelled].mean()) < 4 * se and precision > 0.95 - 4 * se
+        # The plain threshold on the posterior mean is far less precise on broad posteriors.
+        mean = draws[:, :t].mean(axis=1)
+        by_mean = mean >= 0.85 if column == "bt_prob_bulge" else mean <= 0.10
+        assert is_class[by_mean].mean() < precision - 0.05
