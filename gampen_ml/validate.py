@@ -96,6 +96,10 @@ METRIC_NOTES: dict[str, str] = {
     "precision_bulge_dominated_pct": "true B/T >= bulge threshold among labelled bulge-dominated",
     "precision_disk_dominated_pct": "true B/T <= disk threshold among labelled disk-dominated",
     "precision_small_pct": 'true Re < 1" among labelled small (paper ~ 97 %)',
+    "completeness_bulge_dominated_pct": "labelled among the galaxies whose true B/T >= the "
+    "bulge threshold (the price of precision)",
+    "completeness_disk_dominated_pct": "labelled among the galaxies whose true B/T <= the "
+    "disk threshold",
 }
 
 
@@ -209,6 +213,8 @@ def _metrics_of(cat: pl.DataFrame, f: dict[str, np.ndarray], cfg: FlagConfig) ->
         bulge | disk, (bulge & (bt_true > 0.5)) | (disk & (bt_true < 0.5))
     )
     m["precision_small_pct"] = _precision(small, re_true < cfg.small_max_re_arcsec)
+    m["completeness_bulge_dominated_pct"] = _precision(true_bulge, bulge & true_bulge)
+    m["completeness_disk_dominated_pct"] = _precision(true_disk, disk & true_disk)
     m["n_bulge_dominated"] = float(bulge.sum())
     m["n_disk_dominated"] = float(disk.sum())
     m["n_small"] = float(small.sum())
@@ -315,6 +321,8 @@ _ROW_ORDER = [
     "precision_bulge_dominated_pct",
     "precision_disk_dominated_pct",
     "precision_small_pct",
+    "completeness_bulge_dominated_pct",
+    "completeness_disk_dominated_pct",
     "n_bulge_dominated",
     "n_disk_dominated",
     "n_small",

@@ -124,6 +124,10 @@ def test_label_precision_and_well_constrained_cut(known):
     small = flags["small"].to_numpy()
     assert m["precision_bulge_dominated_pct"] == pytest.approx(100 * np.mean(bt_t[bulge] >= 0.85))
     assert m["precision_disk_dominated_pct"] == pytest.approx(100 * np.mean(bt_t[disk] <= 0.10))
+    assert m["completeness_bulge_dominated_pct"] == pytest.approx(
+        100 * np.mean(bulge[bt_t >= 0.85])
+    )
+    assert m["completeness_disk_dominated_pct"] == pytest.approx(100 * np.mean(disk[bt_t <= 0.10]))
     ok = (bulge & (bt_t >= 0.85)) | (disk & (bt_t <= 0.10))
     assert m["precision_extreme_bt_pct"] == pytest.approx(100 * ok.sum() / (bulge | disk).sum())
     assert m["precision_small_pct"] == pytest.approx(100 * np.mean(re_t[small] < 1.0))
