@@ -182,8 +182,8 @@ def cmd_validate(args: argparse.Namespace) -> None:
     import polars as pl
 
     from gampen_ml.catalog import read_catalog
-    from gampen_ml.flags import compute_flags
     from gampen_ml.io import partition_dir
+    from gampen_ml.stages import catalog_flags
     from gampen_ml.validate import validation_report
 
     profile = get_profile(args.profile)
@@ -192,7 +192,7 @@ def cmd_validate(args: argparse.Namespace) -> None:
     coverage_file = partition_dir(root, "calibrated_dropout_rate") / "coverage.parquet"
     md, js = validation_report(
         catalog,
-        compute_flags(catalog, profile.flags),
+        catalog_flags(catalog, profile, root),
         Path(args.out),
         profile_name=profile.name,
         coverage_table=pl.read_parquet(coverage_file) if coverage_file.is_file() else None,
