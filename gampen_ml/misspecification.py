@@ -43,7 +43,7 @@ from gampen_ml.config import (
     Profile,
     derive_seed,
 )
-from gampen_ml.flags import compute_flags, image_asymmetry
+from gampen_ml.flags import compute_flags
 from gampen_ml.io import atomic_file
 from gampen_ml.posterior import level_tag
 from gampen_ml.sim.misspecified import VARIANTS, render_misspecified
@@ -275,9 +275,6 @@ def evaluate_misspecification(
             galaxies_per_batch=inference.galaxies_per_batch,
             flags=profile.flags,
             device=device,
-        )
-        catalog = catalog.with_columns(
-            pl.Series("asymmetry", image_asymmetry(images), dtype=pl.Float64)
         )
         flags = compute_flags(catalog, profile.flags, psf_fwhm_range=library_range)
         folder = out_dir / variant
@@ -517,9 +514,6 @@ def real_galaxy_report(
         galaxies_per_batch=inference.galaxies_per_batch,
         flags=profile.flags,
         device=device,
-    )
-    catalog = catalog.with_columns(
-        pl.Series("asymmetry", image_asymmetry(images), dtype=pl.Float64)
     )
     flags = compute_flags(catalog, profile.flags, psf_fwhm_range=fwhm_range(psf_table))
     out = pl.concat(

@@ -42,6 +42,7 @@ from gampen_ml.data.datasets import (
     prefetch,
 )
 from gampen_ml.data.transforms import LabelScaler
+from gampen_ml.infer import set_mc_dropout_mode
 from gampen_ml.io import StorageError, atomic_file, file_sha256
 from gampen_ml.model import GaMPEN, gaussian_nll, mean_squared_error
 
@@ -410,8 +411,6 @@ def evaluate_loss(
     statistics were gathered with dropout on, and that mismatch alone made a `quick`
     dropout-0.05 model's validation NLL climb to +11 while its MC-pass NLL was -2.7.
     """
-    from gampen_ml.infer import set_mc_dropout_mode
-
     set_mc_dropout_mode(model)
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)
