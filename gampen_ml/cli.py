@@ -143,27 +143,28 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from gampen_ml import stages
 
     profile = get_profile(args.profile)
-    model_dir = Path(args.model) if args.model and Path(args.model).is_dir() else None
-    if model_dir is None:
-        from gampen_ml.registry import registered_model_name, resolve_model
-
-        name = registered_model_name(profile.name)
-        model_dir = resolve_model(_tracking_uri(args), name, args.model or "champion")
+    model = stages.resolve_prediction_model(
+        profile,
+        Path(args.root),
+        args.model,
+        tracking_uri=_tracking_uri(args),
+        log=lambda line: print(f"warning: {line}", file=sys.stderr),
+    )
     result = stages.predict_cutouts(
         profile,
         Path(args.path),
-        model_dir,
+        model,
         Path(args.out),
         n_passes=args.passes,
-        seed=derive_seed(profile.seed, "predict", Path(args.path).name),
         device=args.device,
         progress=_Progress("MC dropout"),
     )
     for rejection in result.rejections:
         print(f"skipped {rejection.file}: {rejection.reason}", file=sys.stderr)
+    state = "recalibrated" if model.calibrated else "NOT recalibrated"
     print(
-        f"{result.catalog.height} galaxies written to {args.out}; "
-        f"{len(result.rejections)} file(s) skipped"
+        f"{result.catalog.height} galaxies written to {args.out} with {model.model_name} "
+        f"v{model.model_version} ({state}); {len(result.rejections)} file(s) skipped"
     )
 
 
@@ -213,16 +214,13 @@ def cmd_misspecification(args: argparse.Namespace) -> None:
 
     profile = get_profile(args.profile)
     root = Path(args.root)
-    recalibration = None
-    if args.model:
-        model_dir = Path(args.model)
-        if args.recalibration:
-            recalibration = Path(args.recalibration)
-    else:  # the champion and its calibrated recalibration
-        calibration = stages.read_calibration(root)
-        rate = float(calibration["chosen_dropout_rate"])
-        model_dir = partition_dir(root, "trained_model", f"dropout-{rate:g}")
-        recalibration = calibration["recalibration"]
+    if args.model and args.recalibration:
+        model_dir, recalibration = Path(args.model), Path(args.recalibration)
+    else:
+        model = stages.resolve_prediction_model(
+            profile, root, args.model, tracking_uri=_tracking_uri(args), log=print
+        )
+        model_dir, recalibration = model.model_dir, model.recalibration
     psf_dir = Path(args.psf_dir) if args.psf_dir else partition_dir(root, "psf_library")
     noise_dir = Path(args.noise_dir) if args.noise_dir else partition_dir(root, "noise_pool")
     out = Path(args.out)
@@ -331,8 +329,16 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_misspecification,
         "coverage and flags on galaxies outside the training distribution",
     )
-    p.add_argument("--model", default=None, help="trained_model folder (default: the champion)")
-    p.add_argument("--recalibration", default=None, help="recalibration.json for --model")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="trained_model folder, MLflow version or alias (default: the calibrated champion)",
+    )
+    p.add_argument(
+        "--recalibration",
+        default=None,
+        help="recalibration.json to apply to --model (default: the champion's, for the champion)",
+    )
     p.add_argument("--n", type=int, default=200, help="galaxies per variant (default 200)")
     p.add_argument("--out", default="misspecification", help="output folder")
     p.add_argument("--psf-dir", default=None, help="PSF library (default <root>/psf_library/all)")

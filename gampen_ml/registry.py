@@ -10,7 +10,8 @@ What is stored per training run (DESIGN §7): ``mlflow.pytorch.log_model`` would
 ``model/`` artifact folder holds what MC dropout needs -- ``state_dict.pt``, ``model.json``
 (network config), ``label_scaler.json`` -- plus an ``MLmodel`` file carrying the input
 signature. A version of the registered model ``gampen-<profile>`` points at that folder and
-is tagged with its ``dropout_rate``; the calibrated winner gets the alias ``champion``.
+is tagged with its ``dropout_rate``; the calibrated winner gets the alias ``champion`` and
+its recalibration as the tag :data:`RECALIBRATION_TAG`.
 """
 
 from __future__ import annotations
@@ -216,13 +217,29 @@ def log_training_run(
     return run_id, str(version.version)
 
 
-def set_champion(tracking_uri: str, name: str, version: str | int) -> None:
-    """Point the alias ``champion`` of registered model ``name`` at ``version``."""
+#: Model-version tag holding the JSON of the recalibration fit for that version
+#: (``gampen_ml.calibrate.Recalibration.to_dict``), so a registered model carries its calibration.
+RECALIBRATION_TAG = "gampen.recalibration"
+
+
+def set_champion(
+    tracking_uri: str, name: str, version: str | int, recalibration: dict | None = None
+) -> None:
+    """Point the alias ``champion`` of registered model ``name`` at ``version``.
+
+    ``recalibration`` (a ``Recalibration.to_dict()``) is stored on that version as the tag
+    :data:`RECALIBRATION_TAG`, so resolving the version from the registry alone gives the
+    calibrated posteriors.
+    """
     from mlflow.exceptions import MlflowException
 
     client = _client(tracking_uri)
     try:
         client.get_model_version(name, str(version))
+        if recalibration is not None:
+            client.set_model_version_tag(
+                name, str(version), RECALIBRATION_TAG, json.dumps(recalibration)
+            )
         client.set_registered_model_alias(name, CHAMPION_ALIAS, str(version))
     except MlflowException as exc:
         raise RegistryError(

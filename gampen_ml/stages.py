@@ -445,7 +445,14 @@ def calibrate_and_publish(
         }
         (tmp / "calibration.json").write_text(json.dumps(calibration, indent=2) + "\n")
     if mlflow_tracking_uri and info.get("model_version"):
-        set_champion(mlflow_tracking_uri, calibration["model_name"], calibration["model_version"])
+        set_champion(
+            mlflow_tracking_uri,
+            calibration["model_name"],
+            calibration["model_version"],
+            recalibration=(
+                result.recalibration.to_dict() if result.recalibration is not None else None
+            ),
+        )
         log(f"champion: {calibration['model_name']} v{calibration['model_version']}")
     return result
 
@@ -477,6 +484,184 @@ def read_calibration(root: Path) -> dict:
     return calibration
 
 
+@dataclass(frozen=True)
+class PredictionModel:
+    """A model ready to predict, with the calibration that belongs to it.
+
+    Attributes
+    ----------
+    model_dir : Path
+        ``trained_model`` folder (``gampen_ml.train.load_trained_model``).
+    model_name, model_version : str
+        Registered MLflow name and version (``"unregistered"`` without a registry).
+    dropout_rate : float
+        The model's dropout rate.
+    recalibration : Recalibration or None
+        The validation-fit recalibration of *this* model: set only when the model is the
+        one ``calibrated_dropout_rate`` chose (a recalibration fit for another model's
+        posteriors would be wrong for it).
+    """
+
+    model_dir: Path
+    model_name: str
+    model_version: str
+    dropout_rate: float
+    recalibration: Recalibration | None
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the posteriors will be recalibrated."""
+        return self.recalibration is not None
+
+
+def champion_model(profile: Profile, root: Path) -> PredictionModel:
+    """The calibrated champion: the model ``calibrated_dropout_rate`` chose, with its recalibration."""
+    calibration = read_calibration(root)
+    rate = float(calibration["chosen_dropout_rate"])
+    recal = calibration["recalibration"]
+    return PredictionModel(
+        model_dir=partition_dir(root, "trained_model", dropout_key(rate)),
+        model_name=calibration["model_name"] or registered_model_name(profile.name),
+        model_version=str(calibration["model_version"]),
+        dropout_rate=rate,
+        recalibration=Recalibration.from_dict(recal) if recal else None,
+    )
+
+
+def resolve_prediction_model(
+    profile: Profile,
+    root: Path,
+    model: str | None = None,
+    *,
+    tracking_uri: str | None = None,
+    log: Callable[[str], None] = _quiet,
+) -> PredictionModel:
+    """The model a catalog is made with, and *its* calibration, from one reference.
+
+    Parameters
+    ----------
+    profile, root
+        Profile and storage root (the champion is read from ``calibrated_dropout_rate``).
+    model : str, optional
+        ``None`` or ``"champion"``: the calibrated champion of ``root`` (without a local
+        calibration: the registry's ``champion`` alias). A ``trained_model`` folder, an
+        MLflow version number or alias (needs ``tracking_uri``): that model, recalibrated
+        when it is the champion (same folder or registered version) or when its registered
+        version carries a recalibration tag (``gampen_ml.registry.RECALIBRATION_TAG``).
+    tracking_uri : str, optional
+        MLflow tracking URI for versions and aliases.
+    log : callable(str)
+        Receives a warning when the model is used without recalibration.
+    """
+    from gampen_ml.train import load_trained_model
+
+    try:
+        champion = champion_model(profile, root)
+    except FileNotFoundError:
+        if not tracking_uri:
+            raise
+        champion = None  # no local calibration: the registry's champion alias decides
+    if model in (None, "champion") and champion is not None:
+        return champion
+    model = model or "champion"
+    recal = None
+    if Path(model).is_dir():
+        model_dir = Path(model)
+        info = model_registry_info(model_dir)
+        name = info.get("model_name") or registered_model_name(profile.name)
+        version = str(info.get("model_version") or "unregistered")
+        same = champion is not None and (
+            model_dir.resolve() == champion.model_dir.resolve()
+            or (version != "unregistered" and version == champion.model_version)
+        )
+    else:
+        if not tracking_uri:
+            raise FileNotFoundError(
+                f"model {model!r} is neither a trained_model folder nor resolvable without an "
+                "MLflow tracking URI"
+            )
+        from gampen_ml.registry import RECALIBRATION_TAG, model_version_info, resolve_model
+
+        name = registered_model_name(profile.name)
+        info = model_version_info(tracking_uri, name, model)
+        version = info["version"]
+        same = champion is not None and version == champion.model_version
+        model_dir = champion.model_dir if same else resolve_model(tracking_uri, name, version)
+        if RECALIBRATION_TAG in info["tags"]:
+            recal = Recalibration.from_dict(json.loads(info["tags"][RECALIBRATION_TAG]))
+    if same:
+        return champion
+    _, _, meta = load_trained_model(model_dir, "cpu")
+    if recal is None:
+        log(
+            f"model {model} ({name} v{version}) has no calibration of its own (not the "
+            "calibrated champion): its posteriors are not recalibrated"
+        )
+    return PredictionModel(
+        model_dir=model_dir,
+        model_name=name,
+        model_version=version,
+        dropout_rate=float(meta.get("dropout_rate", 0.0)),
+        recalibration=recal,
+    )
+
+
+def cutout_seed(profile: Profile) -> int:
+    """MC seed of every catalog of real cutouts (inbox batches and ``gampen predict``).
+
+    One seed for all, so the same files give the same rows whichever way they came in.
+    """
+    return derive_seed(profile.seed, "posterior_catalog", "cutouts")
+
+
+def predict_catalog(
+    profile: Profile,
+    model: PredictionModel,
+    images,
+    meta: pl.DataFrame,
+    *,
+    dataset: str,
+    seed: int,
+    truths: pl.DataFrame | None = None,
+    n_passes: int | None = None,
+    store_samples: bool = False,
+    out_dir: Path | None = None,
+    device: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> pl.DataFrame:
+    """The one prediction path: posterior catalog of ``images`` with ``model`` and its calibration.
+
+    Every catalog of the platform (``sim-test``, inbox batches, ``gampen predict``) is made
+    here, so they differ only in their inputs. ``images`` is ``(N, S, S)`` float32 (any
+    sliceable, e.g. :class:`SplitImages`); ``meta`` has ``N`` rows with ``galaxy_id``.
+    """
+    from gampen_ml.train import load_trained_model
+
+    net, scaler, _ = load_trained_model(model.model_dir, device)
+    inference = profile.inference
+    return catalog_from_images(
+        net,
+        scaler,
+        images,
+        meta,
+        n_passes=n_passes or inference.n_passes,
+        draws_per_pass=inference.draws_per_pass,
+        seed=seed,
+        recalibration=model.recalibration,
+        store_samples=store_samples,
+        out_dir=out_dir,
+        progress=progress,
+        truths=truths,
+        dataset=dataset,
+        model_name=model.model_name,
+        model_version=model.model_version,
+        dropout_rate=model.dropout_rate,
+        galaxies_per_batch=inference.galaxies_per_batch,
+        flags=profile.flags,
+        device=device,
+    )
+
+
 def catalog_and_publish(
     profile: Profile,
     root: Path,
@@ -489,48 +674,39 @@ def catalog_and_publish(
     """Posterior catalog of one dataset with the champion model, at ``posterior_catalog/<dataset>``.
 
     ``sim-test`` is the simulated test split (with truths); any other key is an inbox
-    batch stored at ``<root>/inbox_batches/<dataset>/``. The calibrated recalibration is
-    applied when one was fit.
+    batch stored at ``<root>/inbox_batches/<dataset>/``. Made by :func:`predict_catalog`
+    with the calibrated champion.
     """
     from gampen_ml.catalog import write_catalog
-    from gampen_ml.train import load_trained_model
 
-    calibration = read_calibration(root)
-    rate = float(calibration["chosen_dropout_rate"])
-    model, scaler, _ = load_trained_model(
-        partition_dir(root, "trained_model", dropout_key(rate)), device
-    )
-    recal = calibration["recalibration"]
+    model = champion_model(profile, root)
     images, meta, truths = dataset_inputs(
         profile, root, shard_dirs(profile, root), dataset, SIM_TEST
     )
     inference = profile.inference
     log(
         f"{dataset}: {len(images)} galaxies x {inference.n_passes} MC passes "
-        f"x {inference.draws_per_pass} draws, dropout {rate:g} "
-        f"({calibration['model_name']} v{calibration['model_version']})"
+        f"x {inference.draws_per_pass} draws, dropout {model.dropout_rate:g} "
+        f"({model.model_name} v{model.model_version})"
+    )
+    seed = (
+        derive_seed(profile.seed, "posterior_catalog", dataset)
+        if dataset == SIM_TEST
+        else cutout_seed(profile)
     )
     with atomic_partition_dir(partition_dir(root, "posterior_catalog", dataset)) as tmp:
-        catalog = catalog_from_images(
+        catalog = predict_catalog(
+            profile,
             model,
-            scaler,
             images,
             meta,
-            n_passes=inference.n_passes,
-            draws_per_pass=inference.draws_per_pass,
-            seed=derive_seed(profile.seed, "posterior_catalog", dataset),
-            recalibration=Recalibration.from_dict(recal) if recal else None,
-            store_samples=inference.store_samples or dataset == SIM_TEST,
-            out_dir=tmp,
-            progress=progress,
-            truths=truths,
             dataset=dataset,
-            model_name=calibration["model_name"],
-            model_version=str(calibration["model_version"]),
-            dropout_rate=rate,
-            galaxies_per_batch=inference.galaxies_per_batch,
-            flags=profile.flags,
+            seed=seed,
+            truths=truths,
+            store_samples=profile.inference.store_samples or dataset == SIM_TEST,
+            out_dir=tmp,
             device=device,
+            progress=progress,
         )
         write_catalog(tmp, catalog)
     return catalog
@@ -547,43 +723,34 @@ class PredictResult:
 def predict_cutouts(
     profile: Profile,
     path: Path,
-    model_dir: Path,
+    model: PredictionModel,
     out_file: Path,
     *,
     n_passes: int | None = None,
-    seed: int,
     device: str | None = None,
     progress: Callable[[int, int], None] | None = None,
-    recalibration: Recalibration | None = None,
 ) -> PredictResult:
     """Posterior catalog of real FITS cutouts (a file, a cube or a folder) -> ``out_file``.
 
-    Bad files are skipped with a reason (``PredictResult.rejections``); the rest go on.
+    The same path as an inbox batch (:func:`predict_catalog`, :func:`cutout_seed`): the
+    same files give the same rows. Bad files are skipped with a reason
+    (``PredictResult.rejections``); the rest go on.
     """
     from gampen_ml.catalog import validate_catalog
     from gampen_ml.fits_input import load_cutouts
     from gampen_ml.io import atomic_file
-    from gampen_ml.train import load_trained_model
 
     batch = load_cutouts(path, profile.imaging)
-    model, scaler, meta = load_trained_model(model_dir, device)
-    info = model_registry_info(model_dir)
-    catalog = catalog_from_images(
+    catalog = predict_catalog(
+        profile,
         model,
-        scaler,
-        batch.images if batch.images is not None else np.zeros((0, 1, 1), np.float32),
+        batch.images,
         batch.table,
-        n_passes=n_passes or profile.inference.n_passes,
-        draws_per_pass=profile.inference.draws_per_pass,
-        seed=seed,
-        recalibration=recalibration,
-        progress=progress,
-        dataset=Path(path).stem,
-        model_name=info.get("model_name") or registered_model_name(profile.name),
-        model_version=str(info.get("model_version") or "unregistered"),
-        galaxies_per_batch=profile.inference.galaxies_per_batch,
+        dataset=Path(path).name if Path(path).is_dir() else Path(path).stem,
+        seed=cutout_seed(profile),
+        n_passes=n_passes,
         device=device,
-        flags=profile.flags,
+        progress=progress,
     )
     validate_catalog(catalog, str(out_file))
     with atomic_file(out_file) as tmp:

@@ -135,6 +135,20 @@ def test_inbox_batch_is_catalogued_by_the_daemon(home):
     reasons = list((home / "quarantine").rglob("truncated.fits*reason*"))
     assert reasons and reasons[0].read_text().strip()
 
+    # One prediction path: `gampen predict` on the stored batch gives the inbox's rows, the
+    # champion's registered version and its recalibration included.
+    out = subprocess.run(
+        [sys.executable, "-m", "gampen_ml.cli", "predict", str(data / "inbox_batches/night-001"),
+         "--out", str(home / "predicted.parquet")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    predicted = pl.read_parquet(home / "predicted.parquet")
+    assert predicted.equals(catalog), "gampen predict and the inbox disagree on the same files"
+    calibration = json.loads((data / "calibrated_dropout_rate/all/calibration.json").read_text())
+    assert predicted["model_version"].unique().to_list() == [str(calibration["model_version"])]
+    assert predicted["recalibrated"].all() == calibration["recalibrated"]
+
     # SQL through the DuckDB shell the README shows, and through `gampen sql`.
     shell = subprocess.run(
         [str(Path(sys.executable).parent / "duckdb"), "-readonly", str(home / "gampen.duckdb"),

@@ -122,6 +122,29 @@ def test_champion_alias_and_resolve(store, tmp_path):
     )
 
 
+def test_champion_carries_its_recalibration(store, tmp_path):
+    """The registry alone resolves the champion with its calibration, the others without."""
+    from gampen_ml.calibrate import Recalibration
+    from gampen_ml.stages import resolve_prediction_model
+
+    home, uri, profile, results = store
+    recal = Recalibration(scale=(1.1, 0.55, 0.43), exponent=(0.9, 1.5, 1.0))
+    set_champion(uri, "gampen-tiny", results[0.05].model_version, recalibration=recal.to_dict())
+    empty_root = tmp_path / "no-local-storage"
+    champion = resolve_prediction_model(profile, empty_root, tracking_uri=uri)
+    assert champion.model_version == str(results[0.05].model_version)
+    assert champion.recalibration.scale == recal.scale
+    assert champion.recalibration.exponent == recal.exponent
+    assert champion.dropout_rate == 0.05
+    warnings = []
+    other = resolve_prediction_model(
+        profile, empty_root, str(results[0.0].model_version), tracking_uri=uri,
+        log=warnings.append,
+    )  # fmt: skip
+    assert other.recalibration is None and other.dropout_rate == 0.0
+    assert warnings and "not recalibrated" in warnings[0]
+
+
 def test_clear_errors(store, tmp_path):
     _, uri, _, _ = store
     with pytest.raises(RegistryError, match="no alias 'nope'"):
