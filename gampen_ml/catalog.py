@@ -24,7 +24,12 @@ import gampen_ml
 from gampen_ml.calibrate import Recalibration
 from gampen_ml.config import AB_ZEROPOINT_NJY, CREDIBLE_LEVELS, PARAMETERS, FlagConfig
 from gampen_ml.data.transforms import LabelScaler
-from gampen_ml.flags import bt_class_probabilities, image_asymmetry
+from gampen_ml.flags import (
+    IMAGE_STATISTICS,
+    bt_class_probabilities,
+    image_asymmetry,
+    image_statistics,
+)
 from gampen_ml.infer import mc_dropout_samples, predict_physical
 from gampen_ml.io import StorageError, atomic_file
 from gampen_ml.posterior import level_tag, summarize
@@ -57,6 +62,7 @@ def _catalog_schema() -> dict[str, pl.DataType]:
             "bt_prob_bulge": pl.Float64(),
             "bt_prob_disk": pl.Float64(),
             "asymmetry": pl.Float64(),
+            **{name: pl.Float64() for name in IMAGE_STATISTICS},
             "psf_fwhm_arcsec": pl.Float64(),
             "model_name": pl.String(),
             "model_version": pl.String(),
@@ -70,7 +76,7 @@ def _catalog_schema() -> dict[str, pl.DataType]:
 
 
 #: Per-galaxy columns computed beside the summary (null in catalogs that predate them).
-SAMPLE_STATISTICS = ("bt_prob_bulge", "bt_prob_disk", "asymmetry")
+SAMPLE_STATISTICS = ("bt_prob_bulge", "bt_prob_disk", "asymmetry", *IMAGE_STATISTICS)
 #: Column name -> polars dtype, in catalog order (see ``docs/catalog.md``).
 CATALOG_SCHEMA: dict[str, pl.DataType] = _catalog_schema()
 #: Columns that may hold nulls (real cutouts have no truth; simulations no FITS origin).
@@ -81,7 +87,13 @@ NULLABLE_COLUMNS: frozenset[str] = frozenset(
 )
 #: Nullable columns added after the first catalog format; a stored catalog that predates one
 #: reads with it all null instead of failing.
-LATER_COLUMNS: tuple[str, ...] = ("asymmetry", "psf_fwhm_arcsec", "bt_prob_bulge", "bt_prob_disk")
+LATER_COLUMNS: tuple[str, ...] = (
+    "asymmetry",
+    "psf_fwhm_arcsec",
+    "bt_prob_bulge",
+    "bt_prob_disk",
+    *IMAGE_STATISTICS,
+)
 #: Optional per-galaxy metadata columns taken from ``meta`` when present.
 META_COLUMNS = ("source_file", "hdu", "ra_deg", "dec_deg", "psf_fwhm_arcsec")
 
@@ -346,15 +358,17 @@ def catalog_from_images(
         physical = predict_physical(scaled, scaler)
         if sample_store is not None:
             sample_store[start : start + len(scaled)] = scaled.astype(np.float16)
-        # Image asymmetry beside the posterior: the training galaxies are point-symmetric,
-        # so a high value marks a galaxy outside the training distribution (flags.py).
-        asymmetry = image_asymmetry(images[start : start + len(physical)])
+        # Image statistics beside the posterior: the training galaxies are point-symmetric,
+        # detected, within the prior's fluxes and under the pool's noise, so these mark a
+        # galaxy outside the training distribution (flags.py).
+        chunk = np.asarray(images[start : start + len(physical)])
         parts.append(
             pl.concat(
                 [
                     summarize(physical),
                     bt_class_probabilities(physical[:, :, 0], flags),
-                    pl.DataFrame({"asymmetry": asymmetry}),
+                    pl.DataFrame({"asymmetry": image_asymmetry(chunk)}),
+                    image_statistics(chunk),
                 ],
                 how="horizontal",
             )

@@ -236,10 +236,15 @@ class FlagConfig:
     #: Smallest class probability that earns a B/T label when ``bt_estimate="probability"``.
     bt_min_probability: float = 0.95
     small_max_re_arcsec: float = 1.0
-    #: A galaxy is "unreliable" when its 68.27% HPD width exceeds these.
-    max_bt_width: float = 0.30
-    max_re_fractional_width: float = 0.50
-    max_flux_fractional_width: float = 0.30
+    #: ``out_of_domain`` (``gampen_ml.flags.out_of_domain_reasons``): nothing detected when
+    #: the central detection peak is below this many noise sigmas ...
+    min_peak_snr: float = 5.0
+    #: ... the stamp's total flux exceeds this factor x the prior's largest flux ...
+    flux_range_factor: float = 2.0
+    #: ... the sky noise differs from the training noise by more than this factor ...
+    noise_sigma_factor: float = 2.0
+    #: ... or the predicted Re / flux lies this fraction beyond the prior's limits.
+    prior_margin: float = 0.5
     #: A galaxy is "asymmetric" (outside the point-symmetric training set) when its image
     #: asymmetry (``gampen_ml.flags.image_asymmetry``) exceeds this; only when the catalog
     #: carries an ``asymmetry`` column.

@@ -47,7 +47,8 @@ EMPTY_VIEW_COLUMNS: dict[str, str] = {
     "posterior_catalog": "galaxy_id BIGINT, dataset VARCHAR, source_file VARCHAR, hdu INTEGER, "
     "ra_deg DOUBLE, dec_deg DOUBLE, model_name VARCHAR, model_version VARCHAR",
     "flags": "galaxy_id BIGINT, dataset VARCHAR, bulge_dominated BOOLEAN, "
-    "disk_dominated BOOLEAN, small BOOLEAN, unreliable BOOLEAN",
+    "disk_dominated BOOLEAN, small BOOLEAN, out_of_domain BOOLEAN, unreliable BOOLEAN, "
+    "ood_reason VARCHAR",
     "simulations": "galaxy_id BIGINT, shard VARCHAR, split VARCHAR, seed BIGINT, psf_id INTEGER",
 }
 #: Partition value stored for unpartitioned assets (same as ``gampen_ml.io.UNPARTITIONED``).

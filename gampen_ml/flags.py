@@ -18,6 +18,15 @@ Optional ``psf_outside_library`` flag (when the catalog has a ``psf_fwhm_arcsec`
 the caller passes the training PSF library's FWHM range): a PSF wider or sharper than any
 the network saw biases Re while the image stays point-symmetric, so no image flag can
 catch it; the cutout's PSF FWHM (from its FITS file) can.
+
+``out_of_domain`` with a reason (``ood_reason``), from the image statistics of
+:func:`image_statistics` (catalog columns ``image_flux_nJy``, ``image_peak_snr``,
+``noise_sigma_nJy``) and the prediction: nothing detected at the centre, total flux beyond
+the training prior by a margin, sky noise unlike the training noise pool's by more than a
+factor, or a predicted Re / flux outside the prior by a margin. ``unreliable`` is the union
+of every detector of "outside what the network was trained on": ``out_of_domain``,
+``asymmetric`` and ``psf_outside_library``. A wide posterior is not a reason: calibrated
+posteriors are as wide as the data allow.
 """
 
 from __future__ import annotations
@@ -26,9 +35,9 @@ import numpy as np
 import polars as pl
 from scipy.ndimage import gaussian_filter
 
-from gampen_ml.config import FlagConfig
+from gampen_ml.config import FlagConfig, PriorConfig
 
-FLAG_COLUMNS = ("bulge_dominated", "disk_dominated", "small", "unreliable")
+FLAG_COLUMNS = ("bulge_dominated", "disk_dominated", "small", "out_of_domain", "unreliable")
 #: Flags added only when their inputs exist (``asymmetry``; ``psf_fwhm_arcsec`` and the
 #: library's FWHM range).
 OPTIONAL_FLAG_COLUMNS = ("asymmetric", "psf_outside_library")
@@ -37,7 +46,14 @@ FLAGS_SCHEMA: dict[str, pl.DataType] = {
     "galaxy_id": pl.Int64(),
     "dataset": pl.String(),
     **{name: pl.Boolean() for name in FLAG_COLUMNS},
+    "ood_reason": pl.String(),
 }
+#: Catalog columns of :func:`image_statistics`.
+IMAGE_STATISTICS = ("image_flux_nJy", "image_peak_snr", "noise_sigma_nJy")
+#: Width (px) of the stamp frame whose pixels measure the sky noise.
+BORDER_PX = 8
+#: Side (px) of the central box searched for the detection peak.
+CENTRE_BOX_PX = 7
 
 
 class FlagError(ValueError):
@@ -54,6 +70,9 @@ def compute_flags(
     catalog: pl.DataFrame,
     cfg: FlagConfig,
     psf_fwhm_range: tuple[float, float] | None = None,
+    *,
+    noise_sigma_nJy: float | None = None,
+    priors: PriorConfig | None = None,
 ) -> pl.DataFrame:
     """Qualitative flags per galaxy.
 
@@ -62,7 +81,7 @@ def compute_flags(
     catalog : pl.DataFrame
         Posterior catalog (``docs/catalog.md``): needs ``galaxy_id``, ``dataset``,
         ``bt_<cfg.bt_estimate>`` (``bt_prob_bulge`` and ``bt_prob_disk`` for
-        ``probability``), ``re_arcsec_mode``, ``flux_nJy_mode`` and the 68.27 % HPD bounds.
+        ``probability``), ``re_arcsec_mode`` and ``flux_nJy_mode``.
     cfg : FlagConfig
         Thresholds.
     psf_fwhm_range : (float, float), optional
@@ -70,6 +89,12 @@ def compute_flags(
         (:func:`gampen_ml.sim.psf.library_fwhm_range`); with it and a ``psf_fwhm_arcsec``
         column, ``psf_outside_library`` is added: the cutout's PSF FWHM is known and lies
         outside the range widened by ``cfg.psf_fwhm_tolerance`` (unknown: False).
+    noise_sigma_nJy : float, optional
+        Sky noise of the training images (:func:`pool_noise_sigma`); enables the noise
+        criterion of ``out_of_domain``.
+    priors : PriorConfig, optional
+        Simulation priors (default ``PriorConfig()``): the flux and Re ranges the
+        ``out_of_domain`` criteria compare with.
 
     Returns
     -------
@@ -77,10 +102,10 @@ def compute_flags(
         :data:`FLAGS_SCHEMA`: ``bulge_dominated`` (B/T ``>= bulge_dominated_min_bt``; with
         ``probability``: ``bt_prob_bulge >= bt_min_probability``), ``disk_dominated`` (B/T
         ``<= disk_dominated_max_bt``; ``bt_prob_disk``), ``small``
-        (``re_arcsec_mode < small_max_re_arcsec``), ``unreliable`` (68.27 % HPD width of
-        B/T above ``max_bt_width``, or of Re / flux relative to the mode above
-        ``max_re_fractional_width`` / ``max_flux_fractional_width``); plus the optional
-        ``asymmetric`` and ``psf_outside_library`` when their inputs exist.
+        (``re_arcsec_mode < small_max_re_arcsec``), ``out_of_domain`` and ``ood_reason``
+        (:func:`out_of_domain_reasons`), ``unreliable`` (``out_of_domain``, ``asymmetric``
+        or ``psf_outside_library``); plus the optional ``asymmetric`` and
+        ``psf_outside_library`` when their inputs exist.
     """
     if cfg.bt_estimate == "probability":
         bt_columns = ["bt_prob_bulge", "bt_prob_disk"]
@@ -90,9 +115,7 @@ def compute_flags(
         bt_columns = [f"bt_{cfg.bt_estimate}"]
         bulge = pl.col(bt_columns[0]) >= cfg.bulge_dominated_min_bt
         disk = pl.col(bt_columns[0]) <= cfg.disk_dominated_max_bt
-    needed = ["galaxy_id", "dataset", *bt_columns, "re_arcsec_mode", "flux_nJy_mode"] + [
-        f"{p}_hpd68_{side}" for p in ("bt", "re_arcsec", "flux_nJy") for side in ("lo", "hi")
-    ]
+    needed = ["galaxy_id", "dataset", *bt_columns, "re_arcsec_mode", "flux_nJy_mode"]
     _require(catalog, needed, "compute_flags")
     if catalog.select(pl.col(bt_columns).null_count()).sum_horizontal().item():
         raise FlagError(
@@ -100,12 +123,11 @@ def compute_flags(
             "recompute the catalog or choose another FlagConfig.bt_estimate"
         )
 
-    def width(p: str) -> pl.Expr:
-        return pl.col(f"{p}_hpd68_hi") - pl.col(f"{p}_hpd68_lo")
-
     optional = []
     if "asymmetry" in catalog.columns:
-        optional.append((pl.col("asymmetry") > cfg.max_asymmetry).alias("asymmetric"))
+        optional.append(
+            (pl.col("asymmetry") > cfg.max_asymmetry).fill_null(False).alias("asymmetric")
+        )
     if psf_fwhm_range is not None and "psf_fwhm_arcsec" in catalog.columns:
         lo, hi = psf_fwhm_range
         fwhm = pl.col("psf_fwhm_arcsec")
@@ -113,19 +135,165 @@ def compute_flags(
             fwhm > hi * (1.0 + cfg.psf_fwhm_tolerance)
         )
         optional.append(outside.fill_null(False).alias("psf_outside_library"))
-    return catalog.select(
+    reasons = out_of_domain_reasons(catalog, cfg, noise_sigma_nJy=noise_sigma_nJy, priors=priors)
+    flags = catalog.select(
         pl.col("galaxy_id").cast(pl.Int64),
         pl.col("dataset").cast(pl.String),
         bulge.alias("bulge_dominated"),
         disk.alias("disk_dominated"),
         (pl.col("re_arcsec_mode") < cfg.small_max_re_arcsec).alias("small"),
-        (
-            (width("bt") > cfg.max_bt_width)
-            | (width("re_arcsec") > cfg.max_re_fractional_width * pl.col("re_arcsec_mode"))
-            | (width("flux_nJy") > cfg.max_flux_fractional_width * pl.col("flux_nJy_mode"))
-        ).alias("unreliable"),
+        reasons.is_not_null().alias("out_of_domain"),
+        reasons.alias("ood_reason"),
         *optional,
     )
+    detectors = ["out_of_domain", *(c for c in OPTIONAL_FLAG_COLUMNS if c in flags.columns)]
+    return flags.with_columns(pl.any_horizontal(detectors).alias("unreliable")).select(
+        *FLAGS_SCHEMA, *(c for c in OPTIONAL_FLAG_COLUMNS if c in flags.columns)
+    )
+
+
+def out_of_domain_reasons(
+    catalog: pl.DataFrame,
+    cfg: FlagConfig,
+    *,
+    noise_sigma_nJy: float | None = None,
+    priors: PriorConfig | None = None,
+) -> pl.Expr:
+    """Polars expression: why each galaxy lies outside the training domain (null: it does not).
+
+    Criteria (each only where its inputs exist; reasons joined by ``"; "``):
+
+    * ``not detected``: ``image_peak_snr < cfg.min_peak_snr`` (blank sky, negative images);
+    * ``image flux beyond the training range``: ``image_flux_nJy`` above
+      ``cfg.flux_range_factor`` x the prior's largest flux;
+    * ``sky noise unlike training``: ``noise_sigma_nJy`` differs from ``noise_sigma_nJy``
+      (the training noise) by more than ``cfg.noise_sigma_factor`` either way;
+    * ``predicted Re outside the prior`` / ``predicted flux outside the prior``: the mode
+      below ``(1 - cfg.prior_margin)`` x the prior's lower limit or above
+      ``(1 + cfg.prior_margin)`` x its upper limit.
+    """
+    from gampen_ml.sim.parameters import re_limits_arcsec
+
+    priors = priors or PriorConfig()
+    re_lo, re_hi = re_limits_arcsec(priors).re_arcsec
+    flux_lo, flux_hi = priors.flux_nJy
+    m = cfg.prior_margin
+    checks: list[tuple[pl.Expr, str]] = [
+        (
+            (pl.col("re_arcsec_mode") < (1 - m) * re_lo)
+            | (pl.col("re_arcsec_mode") > (1 + m) * re_hi),
+            "predicted Re outside the prior",
+        ),
+        (
+            (pl.col("flux_nJy_mode") < (1 - m) * flux_lo)
+            | (pl.col("flux_nJy_mode") > (1 + m) * flux_hi),
+            "predicted flux outside the prior",
+        ),
+    ]
+    if "image_peak_snr" in catalog.columns:
+        checks.append((pl.col("image_peak_snr") < cfg.min_peak_snr, "not detected"))
+    if "image_flux_nJy" in catalog.columns:
+        checks.append(
+            (
+                pl.col("image_flux_nJy") > cfg.flux_range_factor * flux_hi,
+                "image flux beyond the training range",
+            )
+        )
+    if noise_sigma_nJy is not None and "noise_sigma_nJy" in catalog.columns:
+        ratio = pl.col("noise_sigma_nJy") / noise_sigma_nJy
+        checks.append(
+            (
+                (ratio > cfg.noise_sigma_factor) | (ratio < 1.0 / cfg.noise_sigma_factor),
+                "sky noise unlike training",
+            )
+        )
+    parts = [pl.when(cond.fill_null(False)).then(pl.lit(reason)) for cond, reason in checks]
+    joined = pl.concat_str(parts, separator="; ", ignore_nulls=True)
+    return pl.when(joined != "").then(joined)
+
+
+def image_statistics(
+    images: np.ndarray, *, smooth_px: float = 2.0, chunk: int = 64
+) -> pl.DataFrame:
+    """Model-free statistics of centred stamps that tell whether an image is like the training set.
+
+    Parameters
+    ----------
+    images : (N, S, S) array_like
+        Stamps in nJy/pixel, galaxy on the central pixel.
+    smooth_px : float
+        Gaussian sigma (px) of the detection filter.
+    chunk : int
+        Galaxies processed at once.
+
+    Returns
+    -------
+    pl.DataFrame
+        ``image_flux_nJy``: sum of the stamp; ``noise_sigma_nJy``: sky noise from the
+        :data:`BORDER_PX`-wide frame (:func:`noise_sigma_from_differences`, insensitive
+        to smooth galaxy light there); ``image_peak_snr``: the largest value of the
+        Gaussian-smoothed stamp in the central :data:`CENTRE_BOX_PX` box in units of the
+        smoothed noise (detection significance; inf for a noiseless stamp). float64.
+    """
+    if not hasattr(images, "shape"):
+        images = np.asarray(images)
+    if len(images.shape) != 3:
+        raise ValueError(f"image_statistics: images must be (N, S, S), got {images.shape}")
+    n, s = images.shape[0], images.shape[1]
+    flux, sigma, snr = (np.empty(n) for _ in range(3))
+    b, c, h = BORDER_PX, s // 2, CENTRE_BOX_PX // 2
+    kernel_noise = 1.0 / (2.0 * np.sqrt(np.pi) * smooth_px)  # smoothed white-noise sigma
+    for start in range(0, n, chunk):
+        x = np.asarray(images[start : start + chunk], dtype=np.float64)
+        k = slice(start, start + len(x))
+        flux[k] = x.sum(axis=(1, 2))
+        frame = np.concatenate(
+            [
+                x[:, :b, :],
+                x[:, -b:, :],
+                x[:, :, :b].transpose(0, 2, 1),
+                x[:, :, -b:].transpose(0, 2, 1),
+            ],
+            axis=1,
+        )
+        sigma[k] = noise_sigma_from_differences(frame)
+        r = h + 3 * int(np.ceil(smooth_px))  # the filter's reach around the box
+        centre = x[:, c - r : c + r + 1, c - r : c + r + 1]
+        smooth = gaussian_filter(centre, sigma=(0, smooth_px, smooth_px))
+        peak = smooth[:, r - h : r + h + 1, r - h : r + h + 1].max(axis=(1, 2))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            snr[k] = np.where(
+                sigma[k] > 0, peak / (sigma[k] * kernel_noise), np.inf * np.sign(peak)
+            )
+    return pl.DataFrame(
+        {"image_flux_nJy": flux, "image_peak_snr": snr, "noise_sigma_nJy": sigma},
+        schema={name: pl.Float64 for name in IMAGE_STATISTICS},
+    )
+
+
+def noise_sigma_from_differences(x: np.ndarray) -> np.ndarray:
+    """Robust white-noise sigma of ``(N, H, W)`` stamps from neighbouring-pixel differences.
+
+    ``1.4826 MAD(x[i, j+1] - x[i, j]) / sqrt(2)`` per stamp: differences cancel smooth
+    light (a large galaxy's wings in the frame) that would inflate a plain MAD. Returns
+    ``(N,)`` float64.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    d = np.diff(x, axis=2).reshape(len(x), -1)
+    med = np.median(d, axis=1, keepdims=True)
+    return 1.482602218505602 * np.median(np.abs(d - med), axis=1) / np.sqrt(2.0)
+
+
+def pool_noise_sigma(pool, seed: int = 0) -> float:
+    """Sky noise of the training images as :func:`image_statistics` measures it.
+
+    ``pool`` is a :class:`gampen_ml.sim.noise.NoisePool`; 64 noise stamps are drawn the way
+    the simulations draw them and measured with :func:`noise_sigma_from_differences`.
+    """
+    from gampen_ml.sim.noise import draw_noise
+
+    stamps = draw_noise(pool, (64, 2 * BORDER_PX, 64), np.random.default_rng(seed))
+    return float(np.median(noise_sigma_from_differences(stamps)))
 
 
 def bt_point_estimate(cfg: FlagConfig) -> str:

@@ -457,19 +457,45 @@ def calibrate_and_publish(
     return result
 
 
-def catalog_flags(catalog: pl.DataFrame, profile: Profile, root: Path) -> pl.DataFrame:
-    """:func:`gampen_ml.flags.compute_flags` with the training PSF library's FWHM range.
+def training_domain(root: Path) -> tuple[tuple[float, float] | None, float | None]:
+    """What the training images were made of, for the flags: PSF FWHM range and sky noise.
 
-    The range (``psf_library/all/psfs.parquet``) enables ``psf_outside_library``; without a
-    stored library that flag is left out.
+    The FWHM range of the stored PSF library (:func:`gampen_ml.sim.psf.library_fwhm_range`)
+    and the noise pool's sky noise measured as the catalog measures a cutout's
+    (:func:`gampen_ml.flags.pool_noise_sigma`); None for what is not stored.
     """
-    from gampen_ml.flags import compute_flags
+    from gampen_ml.flags import pool_noise_sigma
 
     psf_dir = partition_dir(root, "psf_library")
     fwhm_range = (
         psf.library_fwhm_range(psf_dir) if (psf_dir / psf.PSF_TABLE_FILE).is_file() else None
     )
-    return compute_flags(catalog, profile.flags, psf_fwhm_range=fwhm_range)
+    noise_dir = partition_dir(root, "noise_pool")
+    sigma = (
+        pool_noise_sigma(noise.read_noise_pool(noise_dir))
+        if (noise_dir / noise.NOISE_JSON_FILE).is_file()
+        else None
+    )
+    return fwhm_range, sigma
+
+
+def catalog_flags(catalog: pl.DataFrame, profile: Profile, root: Path) -> pl.DataFrame:
+    """:func:`gampen_ml.flags.compute_flags` against the stored training domain.
+
+    :func:`training_domain` enables ``psf_outside_library`` and the noise criterion of
+    ``out_of_domain`` (each left out when its input is not stored); the priors are the
+    profile's.
+    """
+    from gampen_ml.flags import compute_flags
+
+    fwhm_range, sigma = training_domain(root)
+    return compute_flags(
+        catalog,
+        profile.flags,
+        psf_fwhm_range=fwhm_range,
+        noise_sigma_nJy=sigma,
+        priors=profile.simulation.priors,
+    )
 
 
 def read_calibration(root: Path) -> dict:

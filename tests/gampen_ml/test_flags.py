@@ -49,10 +49,24 @@ def test_compute_flags_thresholds():
     assert flags["bulge_dominated"].to_list() == [True, True, False, False, False, False]
     assert flags["disk_dominated"].to_list() == [False, False, True, True, False, False]
     assert flags["small"].to_list() == [True, False, True, False, False, False]
-    assert flags["unreliable"].to_list() == [False, False, False, False, True, True]
-    strict = compute_flags(catalog(), FlagConfig(bulge_dominated_min_bt=0.88, max_bt_width=0.05))
+    # Predictions inside the prior and no image statistics: nothing is out of domain, and
+    # a wide posterior (galaxies 4 and 5) is not a reason to distrust it.
+    assert flags["out_of_domain"].sum() == 0 and flags["ood_reason"].null_count() == 6
+    assert flags["unreliable"].sum() == 0
+    strict = compute_flags(catalog(), FlagConfig(bulge_dominated_min_bt=0.88))
     assert strict["bulge_dominated"].to_list() == [True] + [False] * 5
-    assert strict["unreliable"].sum() == 6
+    outside = catalog().with_columns(
+        re_arcsec_mode=pl.Series([0.5, 2.0, 0.9, 3.0, 0.02, 9.0]),
+        flux_nJy_mode=pl.Series([1e5, 1e5, 1e5, 4e2, 1e5, 1e5]),
+    )
+    flags = compute_flags(outside, FlagConfig())
+    assert flags["out_of_domain"].to_list() == [False, False, False, True, True, True]
+    assert flags["ood_reason"].to_list()[3:] == [
+        "predicted flux outside the prior",
+        "predicted Re outside the prior",
+        "predicted Re outside the prior",
+    ]
+    assert flags["unreliable"].to_list() == flags["out_of_domain"].to_list()
     with pytest.raises(FlagError, match="bt_mode"):
         compute_flags(catalog().drop("bt_mode"), FlagConfig())
 
