@@ -187,6 +187,9 @@ def cmd_validate(args: argparse.Namespace) -> None:
     from gampen_ml.stages import catalog_flags
     from gampen_ml.validate import validation_report
 
+    if args.robustness:
+        _robustness(args)
+        return
     profile = get_profile(args.profile)
     root = Path(args.root)
     catalog = read_catalog(partition_dir(root, "posterior_catalog", args.dataset))
@@ -199,6 +202,45 @@ def cmd_validate(args: argparse.Namespace) -> None:
         coverage_table=pl.read_parquet(coverage_file) if coverage_file.is_file() else None,
         flag_config=profile.flags,
     )
+    print(md.read_text())
+    print(f"written: {md} {js}")
+
+
+def _robustness(args: argparse.Namespace) -> None:
+    """``gampen validate --robustness``: the shift suite, beside the sim-test split."""
+    import polars as pl
+
+    from gampen_ml import robustness, stages
+    from gampen_ml.catalog import read_catalog
+    from gampen_ml.io import partition_dir
+
+    profile = get_profile(args.profile)
+    root = Path(args.root)
+    out = Path(args.out)
+    model = stages.resolve_prediction_model(
+        profile, root, args.model, tracking_uri=_tracking_uri(args), log=print
+    )
+    fwhm_range, sigma = stages.training_domain(root)
+    seed = robustness.frozen_seed(profile) if args.seed is None else args.seed
+    table, binned = robustness.evaluate_robustness(
+        profile, model, out, n_per_variation=args.n, seed=seed, psf_fwhm_range=fwhm_range,
+        noise_sigma_nJy=sigma, variations=args.variations.split(",") if args.variations else None,
+        device=args.device, n_workers=args.workers or os.cpu_count() or 1, log=print,
+    )  # fmt: skip
+    test_dir = partition_dir(root, "posterior_catalog", stages.SIM_TEST)
+    if (test_dir / "catalog.parquet").is_file():
+        test = read_catalog(test_dir)
+        flags = stages.catalog_flags(test, profile, root)
+        test = test.join(flags.drop("dataset"), on="galaxy_id", how="left")
+        table = pl.concat([robustness.calibration_summary(test, stages.SIM_TEST), table])
+        binned = pl.concat([robustness.conditional_coverage(test, stages.SIM_TEST), binned])
+    header = (
+        f"Model {model.model_name} v{model.model_version} (dropout {model.dropout_rate:g}, "
+        f"{'recalibrated' if model.calibrated else 'not recalibrated'}), profile "
+        f"{profile.name}; {args.n} galaxies per variation, seed {seed}"
+        f"{' (the frozen test seed)' if args.seed is None else ''}."
+    )
+    md, js = robustness.robustness_report(table, binned, out, header=header)
     print(md.read_text())
     print(f"written: {md} {js}")
 
@@ -323,6 +365,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("validate", cmd_validate, "side-by-side table with the paper on a simulated catalog")
     p.add_argument("--dataset", default="sim-test", help="catalog partition with truths")
     p.add_argument("--out", default="validation", help="output folder (default ./validation)")
+    p.add_argument(
+        "--robustness",
+        action="store_true",
+        help="instead: calibration on independently rendered galaxies under survey shifts",
+    )
+    p.add_argument("--n", type=int, default=1000, help="--robustness: galaxies per variation")
+    p.add_argument(
+        "--seed", type=int, default=None, help="--robustness: seed (default: the frozen test seed)"
+    )
+    p.add_argument("--variations", default=None, help="--robustness: comma-separated subset")
+    p.add_argument("--workers", type=int, default=None, help="--robustness: render processes")
+    p.add_argument(
+        "--model", default=None, help="--robustness: model folder, version or alias (champion)"
+    )
+    model_opts(p)
 
     p = add(
         "misspecification",

@@ -1,0 +1,368 @@
+"""Shift robustness: do the posteriors stay calibrated on galaxies the platform did not make?
+
+:func:`evaluate_robustness` draws Table-1 galaxies, renders them with the independent GalSim
+code of :mod:`gampen_ml.sim.independent` under each variation a survey really has (bulge
+tied to the disk, other PSF families, sky noise +-25 %, sub-pixel centring, a log-uniform
+population), catalogues them through the platform's one prediction path
+(:func:`gampen_ml.stages.predict_catalog`, the champion and its recalibration) and
+measures, per variation and parameter:
+
+* HPD coverage at 68.27 / 95.45 / 99.73 %;
+* the median bias of the mode: ``mode - true`` for B/T, ``mode / true - 1`` for Re and flux;
+* the median 68.27 % interval width (relative to the truth for Re and flux);
+* the fraction flagged ``out_of_domain`` (these variations are *inside* the domain: it
+  should be ~0);
+
+and the 68.27 % coverage in bins of true Re, true magnitude and component
+(:func:`conditional_coverage`). :func:`robustness_report` checks both against the targets
+of :data:`TARGETS` and writes Markdown and JSON.
+
+The suite's seed is frozen (:func:`frozen_seed`): it is a test set, never tuned on. Try
+ideas on another ``seed``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from gampen_ml.catalog import magnitude_ab
+from gampen_ml.config import CREDIBLE_LEVELS, PARAMETERS, Profile, derive_seed
+from gampen_ml.posterior import level_tag
+
+#: Targets of a calibrated platform (points of coverage; fraction for the bias).
+TARGETS = {
+    "coverage_68_points": 3.0,
+    "coverage_95_points": 2.0,
+    "binned_coverage_68_points": 5.0,
+    "median_bias": 0.01,
+}
+#: Bins of the conditional coverage: true Re (arcsec), true AB magnitude.
+RE_BINS_ARCSEC = (0.0, 0.5, 1.0, 2.0, math.inf)
+MAGNITUDE_BINS = (-math.inf, 16.0, 17.0, 19.0, math.inf)
+#: Level tags in the order of :data:`CREDIBLE_LEVELS`.
+TAGS = tuple(level_tag(level).removeprefix("hpd") for level in CREDIBLE_LEVELS)
+
+TABLE_FILE = "robustness.parquet"
+BINNED_FILE = "robustness_binned.parquet"
+MD_FILE = "robustness.md"
+JSON_FILE = "robustness.json"
+
+
+def frozen_seed(profile: Profile) -> int:
+    """The suite's test seed: fixed per profile; never tune on it."""
+    return derive_seed(profile.seed, "robustness", "frozen-test")
+
+
+def _inside(catalog: pl.DataFrame, p: str, level: float) -> np.ndarray:
+    tag = level_tag(level)
+    t = catalog[f"{p}_true"].to_numpy()
+    return (catalog[f"{p}_{tag}_lo"].to_numpy() <= t) & (t <= catalog[f"{p}_{tag}_hi"].to_numpy())
+
+
+def _relative(p: str, value: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """``value - true`` for B/T, ``value / true - 1`` otherwise."""
+    return value - true if p == "bt" else value / true - 1.0
+
+
+def calibration_summary(catalog: pl.DataFrame, name: str) -> pl.DataFrame:
+    """Coverage, median bias and width per parameter of one catalog with truths.
+
+    Returns
+    -------
+    pl.DataFrame
+        One row per parameter: ``set``, ``parameter``, ``n``, ``coverage_68`` /
+        ``_95`` / ``_99`` (fractions), ``median_bias`` (mode; absolute for B/T, fractional
+        otherwise), ``median_width_68`` (68.27 % HPD width; relative to the truth for Re and
+        flux) and ``out_of_domain`` (fraction flagged, when the catalog has the column).
+    """
+    rows = []
+    for p in PARAMETERS:
+        true = catalog[f"{p}_true"].to_numpy()
+        width = catalog[f"{p}_hpd68_hi"].to_numpy() - catalog[f"{p}_hpd68_lo"].to_numpy()
+        row = {
+            "set": name,
+            "parameter": p,
+            "n": catalog.height,
+            **{
+                f"coverage_{tag}": float(_inside(catalog, p, level).mean())
+                for tag, level in zip(TAGS, CREDIBLE_LEVELS, strict=True)
+            },
+            "median_bias": float(np.median(_relative(p, catalog[f"{p}_mode"].to_numpy(), true))),
+            "median_width_68": float(np.median(width if p == "bt" else width / true)),
+            "out_of_domain": (
+                float(catalog["out_of_domain"].mean())
+                if "out_of_domain" in catalog.columns
+                else math.nan
+            ),
+        }
+        rows.append(row)
+    return pl.DataFrame(rows)
+
+
+def conditional_coverage(catalog: pl.DataFrame, name: str) -> pl.DataFrame:
+    """68.27 % coverage in bins of true Re, true magnitude and (for B/T) component.
+
+    Returns
+    -------
+    pl.DataFrame
+        ``set``, ``parameter``, ``by`` (``re_arcsec_true``, ``magnitude_true``,
+        ``component_true``), ``bin`` (label), ``n``, ``coverage_68``.
+    """
+    magnitude = magnitude_ab(catalog["flux_nJy_true"].to_numpy())
+    bins = {
+        "re_arcsec_true": (catalog["re_arcsec_true"].to_numpy(), RE_BINS_ARCSEC),
+        "magnitude_true": (magnitude, MAGNITUDE_BINS),
+    }
+    rows = []
+    for p in PARAMETERS:
+        hit = _inside(catalog, p, CREDIBLE_LEVELS[0])
+        for by, (values, edges) in bins.items():
+            index = np.searchsorted(edges, values, side="right") - 1
+            for b in range(len(edges) - 1):
+                mask = index == b
+                if mask.any():
+                    rows.append((name, p, by, _bin_label(edges[b], edges[b + 1]), mask, hit))
+        if p == "bt" and catalog["component_true"].null_count() == 0:
+            two = catalog["component_true"].to_numpy() == "bulge+disk"
+            rows.append((name, p, "component_true", "two-component", two, hit))
+            rows.append((name, p, "component_true", "single", ~two, hit))
+    return pl.DataFrame(
+        [
+            {
+                "set": s,
+                "parameter": p,
+                "by": by,
+                "bin": label,
+                "n": int(mask.sum()),
+                "coverage_68": float(hit[mask].mean()) if mask.any() else math.nan,
+            }
+            for s, p, by, label, mask, hit in rows
+        ],
+        schema={
+            "set": pl.String,
+            "parameter": pl.String,
+            "by": pl.String,
+            "bin": pl.String,
+            "n": pl.Int64,
+            "coverage_68": pl.Float64,
+        },
+    )
+
+
+def _bin_label(lo: float, hi: float) -> str:
+    if math.isinf(lo):
+        return f"< {hi:g}"
+    if math.isinf(hi):
+        return f">= {lo:g}"
+    return f"{lo:g}-{hi:g}"
+
+
+def evaluate_robustness(
+    profile: Profile,
+    model,
+    out_dir: Path | str,
+    *,
+    n_per_variation: int,
+    seed: int,
+    psf_fwhm_range: tuple[float, float] | None = None,
+    noise_sigma_nJy: float | None = None,
+    variations: Sequence[str] | None = None,
+    device: str | None = None,
+    n_workers: int = 1,
+    log: Callable[[str], None] | None = None,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Catalogue every variation of the independent renderer and measure calibration.
+
+    Parameters
+    ----------
+    profile : Profile
+        Priors, imaging, PSF and noise settings, inference and flag thresholds.
+    model : gampen_ml.stages.PredictionModel
+        The model and its calibration (:func:`gampen_ml.stages.resolve_prediction_model`).
+    out_dir : path-like
+        Receives ``<variation>/catalog.parquet`` (flags joined) and the two tables.
+    n_per_variation : int
+        Galaxies per variation (the same Table-1 draws for every variation but
+        ``loguniform``).
+    seed : int
+        Seed of the draws, the rendering and MC dropout (:func:`frozen_seed` for the report).
+    psf_fwhm_range, noise_sigma_nJy
+        What the training set was made of, for the flags (``gampen_ml.flags.compute_flags``).
+    variations : sequence of str, optional
+        Default: every variation of :data:`gampen_ml.sim.independent.VARIATIONS`.
+    device, n_workers
+        Torch device; rendering processes.
+    log : callable(str), optional
+        Progress lines.
+
+    Returns
+    -------
+    (table, binned)
+        :func:`calibration_summary` and :func:`conditional_coverage` rows of every variation.
+    """
+    from gampen_ml.flags import compute_flags
+    from gampen_ml.sim.independent import VARIATIONS, draw_population, render_independent
+    from gampen_ml.stages import predict_catalog
+
+    log = log or (lambda line: None)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    priors = profile.simulation.priors
+    population = draw_population(
+        priors, n_per_variation, np.random.default_rng(derive_seed(seed, "population"))
+    )
+    loguniform = draw_population(
+        priors,
+        n_per_variation,
+        np.random.default_rng(derive_seed(seed, "population", "loguniform")),
+        loguniform=True,
+    )
+    tables, binned = [], []
+    for variation in variations or VARIATIONS:
+        params = loguniform if variation == "loguniform" else population
+        images, labels = render_independent(
+            variation,
+            params,
+            profile.imaging,
+            profile.psf,
+            profile.noise.sky_sigma_nJy,
+            derive_seed(seed, "render"),
+            n_workers=n_workers,
+        )
+        catalog = predict_catalog(
+            profile,
+            model,
+            images,
+            labels.select("galaxy_id", "psf_fwhm_arcsec"),
+            dataset=f"robustness-{variation}",
+            seed=derive_seed(seed, "mc", variation),
+            truths=labels.select(*PARAMETERS, "component"),
+            device=device,
+        )
+        flags = compute_flags(
+            catalog,
+            profile.flags,
+            psf_fwhm_range=psf_fwhm_range,
+            noise_sigma_nJy=noise_sigma_nJy,
+            priors=priors,
+        )
+        catalog = catalog.join(flags.drop("dataset"), on="galaxy_id", how="left")
+        folder = out_dir / variation
+        folder.mkdir(exist_ok=True)
+        catalog.write_parquet(folder / "catalog.parquet")
+        labels.write_parquet(folder / "labels.parquet")
+        tables.append(calibration_summary(catalog, variation))
+        binned.append(conditional_coverage(catalog, variation))
+        row = tables[-1]
+        log(
+            f"{variation}: "
+            + ", ".join(
+                f"{r['parameter']} {100 * r['coverage_68']:.1f}/{100 * r['coverage_95']:.1f}"
+                f" bias {100 * r['median_bias']:+.1f}%"
+                for r in row.iter_rows(named=True)
+            )
+        )
+    table, conditional = pl.concat(tables), pl.concat(binned)
+    table.write_parquet(out_dir / TABLE_FILE)
+    conditional.write_parquet(out_dir / BINNED_FILE)
+    return table, conditional
+
+
+def target_misses(table: pl.DataFrame, binned: pl.DataFrame) -> list[str]:
+    """Every target of :data:`TARGETS` that a set misses, in words (empty: all met)."""
+    misses = []
+    for r in table.iter_rows(named=True):
+        where = f"{r['set']} {r['parameter']}"
+        for tag, level, limit in (
+            ("68", 0.6827, TARGETS["coverage_68_points"]),
+            ("95", 0.9545, TARGETS["coverage_95_points"]),
+        ):
+            off = 100 * (r[f"coverage_{tag}"] - level)
+            if abs(off) > limit:
+                misses.append(f"{where}: coverage {tag} off by {off:+.1f} points")
+        if r["parameter"] != "bt" and abs(r["median_bias"]) > TARGETS["median_bias"]:
+            misses.append(f"{where}: median bias {100 * r['median_bias']:+.1f} %")
+    for r in binned.iter_rows(named=True):
+        off = 100 * (r["coverage_68"] - 0.6827)
+        if abs(off) > TARGETS["binned_coverage_68_points"]:
+            misses.append(
+                f"{r['set']} {r['parameter']} {r['by']} {r['bin']} (n={r['n']}): coverage 68 "
+                f"off by {off:+.1f} points"
+            )
+    return misses
+
+
+def robustness_report(
+    table: pl.DataFrame, binned: pl.DataFrame, out_dir: Path | str, *, header: str = ""
+) -> tuple[Path, Path]:
+    """Markdown and JSON of the suite, each set checked against :data:`TARGETS`."""
+    out_dir = Path(out_dir)
+    misses = target_misses(table, binned)
+    lines = [
+        "# Calibration under shifts",
+        "",
+        header,
+        "",
+        "Coverage: fraction of galaxies whose true value lies in the HPD interval (nominal "
+        "68.27 / 95.45 / 99.73 %). Bias: median of mode − true (B/T) or mode / true − 1 (Re, "
+        "flux). Width: median 68.27 % interval (relative to the truth for Re and flux). "
+        "Targets: 68.27 % within ±3 points, 95.45 % within ±2, every bin's 68.27 % within "
+        "±5, |bias| of Re and flux < 1 %.",
+        "",
+        "| set | parameter | n | coverage 68 / 95 / 99.7 % | median bias | median width 68 | "
+        "out_of_domain |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in table.iter_rows(named=True):
+        bias = (
+            f"{r['median_bias']:+.3f}"
+            if r["parameter"] == "bt"
+            else f"{100 * r['median_bias']:+.1f} %"
+        )
+        width = (
+            f"{r['median_width_68']:.3f}"
+            if r["parameter"] == "bt"
+            else f"{100 * r['median_width_68']:.1f} %"
+        )
+        ood = "" if math.isnan(r["out_of_domain"]) else f"{100 * r['out_of_domain']:.1f} %"
+        lines.append(
+            f"| {r['set']} | {r['parameter']} | {r['n']} | {100 * r['coverage_68']:.1f} / "
+            f"{100 * r['coverage_95']:.1f} / {100 * r['coverage_99']:.1f} | {bias} | {width} | "
+            f"{ood} |"
+        )
+    lines += ["", "## 68.27 % coverage in bins", ""]
+    wide = binned.with_columns(
+        (pl.col("by") + ": " + pl.col("bin")).alias("column"),
+        pl.format("{} ({})", (100 * pl.col("coverage_68")).round(1), pl.col("n")).alias("cell"),
+    )
+    columns = wide.select("column").unique(maintain_order=True)["column"].to_list()
+    lines += [
+        "| set | parameter | " + " | ".join(columns) + " |",
+        "|---|---|" + "---|" * len(columns),
+    ]
+    for (s, p), group in wide.group_by(["set", "parameter"], maintain_order=True):
+        cells = dict(zip(group["column"], group["cell"], strict=True))
+        lines.append(f"| {s} | {p} | " + " | ".join(cells.get(c, "") for c in columns) + " |")
+    lines += ["", f"## Targets missed: {len(misses)}", ""]
+    lines += [f"- {m}" for m in misses] or ["All targets met."]
+    md = out_dir / MD_FILE
+    md.write_text("\n".join(lines) + "\n")
+    js = out_dir / JSON_FILE
+    js.write_text(
+        json.dumps(
+            {
+                "targets": TARGETS,
+                "table": table.to_dicts(),
+                "binned": binned.to_dicts(),
+                "misses": misses,
+            },
+            indent=2,
+        )
+    )
+    return md, js
