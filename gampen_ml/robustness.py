@@ -207,7 +207,7 @@ def evaluate_robustness(
         :func:`calibration_summary` and :func:`conditional_coverage` rows of every variation.
     """
     from gampen_ml.flags import compute_flags
-    from gampen_ml.sim.independent import VARIATIONS, draw_population, render_independent
+    from gampen_ml.sim.independent import VARIATIONS, draw_population, render_variations
     from gampen_ml.stages import predict_catalog
 
     log = log or (lambda line: None)
@@ -223,18 +223,26 @@ def evaluate_robustness(
         np.random.default_rng(derive_seed(seed, "population", "loguniform")),
         loguniform=True,
     )
+    variations = tuple(variations or VARIATIONS)
+    log(f"rendering {len(variations)} variations x {n_per_variation} galaxies")
+    rendered = {}
+    for params, subset in (
+        (population, [v for v in variations if v != "loguniform"]),
+        (loguniform, [v for v in variations if v == "loguniform"]),
+    ):
+        if subset:
+            rendered |= render_variations(
+                subset,
+                params,
+                profile.imaging,
+                profile.psf,
+                profile.noise.sky_sigma_nJy,
+                derive_seed(seed, "render"),
+                n_workers=n_workers,
+            )
     tables, binned = [], []
-    for variation in variations or VARIATIONS:
-        params = loguniform if variation == "loguniform" else population
-        images, labels = render_independent(
-            variation,
-            params,
-            profile.imaging,
-            profile.psf,
-            profile.noise.sky_sigma_nJy,
-            derive_seed(seed, "render"),
-            n_workers=n_workers,
-        )
+    for variation in variations:
+        images, labels = rendered.pop(variation)
         catalog = predict_catalog(
             profile,
             model,

@@ -68,7 +68,7 @@ training renderer. ``n_workers > 1`` spreads galaxies over processes.
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -368,19 +368,21 @@ def _render_one(
 
 
 def _render_chunk(
-    task: tuple[str, list[dict], list[int], ImagingConfig, PSFConfig, float, int, bool],
-) -> tuple[np.ndarray, list[dict]]:
-    variation, rows, galaxy_ids, imaging, psf_cfg, sky_sigma_nJy, seed, noise = task
+    task: tuple[tuple[str, ...], list[dict], list[int], ImagingConfig, PSFConfig, float, int, bool],
+) -> dict[str, tuple[np.ndarray, list[dict]]]:
+    variations, rows, galaxy_ids, imaging, psf_cfg, sky_sigma_nJy, seed, noise = task
     s = imaging.stamp_size_px
-    images = np.empty((len(rows), s, s), dtype=np.float32)
-    infos = []
-    # One GalSim draw per galaxy is inherent; the loop only dispatches to C++.
+    out = {v: (np.empty((len(rows), s, s), dtype=np.float32), []) for v in variations}
+    # Galaxy by galaxy, every variation in turn: GalSim's Sérsic table of the galaxy's
+    # indices is built once and reused by the other variations. One GalSim draw per galaxy
+    # and variation is inherent; the loop only dispatches to C++.
     for k, (row, galaxy_id) in enumerate(zip(rows, galaxy_ids, strict=True)):
-        images[k], info = _render_one(
-            variation, row, galaxy_id, imaging, psf_cfg, sky_sigma_nJy, seed, noise
-        )
-        infos.append(info)
-    return images, infos
+        for v in variations:
+            out[v][0][k], info = _render_one(
+                v, row, galaxy_id, imaging, psf_cfg, sky_sigma_nJy, seed, noise
+            )
+            out[v][1].append(info)
+    return out
 
 
 def _galaxy_ids(params: pl.DataFrame) -> np.ndarray:
@@ -453,7 +455,33 @@ def render_independent(
         Unknown variation, missing parameter columns, bad ``galaxy_id``, even stamp,
         negative seed or sky r.m.s., ``n_workers < 1``.
     """
-    _check_variation(variation)
+    return render_variations(
+        (variation,), params, imaging, psf_cfg, sky_sigma_nJy, seed, n_workers=n_workers,
+        noise=noise,
+    )[variation]  # fmt: skip
+
+
+def render_variations(
+    variations: Sequence[str],
+    params: pl.DataFrame,
+    imaging: ImagingConfig,
+    psf_cfg: PSFConfig,
+    sky_sigma_nJy: float,
+    seed: int,
+    *,
+    n_workers: int = 1,
+    noise: bool = True,
+) -> dict[str, tuple[np.ndarray, pl.DataFrame]]:
+    """:func:`render_independent` of several variations of the same galaxies at once.
+
+    Each galaxy is rendered in every variation before the next, so GalSim builds its
+    Sérsic tables once per galaxy instead of once per variation (about a third of the
+    cost for continuous indices). Returns ``{variation: (images, labels)}``, each exactly
+    what :func:`render_independent` returns.
+    """
+    variations = tuple(variations)
+    for variation in variations:
+        _check_variation(variation)
     missing = [c for c in PARAMETER_COLUMNS if c not in params.columns]
     if missing:
         raise IndependentRenderError(f"params lacks the parameter columns {missing}")
@@ -472,7 +500,7 @@ def render_independent(
     n, s = params.height, imaging.stamp_size_px
     bounds = np.linspace(0, n, min(n, 4 * n_workers) + 1).astype(int)
     tasks = [
-        (variation, rows[a:b], galaxy_ids[a:b].tolist(), imaging, psf_cfg,
+        (variations, rows[a:b], galaxy_ids[a:b].tolist(), imaging, psf_cfg,
          float(sky_sigma_nJy), int(seed), noise)
         for a, b in zip(bounds[:-1], bounds[1:], strict=True)
     ]  # fmt: skip
@@ -481,20 +509,29 @@ def render_independent(
     else:
         with multiprocessing.get_context("spawn").Pool(min(n_workers, len(tasks))) as pool:
             results = pool.map(_render_chunk, tasks)
-    images = np.concatenate([r[0] for r in results]) if results else np.empty((0, s, s), np.float32)
-    infos = [info for r in results for info in r[1]]
-
-    rendered = [rendered_parameters(variation, row) for row in rows]
-    labels = pl.DataFrame(rendered, schema=table.schema) if n else table.clear()
-    tail = {"variation": pl.Series("variation", [variation] * n, dtype=pl.String)}
-    for name, dtype in LABEL_EXTRA_COLUMNS.items():
-        if name == "variation":
-            continue
-        values = [info[name] for info in infos]
-        if dtype == pl.Float64():
-            tail[name] = pl.Series(name, np.array(values, dtype=np.float64), nan_to_null=True)
-        else:
-            tail[name] = pl.Series(name, values, dtype=dtype)
-    tail = {name: tail[name] for name in LABEL_EXTRA_COLUMNS}
     head = pl.DataFrame({"galaxy_id": pl.Series(galaxy_ids, dtype=pl.Int64)})
-    return images, pl.concat([head, labels, pl.DataFrame(tail)], how="horizontal")
+    out = {}
+    for variation in variations:
+        images = (
+            np.concatenate([r[variation][0] for r in results])
+            if results
+            else np.empty((0, s, s), np.float32)
+        )
+        infos = [info for r in results for info in r[variation][1]]
+        rendered = [rendered_parameters(variation, row) for row in rows]
+        labels = pl.DataFrame(rendered, schema=table.schema) if n else table.clear()
+        tail = {"variation": pl.Series("variation", [variation] * n, dtype=pl.String)}
+        for name, dtype in LABEL_EXTRA_COLUMNS.items():
+            if name == "variation":
+                continue
+            values = [info[name] for info in infos]
+            if dtype == pl.Float64():
+                tail[name] = pl.Series(name, np.array(values, dtype=np.float64), nan_to_null=True)
+            else:
+                tail[name] = pl.Series(name, values, dtype=dtype)
+        tail = {name: tail[name] for name in LABEL_EXTRA_COLUMNS}
+        out[variation] = (
+            images,
+            pl.concat([head, labels, pl.DataFrame(tail)], how="horizontal"),
+        )
+    return out

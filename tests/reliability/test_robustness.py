@@ -66,7 +66,6 @@ def _catalog(n: int, inside_68: np.ndarray, mode_over_true: float) -> pl.DataFra
 def test_targets_are_checked_per_set_and_bin():
     n = 1000
     calibrated = _catalog(n, np.arange(n) % 25 < 17, 1.0)
-    # Small galaxies (Re < 0.5") never covered; the rest at 68 %: a binned miss only.
     biased = _catalog(n, np.arange(n) % 25 < 17, 1.03)
     table = pl.concat([calibration_summary(calibrated, "good"), calibration_summary(biased, "bad")])
     binned = pl.concat(

@@ -16,6 +16,7 @@ from gampen_ml.sim.independent import (
     galaxy_streams,
     intrinsic_profile,
     render_independent,
+    render_variations,
 )
 from gampen_ml.sim.parameters import (
     PARAMETER_COLUMNS,
@@ -219,6 +220,14 @@ def test_results_do_not_depend_on_workers_or_chunking():
     assert tail.tobytes() == one[2:].tobytes() and labels_tail.equals(labels_one[2:])
     other, _ = render_independent("psf_family", params, IMAGING, PSF_CFG, SKY_NJY, 4)
     assert not np.array_equal(one, other)
+    # Several variations at once (galaxy-major) give each variation's own rendering.
+    together = render_variations(
+        ("nominal", "psf_family", "offset"), params, IMAGING, PSF_CFG, SKY_NJY, 3, n_workers=2
+    )
+    assert together["psf_family"][0].tobytes() == one.tobytes()
+    assert together["psf_family"][1].equals(labels_one)
+    alone, _ = render_independent("offset", params, IMAGING, PSF_CFG, SKY_NJY, 3)
+    assert together["offset"][0].tobytes() == alone.tobytes()
 
 
 def test_loguniform_population_is_log_uniform_within_the_ranges():
