@@ -43,7 +43,7 @@ from gampen_ml.config import (
     Profile,
     derive_seed,
 )
-from gampen_ml.flags import compute_flags
+from gampen_ml.flags import compute_flags, pool_noise_sigma
 from gampen_ml.io import atomic_file
 from gampen_ml.posterior import level_tag
 from gampen_ml.sim.misspecified import VARIANTS, render_misspecified
@@ -247,6 +247,7 @@ def evaluate_misspecification(
     cube, psf_table = read_psf_library(psf_dir)
     library_range = fwhm_range(psf_table)
     pool = read_noise_pool(noise_dir)
+    noise_sigma = pool_noise_sigma(pool)
     rng = np.random.default_rng(derive_seed(seed, "misspecification", "parameters"))
     params = sample_parameters(profile.simulation.priors, n_per_variant, rng)
     params = quantize_sersic_n(params, SERSIC_N_STEP).with_columns(
@@ -276,7 +277,13 @@ def evaluate_misspecification(
             flags=profile.flags,
             device=device,
         )
-        flags = compute_flags(catalog, profile.flags, psf_fwhm_range=library_range)
+        flags = compute_flags(
+            catalog,
+            profile.flags,
+            psf_fwhm_range=library_range,
+            noise_sigma_nJy=noise_sigma,
+            priors=profile.simulation.priors,
+        )
         folder = out_dir / variant
         folder.mkdir(exist_ok=True)
         catalog.write_parquet(folder / "catalog.parquet")
@@ -373,9 +380,10 @@ def misspecification_report(
         "Coverage = fraction of true values inside the HPD interval, over the galaxies the "
         "variant changes; control = the nominal (training-distribution) catalog of the same "
         "galaxies. Residuals: B/T `mode - true`; Re and flux `(mode - true) / true`. "
-        "`unreliable`: posterior wider than the FlagConfig limits; `asymmetric`: image "
-        "asymmetry above its limit; `psf_outside_library`: the cutout's PSF FWHM lies outside "
-        "the training PSF library's range (when the flags provide them).\n\n"
+        "`asymmetric`: image asymmetry above its limit; `psf_outside_library`: the cutout's "
+        "PSF FWHM lies outside the training PSF library's range (when the flags provide "
+        "them); `unreliable`: either of them or `out_of_domain` (not detected, flux or sky "
+        "noise unlike training, prediction outside the prior).\n\n"
         + misspecification_markdown(table)
     )
     with atomic_file(md) as tmp:

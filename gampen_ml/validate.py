@@ -4,7 +4,8 @@
 quantities Ghosh et al. (2022) report: HPD coverage at 68.27/95.45/99.73 % (Table 2),
 residual scatter and bias (§6.2, §7), R^2 and the Re ratio (§7 comparison with the
 literature), and the precision of the qualitative labels (§6.4) -- for all galaxies and
-again for the well-constrained ones (not flagged ``unreliable``).
+again for the galaxies not flagged ``unreliable`` (nothing marks them as unlike the training
+set; JSON keys ``well_constrained.*``).
 :func:`validation_report` writes them side by side with :data:`PAPER_REFERENCE` as
 Markdown and JSON.
 
@@ -445,7 +446,7 @@ def validation_report(
         "",
         *_table(metrics),
         "",
-        f"## Well-constrained galaxies (not flagged unreliable): {n_good} of {n}",
+        f"## Galaxies not flagged unreliable (like the training set): {n_good} of {n}",
         "",
         *_table(metrics, "well_constrained."),
         "",

@@ -158,10 +158,12 @@ def posterior_catalog(
     retry_policy=TRANSIENT_RETRY,
     description=(
         "Qualitative flags per galaxy (paper §6.4, §7): bulge-dominated (B/T >= 0.85), "
-        'disk-dominated (B/T <= 0.1), small (Re < 1"), and unreliable (68 % HPD too wide); '
-        "beyond the training set: asymmetric (image not point-symmetric) and "
-        "psf_outside_library (cutout PSF FWHM outside the training PSF library's range); "
-        "thresholds from profile.flags. flags.parquet; DuckDB view flags."
+        'disk-dominated (B/T <= 0.1), small (Re < 1"); beyond the training set: '
+        "out_of_domain with ood_reason (not detected, flux or sky noise unlike the training "
+        "images, prediction outside the prior), asymmetric (image not point-symmetric), "
+        "psf_outside_library (cutout PSF FWHM outside the training PSF library's range), and "
+        "unreliable = any of the three; thresholds from profile.flags. flags.parquet; DuckDB "
+        "view flags."
     ),
 )
 def qualitative_flags(
