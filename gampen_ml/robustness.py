@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from gampen_ml.calibrate import MAGNITUDE_BINS, RE_BINS_ARCSEC
 from gampen_ml.catalog import magnitude_ab
 from gampen_ml.config import CREDIBLE_LEVELS, PARAMETERS, Profile, derive_seed
 from gampen_ml.posterior import level_tag
@@ -42,9 +43,6 @@ TARGETS = {
     "binned_coverage_68_points": 5.0,
     "median_bias": 0.01,
 }
-#: Bins of the conditional coverage: true Re (arcsec), true AB magnitude.
-RE_BINS_ARCSEC = (0.0, 0.5, 1.0, 2.0, math.inf)
-MAGNITUDE_BINS = (-math.inf, 16.0, 17.0, 19.0, math.inf)
 #: Level tags in the order of :data:`CREDIBLE_LEVELS`.
 TAGS = tuple(level_tag(level).removeprefix("hpd") for level in CREDIBLE_LEVELS)
 

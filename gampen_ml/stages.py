@@ -20,11 +20,16 @@ import numpy as np
 import polars as pl
 
 from gampen_ml.calibrate import (
+    FLOOR_GRID,
+    RECALIBRATION_LEVELS,
     Recalibration,
+    calibration_groups,
     coverage_table,
+    fit_mean_shift,
     fit_recalibration,
     search_physical_recalibration,
     select_dropout_rate,
+    shift_means,
 )
 from gampen_ml.catalog import SAMPLES_FILE, catalog_from_images
 from gampen_ml.config import (
@@ -335,8 +340,12 @@ def _recalibrate(
 ) -> tuple[Recalibration, pl.DataFrame]:
     """Fit one model's recalibration on validation; return it and the coverage it gives.
 
-    Per parameter, the exact scaled-space fit (:func:`gampen_ml.calibrate.fit_recalibration`)
-    is the starting candidate of a search on the *physical* coverage at ``levels``
+    First the mean shift (:func:`gampen_ml.calibrate.fit_mean_shift`: the validation bias
+    as a function of the predicted mean), then, per parameter, the exact scaled-space fit of
+    tail exponent, spread factor and error floor (:func:`gampen_ml.calibrate.fit_recalibration`,
+    judged also on the 68.27 % coverage in bins of true size and magnitude,
+    :func:`gampen_ml.calibrate.calibration_groups`) is the starting candidate of a search on
+    the *physical* coverage at ``levels``
     (:func:`gampen_ml.calibrate.search_physical_recalibration`): the catalog reports
     physical HPD intervals, which are not the image of the scaled ones (B/T: point masses
     at exactly 0 and 1; Re, flux: the Jacobian of the log). ``error_before`` /
@@ -344,26 +353,38 @@ def _recalibrate(
     validation coverage, raw and recalibrated.
     """
     truths_scaled = scaler.transform(truths.select(PARAMETERS).to_numpy().astype(np.float64))
-    scaled_fit = fit_recalibration(samples, truths_scaled)
+    shifts = [fit_mean_shift(samples[:, :, j], truths_scaled[:, j]) for j in range(len(PARAMETERS))]
+    knots, values = tuple(k for k, _ in shifts), tuple(v for _, v in shifts)
+    shifted = shift_means(samples, knots, values)
+    groups = calibration_groups(truths)
+    scaled_fit = fit_recalibration(
+        shifted, truths_scaled, RECALIBRATION_LEVELS, floors=FLOOR_GRID, groups=groups
+    )
     scale, exponent = [], []
     for j, p in enumerate(PARAMETERS):
         g, k, _ = search_physical_recalibration(
-            samples[:, :, j],
+            shifted[:, :, j],
             truths[p].to_numpy(),
             functools.partial(scaler.inverse_parameter, index=j),
             levels,
             candidates=[(scaled_fit.exponent[j], scaled_fit.scale[j])],
+            floor=scaled_fit.floor[j],
+            groups=groups,
         )
         exponent.append(g)
         scale.append(k)
         log(
-            f"dropout {rate:g}: {p} scaled-space fit (exponent {scaled_fit.exponent[j]:g}, "
-            f"scale {scaled_fit.scale[j]:.3f}) -> physical search: exponent {g:g}, "
-            f"scale {k:.3f}"
+            f"dropout {rate:g}: {p} mean shift up to {max(map(abs, values[j])):.3f}, "
+            f"scaled-space fit (exponent {scaled_fit.exponent[j]:g}, scale "
+            f"{scaled_fit.scale[j]:.3f}, floor {scaled_fit.floor[j]:g}) -> physical search: "
+            f"exponent {g:g}, scale {k:.3f}"
         )
     recalibration = Recalibration(
         scale=tuple(scale),
         exponent=tuple(exponent),
+        floor=scaled_fit.floor,
+        shift_knots=knots,
+        shift_values=values,
         error_before=tuple(_coverage_error(raw, p) for p in PARAMETERS),
         levels=tuple(float(v) for v in levels),
     )

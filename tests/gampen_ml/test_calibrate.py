@@ -8,12 +8,18 @@ import pytest
 
 from gampen_ml.calibrate import (
     COVERAGE_TABLE_SCHEMA,
+    FLOOR_GRID,
+    MEAN_SHIFT_BINS,
+    RECALIBRATION_LEVELS,
     CalibrationError,
     Recalibration,
     coverage_table,
+    fit_mean_shift,
     fit_recalibration,
+    reshape_tails,
     search_physical_recalibration,
     select_dropout_rate,
+    shift_means,
 )
 from gampen_ml.config import CREDIBLE_LEVELS
 from gampen_ml.posterior import expected_coverage_curve, hpd_intervals, summarize
@@ -204,3 +210,76 @@ def test_physical_search_calibrates_the_physical_intervals():
     # A candidate that is already right is kept when nothing on the grid beats it.
     g2, k2, objective2 = search_physical_recalibration(samples, truth, np.exp, candidates=[(g, k)])
     assert objective2 <= objective and (g2, k2) == (g, k)
+
+
+def _biased_floor_draw(seed, n=3000, t=300):
+    """Gaussian posteriors (scaled space) whose truths carry a bias that depends on the
+    predicted mean and an error floor of 0.1 beside the predicted sigma."""
+    rng = np.random.default_rng(seed)
+    centre = rng.uniform(-2, 2, (n, 3))
+    sigma = np.exp(rng.uniform(np.log(0.02), np.log(0.5), (n, 3)))
+    bias = 0.15 * np.clip(-centre, 0, None)  # the low end is predicted too high
+    truth = centre - bias + np.sqrt(sigma**2 + 0.1**2) * rng.standard_normal((n, 3))
+    samples = centre[:, None] + sigma[:, None] * rng.standard_normal((n, t, 3))
+    return samples.astype(np.float32), truth
+
+
+def test_mean_shift_removes_a_bias_that_depends_on_the_prediction():
+    samples, truth = _biased_floor_draw(11)
+    knots, values = fit_mean_shift(samples[:, :, 0], truth[:, 0])
+    assert list(knots) == sorted(knots) and len(knots) == MEAN_SHIFT_BINS
+    # The lowest bin's offset is the bias there (0.15 x its median |centre| ~ 0.27).
+    assert values[0] == pytest.approx(0.15 * -knots[0], abs=0.03)
+    assert abs(values[-1]) < 0.02
+    shifted = shift_means(samples, (knots, (), ()), (values, (), ()))
+    np.testing.assert_array_equal(shifted[:, :, 1:], samples[:, :, 1:])
+    fresh, fresh_truth = _biased_floor_draw(12)
+    residual = shift_means(fresh, (knots, (), ()), (values, (), ()))[:, :, 0].mean(1)
+    low = fresh[:, :, 0].mean(1) < -1
+    assert abs(np.median(residual[low] - fresh_truth[low, 0])) < 0.03
+    assert np.median(fresh[low, :, 0].mean(1) - fresh_truth[low, 0]) > 0.15
+
+
+def test_error_floor_and_groups_calibrate_the_sharpest_posteriors():
+    samples, truth = _biased_floor_draw(21)
+    levels = (0.6827, *[v for v in RECALIBRATION_LEVELS if v != 0.6827])
+    sharp = [samples[:, :, j].std(1) < 0.06 for j in range(3)]
+    groups = [sharp[0], ~sharp[0]]
+    recal = fit_recalibration(samples, truth, levels, floors=FLOOR_GRID, groups=groups)
+    assert all(0.07 <= f <= 0.13 for f in recal.floor)  # the true floor is 0.1
+    # A galaxy's width becomes sqrt((k sigma)^2 + f^2), sigma that of the reshaped tails.
+    applied = recal.apply(samples)
+    shaped = reshape_tails(samples, np.asarray(recal.exponent, dtype=np.float32))
+    expect = np.sqrt((np.asarray(recal.scale) * shaped.std(1)) ** 2 + np.asarray(recal.floor) ** 2)
+    np.testing.assert_allclose(applied.std(1), expect, rtol=2e-3)
+    assert Recalibration.from_dict(recal.to_dict()) == recal
+    # On an independent draw the sharpest galaxies are covered like the rest; without the
+    # floor the spread factor alone leaves them far under.
+    fresh, fresh_truth = _biased_floor_draw(22)
+    knots_values = [fit_mean_shift(samples[:, :, j], truth[:, j]) for j in range(3)]
+    knots = tuple(k for k, _ in knots_values)
+    values = tuple(v for _, v in knots_values)
+
+    def coverage_68(recalibration, x, t, mask):
+        y = recalibration.apply(x)[:, :, 0]
+        lo, hi = hpd_intervals(y, [0.6827])
+        return float(((lo[0] <= t[:, 0]) & (t[:, 0] <= hi[0]))[mask].mean())
+
+    fresh_sharp = fresh[:, :, 0].std(1) < 0.06
+    shifted = shift_means(samples, knots, values)
+    with_floor = fit_recalibration(shifted, truth, levels, floors=FLOOR_GRID, groups=groups)
+    no_floor = fit_recalibration(shifted, truth, levels)
+    for name, r in (("floor", with_floor), ("plain", no_floor)):
+        full = Recalibration(
+            scale=r.scale, exponent=r.exponent, floor=r.floor, shift_knots=knots,
+            shift_values=values,
+        )  # fmt: skip
+        sharp_cov = coverage_68(full, fresh, fresh_truth, fresh_sharp)
+        if name == "floor":
+            assert abs(sharp_cov - 0.6827) < 0.08
+        else:
+            assert sharp_cov < 0.5
+    with pytest.raises(CalibrationError, match="floor"):
+        Recalibration.from_dict({"scale": [1, 1, 1], "floor": [0, -1, 0]})
+    with pytest.raises(CalibrationError, match="shift"):
+        Recalibration.from_dict({"scale": [1, 1, 1], "shift_knots": [[0.0], [], []]})
