@@ -55,6 +55,7 @@ LABEL_DTYPES: dict[str, pl.DataType] = {
     "split": pl.String,
     "seed": pl.Int64,
     "psf_id": pl.Int32,
+    "noise_scale": pl.Float64,
     "component": pl.String,
     "bt": pl.Float64,
     "re_arcsec": pl.Float64,

@@ -220,7 +220,7 @@ def _robustness(args: argparse.Namespace) -> None:
     model = stages.resolve_prediction_model(
         profile, root, args.model, tracking_uri=_tracking_uri(args), log=print
     )
-    fwhm_range, sigma = stages.training_domain(root)
+    fwhm_range, sigma = stages.training_domain(profile, root)
     seed = robustness.frozen_seed(profile) if args.seed is None else args.seed
     table, binned = robustness.evaluate_robustness(
         profile, model, out, n_per_variation=args.n, seed=seed, psf_fwhm_range=fwhm_range,

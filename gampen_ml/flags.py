@@ -71,7 +71,7 @@ def compute_flags(
     cfg: FlagConfig,
     psf_fwhm_range: tuple[float, float] | None = None,
     *,
-    noise_sigma_nJy: float | None = None,
+    noise_sigma_nJy: float | tuple[float, float] | None = None,
     priors: PriorConfig | None = None,
 ) -> pl.DataFrame:
     """Qualitative flags per galaxy.
@@ -89,9 +89,10 @@ def compute_flags(
         (:func:`gampen_ml.sim.psf.library_fwhm_range`); with it and a ``psf_fwhm_arcsec``
         column, ``psf_outside_library`` is added: the cutout's PSF FWHM is known and lies
         outside the range widened by ``cfg.psf_fwhm_tolerance`` (unknown: False).
-    noise_sigma_nJy : float, optional
-        Sky noise of the training images (:func:`pool_noise_sigma`); enables the noise
-        criterion of ``out_of_domain``.
+    noise_sigma_nJy : float or (float, float), optional
+        Sky noise of the training images (:func:`pool_noise_sigma`), or its range when the
+        depth varies (``gampen_ml.stages.training_domain``); enables the noise criterion of
+        ``out_of_domain``.
     priors : PriorConfig, optional
         Simulation priors (default ``PriorConfig()``): the flux and Re ranges the
         ``out_of_domain`` criteria compare with.
@@ -156,7 +157,7 @@ def out_of_domain_reasons(
     catalog: pl.DataFrame,
     cfg: FlagConfig,
     *,
-    noise_sigma_nJy: float | None = None,
+    noise_sigma_nJy: float | tuple[float, float] | None = None,
     priors: PriorConfig | None = None,
 ) -> pl.Expr:
     """Polars expression: why each galaxy lies outside the training domain (null: it does not).
@@ -166,8 +167,9 @@ def out_of_domain_reasons(
     * ``not detected``: ``image_peak_snr < cfg.min_peak_snr`` (blank sky, negative images);
     * ``image flux beyond the training range``: ``image_flux_nJy`` above
       ``cfg.flux_range_factor`` x the prior's largest flux;
-    * ``sky noise unlike training``: ``noise_sigma_nJy`` differs from ``noise_sigma_nJy``
-      (the training noise) by more than ``cfg.noise_sigma_factor`` either way;
+    * ``sky noise unlike training``: the catalog's ``noise_sigma_nJy`` lies more than
+      ``cfg.noise_sigma_factor`` beyond the training noise (``noise_sigma_nJy``: one value,
+      or the ``(lo, hi)`` range of a profile that varies the depth) either way;
     * ``predicted Re outside the prior`` / ``predicted flux outside the prior``: the mode
       below ``(1 - cfg.prior_margin)`` x the prior's lower limit or above
       ``(1 + cfg.prior_margin)`` x its upper limit.
@@ -200,10 +202,15 @@ def out_of_domain_reasons(
             )
         )
     if noise_sigma_nJy is not None and "noise_sigma_nJy" in catalog.columns:
-        ratio = pl.col("noise_sigma_nJy") / noise_sigma_nJy
+        lo, hi = (
+            (noise_sigma_nJy, noise_sigma_nJy)
+            if np.isscalar(noise_sigma_nJy)
+            else tuple(noise_sigma_nJy)
+        )
+        sigma = pl.col("noise_sigma_nJy")
         checks.append(
             (
-                (ratio > cfg.noise_sigma_factor) | (ratio < 1.0 / cfg.noise_sigma_factor),
+                (sigma > hi * cfg.noise_sigma_factor) | (sigma < lo / cfg.noise_sigma_factor),
                 "sky noise unlike training",
             )
         )

@@ -247,7 +247,8 @@ def evaluate_misspecification(
     cube, psf_table = read_psf_library(psf_dir)
     library_range = fwhm_range(psf_table)
     pool = read_noise_pool(noise_dir)
-    noise_sigma = pool_noise_sigma(pool)
+    depth = profile.noise.depth_scale_range
+    noise_sigma = (pool_noise_sigma(pool) * depth[0], pool_noise_sigma(pool) * depth[1])
     rng = np.random.default_rng(derive_seed(seed, "misspecification", "parameters"))
     params = sample_parameters(profile.simulation.priors, n_per_variant, rng)
     params = quantize_sersic_n(params, SERSIC_N_STEP).with_columns(

@@ -1104,6 +1104,33 @@ def expected_coverage(
     return fig
 
 
+def robustness_coverage(table: pl.DataFrame) -> Figure:
+    """Coverage at 68.27 and 95.45 % per set (variation) and parameter, with the target bands.
+
+    ``table`` is :func:`gampen_ml.robustness.calibration_summary` rows (``set``,
+    ``parameter``, ``coverage_68``, ``coverage_95``); the shaded bands are the targets
+    (+-3 points at 68.27 %, +-2 at 95.45 %).
+    """
+    _require(table, ("set", "parameter", "coverage_68", "coverage_95"), "robustness_coverage")
+    sets = table["set"].unique(maintain_order=True).to_list()
+    fig = _new_figure(2.2 + 0.7 * len(sets), 6.0)
+    axes = _subplots(fig, 2, 1, sharex=True)[:, 0]
+    x = np.arange(len(sets))
+    markers = {"bt": "o", "re_arcsec": "s", "flux_nJy": "^"}
+    for ax, tag, level, band in ((axes[0], "68", 0.6827, 0.03), (axes[1], "95", 0.9545, 0.02)):
+        ax.axhspan(100 * (level - band), 100 * (level + band), color="0.9", zorder=0)
+        ax.axhline(100 * level, color="0.5", ls=":", lw=1)
+        for j, p in enumerate(PARAMETERS):
+            rows = table.filter(pl.col("parameter") == p)
+            by_set = dict(zip(rows["set"], rows[f"coverage_{tag}"], strict=True))
+            y = [100 * by_set.get(name, np.nan) for name in sets]
+            ax.plot(x + (j - 1) * 0.15, y, markers[p], label=PARAM_LABELS[p], ls="none")
+        ax.set_ylabel(f"coverage of the {100 * level:.2f} % HPD (%)")
+    axes[0].legend(loc="lower left", ncols=3)
+    axes[1].set_xticks(x, sets, rotation=30, ha="right")
+    return fig
+
+
 def save_figure(fig: Figure, path: Path | str, dpi: int = DPI) -> Path:
     """Write ``fig`` as a PNG of ``figsize * dpi`` pixels (atomically) and release it.
 

@@ -50,6 +50,7 @@ TABLE_FILE = "robustness.parquet"
 BINNED_FILE = "robustness_binned.parquet"
 MD_FILE = "robustness.md"
 JSON_FILE = "robustness.json"
+FIGURE_FILE = "robustness_coverage.png"
 
 
 def frozen_seed(profile: Profile) -> int:
@@ -169,7 +170,7 @@ def evaluate_robustness(
     n_per_variation: int,
     seed: int,
     psf_fwhm_range: tuple[float, float] | None = None,
-    noise_sigma_nJy: float | None = None,
+    noise_sigma_nJy: float | tuple[float, float] | None = None,
     variations: Sequence[str] | None = None,
     device: str | None = None,
     n_workers: int = 1,
@@ -307,7 +308,7 @@ def target_misses(table: pl.DataFrame, binned: pl.DataFrame) -> list[str]:
 def robustness_report(
     table: pl.DataFrame, binned: pl.DataFrame, out_dir: Path | str, *, header: str = ""
 ) -> tuple[Path, Path]:
-    """Markdown and JSON of the suite, each set checked against :data:`TARGETS`."""
+    """Markdown, JSON and a coverage figure of the suite, each set checked against :data:`TARGETS`."""
     out_dir = Path(out_dir)
     misses = target_misses(table, binned)
     lines = [
@@ -357,6 +358,10 @@ def robustness_report(
         lines.append(f"| {s} | {p} | " + " | ".join(cells.get(c, "") for c in columns) + " |")
     lines += ["", f"## Targets missed: {len(misses)}", ""]
     lines += [f"- {m}" for m in misses] or ["All targets met."]
+    from gampen_ml import plots
+
+    plots.save_figure(plots.robustness_coverage(table), out_dir / FIGURE_FILE)
+    lines += ["", f"![coverage per variation]({FIGURE_FILE})"]
     md = out_dir / MD_FILE
     md.write_text("\n".join(lines) + "\n")
     js = out_dir / JSON_FILE

@@ -478,12 +478,15 @@ def calibrate_and_publish(
     return result
 
 
-def training_domain(root: Path) -> tuple[tuple[float, float] | None, float | None]:
-    """What the training images were made of, for the flags: PSF FWHM range and sky noise.
+def training_domain(
+    profile: Profile, root: Path
+) -> tuple[tuple[float, float] | None, tuple[float, float] | None]:
+    """What the training images were made of, for the flags: PSF FWHM and sky-noise ranges.
 
     The FWHM range of the stored PSF library (:func:`gampen_ml.sim.psf.library_fwhm_range`)
     and the noise pool's sky noise measured as the catalog measures a cutout's
-    (:func:`gampen_ml.flags.pool_noise_sigma`); None for what is not stored.
+    (:func:`gampen_ml.flags.pool_noise_sigma`) times the profile's
+    ``noise.depth_scale_range``; None for what is not stored.
     """
     from gampen_ml.flags import pool_noise_sigma
 
@@ -492,12 +495,12 @@ def training_domain(root: Path) -> tuple[tuple[float, float] | None, float | Non
         psf.library_fwhm_range(psf_dir) if (psf_dir / psf.PSF_TABLE_FILE).is_file() else None
     )
     noise_dir = partition_dir(root, "noise_pool")
-    sigma = (
-        pool_noise_sigma(noise.read_noise_pool(noise_dir))
-        if (noise_dir / noise.NOISE_JSON_FILE).is_file()
-        else None
-    )
-    return fwhm_range, sigma
+    sigma_range = None
+    if (noise_dir / noise.NOISE_JSON_FILE).is_file():
+        sigma = pool_noise_sigma(noise.read_noise_pool(noise_dir))
+        lo, hi = profile.noise.depth_scale_range
+        sigma_range = (sigma * lo, sigma * hi)
+    return fwhm_range, sigma_range
 
 
 def catalog_flags(catalog: pl.DataFrame, profile: Profile, root: Path) -> pl.DataFrame:
@@ -509,7 +512,7 @@ def catalog_flags(catalog: pl.DataFrame, profile: Profile, root: Path) -> pl.Dat
     """
     from gampen_ml.flags import compute_flags
 
-    fwhm_range, sigma = training_domain(root)
+    fwhm_range, sigma = training_domain(profile, root)
     return compute_flags(
         catalog,
         profile.flags,

@@ -6,6 +6,7 @@ from gampen_assets.assets.prediction_assets import (
     diagnostic_plots,
     posterior_catalog,
     qualitative_flags,
+    robustness_report,
 )
 
 ALL_ASSETS = [
@@ -17,6 +18,7 @@ ALL_ASSETS = [
     posterior_catalog,
     qualitative_flags,
     diagnostic_plots,
+    robustness_report,
 ]
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "posterior_catalog",
     "psf_library",
     "qualitative_flags",
+    "robustness_report",
     "simulated_galaxies",
     "trained_model",
 ]

@@ -71,7 +71,8 @@ def synthetic_psf_library(
     Parameters
     ----------
     psf_cfg : PSFConfig
-        Number of PSFs, FWHM distribution, Moffat beta, shear scatter, stamp size.
+        Number of PSFs, FWHM distribution, Moffat beta (or its range), shear scatter,
+        stamp size.
     imaging : ImagingConfig
         Pixel scale (arcsec/px).
     seed : int
@@ -92,10 +93,15 @@ def synthetic_psf_library(
     )
     g1 = rng.normal(0.0, psf_cfg.ellipticity_rms, n)
     g2 = rng.normal(0.0, psf_cfg.ellipticity_rms, n)
+    beta = (
+        rng.uniform(*psf_cfg.moffat_beta_range, n)
+        if psf_cfg.moffat_beta_range is not None
+        else np.full(n, psf_cfg.moffat_beta)
+    )
     s = psf_cfg.stamp_size_px
     cube = np.empty((n, s, s), dtype=np.float32)
     for i in range(n):  # n_psfs <= a few hundred: one GalSim draw each
-        moffat = galsim.Moffat(beta=psf_cfg.moffat_beta, fwhm=fwhm[i]).shear(g1=g1[i], g2=g2[i])
+        moffat = galsim.Moffat(beta=float(beta[i]), fwhm=fwhm[i]).shear(g1=g1[i], g2=g2[i])
         arr = moffat.drawImage(nx=s, ny=s, scale=imaging.pixel_scale_arcsec).array
         cube[i] = arr / arr.sum()
     cube /= cube.sum(axis=(1, 2), keepdims=True, dtype=np.float64).astype(np.float32)

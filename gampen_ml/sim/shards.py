@@ -15,8 +15,10 @@ Files written into ``out_dir`` (the caller wraps it in ``gampen_ml.io.atomic_par
     pool. Written through a ``.npy`` memory map so a shard never has to fit in RAM twice.
 ``labels.parquet``
     ``galaxy_id`` int64, ``shard`` str, ``split`` str, ``seed`` int64 (the galaxy's noise
-    seed), ``psf_id`` int32, then :data:`gampen_ml.sim.parameters.PARAMETER_COLUMNS`
-    (Sérsic indices on the :data:`gampen_ml.sim.render.SERSIC_N_STEP` grid that was rendered).
+    seed), ``psf_id`` int32, ``noise_scale`` float64 (the factor on the pool's noise,
+    log-uniform in ``NoiseConfig.depth_scale_range``, drawn from its own stream), then
+    :data:`gampen_ml.sim.parameters.PARAMETER_COLUMNS` (Sérsic indices on the
+    :data:`gampen_ml.sim.render.SERSIC_N_STEP` grid that was rendered).
 """
 
 from __future__ import annotations
@@ -99,6 +101,9 @@ def shard_labels(profile: Profile, shard_key: str, n_psfs: int) -> pl.DataFrame:
     psf_id = rng.integers(0, n_psfs, size=n).astype(np.int32)
     split = assign_splits(n, profile.simulation.split_fractions, rng)
     seeds = rng.integers(0, np.iinfo(np.int64).max, size=n, dtype=np.int64)
+    lo, hi = profile.noise.depth_scale_range
+    depth_rng = np.random.default_rng(derive_seed(profile.seed, f"{ASSET_NAME}/depth", shard_key))
+    noise_scale = np.exp(depth_rng.uniform(np.log(lo), np.log(hi), size=n))
     head = pl.DataFrame(
         {
             "galaxy_id": pl.Series(ids, dtype=pl.Int64),
@@ -106,6 +111,7 @@ def shard_labels(profile: Profile, shard_key: str, n_psfs: int) -> pl.DataFrame:
             "split": pl.Series(split, dtype=pl.String),
             "seed": pl.Series(seeds, dtype=pl.Int64),
             "psf_id": pl.Series(psf_id, dtype=pl.Int32),
+            "noise_scale": pl.Series(noise_scale, dtype=pl.Float64),
         }
     )
     return pl.concat([head, params.select(PARAMETER_COLUMNS)], how="horizontal")
@@ -124,8 +130,9 @@ def _render_chunk(
     renderer = _cached_renderer(psf_dir, imaging)
     images = renderer.render(chunk, chunk["psf_id"].to_numpy())
     s = imaging.stamp_size_px
+    scales = chunk["noise_scale"].to_numpy().astype(np.float32)
     for k, seed in enumerate(chunk["seed"].to_numpy()):
-        images[k] += draw_noise(pool, (s, s), np.random.default_rng(int(seed)))
+        images[k] += scales[k] * draw_noise(pool, (s, s), np.random.default_rng(int(seed)))
     out = np.load(images_path, mmap_mode="r+")
     out[rows] = images
     out.flush()

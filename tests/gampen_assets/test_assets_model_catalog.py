@@ -193,3 +193,28 @@ def test_inbox_batch_catalog(pipeline):
     pngs = {p.stem for p in (tmp / "storage" / "diagnostic_plots" / key).glob("*.png")}
     assert "parameter_distributions" in pngs and "predicted_vs_true" not in pngs
     assert all(e.passed for e in result.get_asset_check_evaluations())
+
+
+def test_robustness_report_asset(pipeline):
+    tmp, _, resources, instance = pipeline
+    result = materialize(
+        [*ALL_ASSETS, *ALL_CHECKS],
+        selection=["robustness_report"],
+        resources=resources,
+        instance=instance,
+        run_config={"ops": {"robustness_report": {"config": {"n_per_variation": 3}}}},
+        raise_on_error=False,
+    )
+    assert result.success
+    meta = _meta(result, "robustness_report")
+    folder = tmp / "storage" / "robustness_report" / "all"
+    report = json.loads((folder / "robustness.json").read_text())
+    table = pl.DataFrame(report["table"])
+    assert table.height == 7 * 3 and set(table["n"]) == {3}
+    assert meta["n_targets_missed"].value == len(report["misses"])
+    assert meta["coverage_per_variation"].value.startswith("![coverage per variation](data:")
+    assert (folder / "robustness_coverage.png").read_bytes()[:4] == b"\x89PNG"
+    rows = query(
+        str(tmp / "gampen.duckdb"), "select asset from lineage where asset = 'robustness_report'"
+    )
+    assert rows

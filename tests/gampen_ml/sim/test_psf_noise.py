@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from astropy.io import fits
@@ -151,3 +153,23 @@ def test_correlated_pool_uses_galsim_acs_noise():
     # Neighbouring pixels are correlated (white noise would give ~0).
     rho = np.corrcoef(field[:, :-1].ravel(), field[:, 1:].ravel())[0, 1]
     assert rho > 0.1
+
+
+def test_moffat_beta_range_varies_the_wings():
+    """With a beta range the library's PSFs differ in their wings, not in their FWHM."""
+    imaging = ImagingConfig()
+    cfg = PSFConfig(n_psfs=40, fwhm_log_sigma=0.0, ellipticity_rms=0.0)  # all 0.85", round
+    fixed, _ = synthetic_psf_library(cfg, imaging, seed=3)
+    varied, table = synthetic_psf_library(
+        dataclasses.replace(cfg, moffat_beta_range=(2.5, 4.5)), imaging, seed=3
+    )
+    s = cfg.stamp_size_px
+    r = np.hypot(*(np.mgrid[:s, :s] - s // 2))
+    wing = r > 2 * 0.85 / imaging.pixel_scale_arcsec
+
+    def wings(cube):
+        return (cube * wing).sum(axis=(1, 2))
+
+    assert np.ptp(wings(fixed)) < 1e-6
+    assert np.ptp(wings(varied)) > 0.02  # beta 2.5 puts several % more light in the wings
+    np.testing.assert_allclose(table["measured_fwhm_arcsec"], 0.85, rtol=0.08)

@@ -18,6 +18,7 @@ SCHEMA = {
     "split": pl.String,
     "seed": pl.Int64,
     "psf_id": pl.Int32,
+    "noise_scale": pl.Float64,
     "component": pl.String,
     **{
         c: pl.Float64
@@ -100,3 +101,26 @@ def test_shard_bytes_identical_across_workers(inputs, tmp_path):
     assert np.median(sums / labels["flux_nJy"].to_numpy()) == pytest.approx(1.0, abs=0.03)
     corner = images[:, :20, :20]
     assert corner.std() == pytest.approx(profile.noise.sky_sigma_nJy, rel=0.2)
+
+
+def test_depth_scale_multiplies_each_galaxys_noise(inputs, tmp_path):
+    import dataclasses
+
+    from gampen_ml.flags import image_statistics
+
+    profile, psf_dir, noise_dir = inputs
+    deep_and_shallow = dataclasses.replace(
+        profile, noise=dataclasses.replace(profile.noise, depth_scale_range=(0.5, 2.0))
+    )
+    with atomic_partition_dir(tmp_path / "s") as out:
+        simulate_shard(deep_and_shallow, "shard-000", psf_dir, noise_dir, out, n_workers=1)
+    images, labels = open_shard(tmp_path / "s")
+    scale = labels["noise_scale"].to_numpy()
+    assert scale.min() >= 0.5 and scale.max() <= 2.0 and scale.max() / scale.min() > 2
+    sigma = image_statistics(images)["noise_sigma_nJy"].to_numpy()
+    plain = shard_labels(profile, "shard-000", 4)
+    assert (plain["noise_scale"] == 1.0).all()
+    # The frame's noise follows the galaxy's factor (pool sigma ~2.3 nJy).
+    np.testing.assert_allclose(sigma / scale, np.median(sigma / scale), rtol=0.12)
+    # Everything else is drawn as without the factor.
+    assert labels.drop("noise_scale").equals(plain.drop("noise_scale"))
