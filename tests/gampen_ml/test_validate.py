@@ -104,6 +104,13 @@ def test_residual_scatter_bias_r2_and_ratio(known):
     assert m["r2_re_arcsec"] == pytest.approx(expected, abs=0.001)
     assert m["sigma_bt_single"] < m["sigma_bt"] < m["sigma_bt_double"]
     assert m["sigma_bt_single"] == pytest.approx(noise["bt"][single].std(), rel=1e-9)
+    # The paper's §6.2 statistic, the 68th percentile of |mode - true|.
+    for p in PARAMETERS:
+        assert m[f"p68_abs_residual_{p}"] == pytest.approx(np.percentile(np.abs(noise[p]), 68))
+    t = cat["bt_true"].to_numpy()
+    inside = (cat["bt_hpd68_lo"].to_numpy() <= t) & (t <= cat["bt_hpd68_hi"].to_numpy())
+    assert m["coverage_68_bt_single_pct"] == pytest.approx(100 * inside[single].mean())
+    assert m["coverage_68_bt_double_pct"] == pytest.approx(100 * inside[~single].mean())
 
 
 def test_label_precision_and_well_constrained_cut(known):
