@@ -444,3 +444,38 @@ def tarp_coverage(
     finally:
         np.random.set_state(state)  # noqa: NPY002
     return np.asarray(ecp), np.asarray(alpha), float(np.mean(np.abs(ecp - alpha)))
+
+
+def tarp_null_errors(
+    samples: np.ndarray, *, seed: int, n_replicates: int = 10, num_alpha_bins: int | None = None
+) -> np.ndarray:
+    """TARP errors of posteriors that are calibrated by construction, at the same N and shapes.
+
+    Each replicate takes one of every galaxy's own samples as its truth (so the truths follow
+    the posteriors exactly) and computes :func:`tarp_coverage`'s error. The spread of these
+    errors is what a perfectly calibrated model would show at this N: compare the measured
+    error with it, not with 0.
+
+    Parameters
+    ----------
+    samples : (N, T, P) array_like
+    seed : int
+    n_replicates : int
+    num_alpha_bins : int, optional
+        As in :func:`tarp_coverage`.
+
+    Returns
+    -------
+    (n_replicates,) float64
+    """
+    samples = np.asarray(samples, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    n, t = samples.shape[:2]
+    errors = []
+    for r in range(n_replicates):
+        pick = rng.integers(0, t, size=n)
+        truth = samples[np.arange(n), pick]
+        errors.append(
+            tarp_coverage(samples, truth, seed=seed + r + 1, num_alpha_bins=num_alpha_bins)[2]
+        )
+    return np.asarray(errors)

@@ -254,3 +254,22 @@ def test_tarp_joint_coverage_detects_miscalibration():
     assert ecp.shape == alpha.shape == (n // 10 + 1,)
     assert err_good < 0.04 < 0.1 < err_narrow
     assert tarp_coverage(good, truth, seed=1)[2] == err_good  # reproducible
+
+
+def test_tarp_null_is_the_scale_of_calibrated():
+    """A calibrated model's TARP error lies inside the null; a 2x too narrow one far beyond."""
+    from gampen_ml.posterior import tarp_null_errors
+
+    rng = np.random.default_rng(9)
+    n, t = 500, 200
+    centre = rng.normal(size=(n, 3))
+    truth = centre + rng.standard_normal((n, 3))
+    good = centre[:, None] + rng.standard_normal((n, t, 3))
+    narrow = centre[:, None] + 0.5 * rng.standard_normal((n, t, 3))
+    null = tarp_null_errors(good, seed=3, n_replicates=8)
+    assert null.shape == (8,) and (null > 0).all()  # finite N: never exactly 0
+    err_good = tarp_coverage(good, truth, seed=1)[2]
+    err_narrow = tarp_coverage(narrow, truth, seed=1)[2]
+    assert err_good < 2 * null.max()
+    assert err_narrow > 3 * null.max()
+    np.testing.assert_array_equal(null, tarp_null_errors(good, seed=3, n_replicates=8))
