@@ -35,6 +35,7 @@ from gampen_assets.assets.prediction_assets import (
     diagnostic_plots,
     posterior_catalog,
     qualitative_flags,
+    robustness_report,
 )
 from gampen_assets.partitions import SIM_TEST, datasets
 from gampen_assets.resources import GampenSettings
@@ -572,7 +573,31 @@ def plots_written(
     return check_plots(settings, context.partition_key)
 
 
+# ---------------------------------------------------------------- validation
+
+
+@asset_check(
+    asset=robustness_report,
+    # Not blocking: nothing downstream; a missed target is the finding, shown with its size.
+    blocking=False,
+    description="Every shift-suite target met (coverage, binned coverage, median bias)",
+)
+def robustness_targets_met(settings: GampenSettings) -> AssetCheckResult:
+    from gampen_ml.robustness import JSON_FILE
+
+    report = json.loads(
+        (partition_dir(settings.root(), "robustness_report") / JSON_FILE).read_text()
+    )
+    misses = report["misses"]
+    return AssetCheckResult(
+        passed=not misses,
+        severity=AssetCheckSeverity.WARN,
+        metadata={"n_targets_missed": float(len(misses)), **_failed(misses)},
+    )
+
+
 DATA_CHECKS = [psf_library_valid, noise_pool_valid, simulated_galaxies_valid]
 MODEL_CHECKS = [trained_model_valid, calibration_valid, champion_coverage_within_tolerance]
 CATALOG_CHECKS = [posterior_catalog_valid, flags_consistent_with_catalog, plots_written]
-ALL_CHECKS = [*DATA_CHECKS, *MODEL_CHECKS, *CATALOG_CHECKS]
+VALIDATION_CHECKS = [robustness_targets_met]
+ALL_CHECKS = [*DATA_CHECKS, *MODEL_CHECKS, *CATALOG_CHECKS, *VALIDATION_CHECKS]

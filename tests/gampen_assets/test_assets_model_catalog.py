@@ -214,6 +214,8 @@ def test_robustness_report_asset(pipeline):
     assert meta["n_targets_missed"].value == len(report["misses"])
     assert meta["coverage_per_variation"].value.startswith("![coverage per variation](data:")
     assert (folder / "robustness_coverage.png").read_bytes()[:4] == b"\x89PNG"
+    (check,) = result.get_asset_check_evaluations()
+    assert check.passed == (not report["misses"])
     rows = query(
         str(tmp / "gampen.duckdb"), "select asset from lineage where asset = 'robustness_report'"
     )

@@ -20,6 +20,7 @@ ASSETS = {
     "trained_model",
     "calibrated_dropout_rate",
     "posterior_catalog",
+    "robustness_report",
     "qualitative_flags",
     "diagnostic_plots",
 }
@@ -43,6 +44,7 @@ def test_every_asset_group_owner_description_and_code_version():
     assert groups["psf_library"] == groups["simulated_galaxies"] == "inputs"
     assert groups["trained_model"] == groups["calibrated_dropout_rate"] == "model"
     assert groups["posterior_catalog"] == groups["diagnostic_plots"] == "catalog"
+    assert groups["robustness_report"] == "validation"
 
 
 def test_pools_and_partitions():
@@ -70,7 +72,7 @@ def test_every_stage_has_a_check_and_upstream_checks_block():
         if spec.blocking
     }
     # Everything that has a downstream must stop it on failure.
-    assert ASSETS - {"qualitative_flags", "diagnostic_plots"} <= blocking
+    assert ASSETS - {"qualitative_flags", "diagnostic_plots", "robustness_report"} <= blocking
 
 
 def test_sensors_schedules_jobs():
