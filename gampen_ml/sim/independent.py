@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import multiprocessing
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -507,8 +508,12 @@ def render_variations(
     if n_workers == 1 or len(tasks) <= 1:
         results = [_render_chunk(task) for task in tasks]
     else:
-        with multiprocessing.get_context("spawn").Pool(min(n_workers, len(tasks))) as pool:
-            results = pool.map(_render_chunk, tasks)
+        # An executor, not multiprocessing.Pool: Pool's exit terminates its workers, which can
+        # leave one blocked forever on the task queue's lock (seen under pytest).
+        with ProcessPoolExecutor(
+            max_workers=min(n_workers, len(tasks)), mp_context=multiprocessing.get_context("spawn")
+        ) as pool:
+            results = list(pool.map(_render_chunk, tasks))
     head = pl.DataFrame({"galaxy_id": pl.Series(galaxy_ids, dtype=pl.Int64)})
     out = {}
     for variation in variations:
