@@ -1,4 +1,4 @@
-"""The Dagster UI as a person sees it: the asset graph shows all eight GaMPEN assets.
+"""The Dagster UI as a person sees it: the asset graph shows all nine GaMPEN assets.
 
 Starts ``dagster-webserver`` on a free local port with a temporary ``DAGSTER_HOME`` (a copy of
 ``dagster_home/dagster.yaml``), opens the global asset graph in headless Debian Chromium
@@ -31,8 +31,9 @@ ASSETS = (
     "posterior_catalog",
     "qualitative_flags",
     "diagnostic_plots",
+    "robustness_report",
 )
-GROUPS = ("inputs", "model", "catalog")
+GROUPS = ("inputs", "model", "catalog", "validation")
 STARTUP_TIMEOUT_S = 240.0
 
 pytestmark = [
@@ -123,14 +124,14 @@ def test_asset_graph_shows_every_asset(webserver):
         )
         try:
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            # Global asset lineage with the three stage groups expanded.
+            # Global asset lineage with the stage groups expanded.
             expanded = ",".join(f"global@global:{g}" for g in GROUPS)
             page.goto(f"{webserver}/asset-groups?expanded={quote(expanded)}", timeout=120_000)
             graph = page.locator("svg foreignObject")
             graph.get_by_text("psf_library", exact=True).wait_for(timeout=120_000)
             # Long names are middle-truncated in the graph nodes ("calibrated_d…_rate").
             in_graph = [n for n in ASSETS if graph.get_by_text(n, exact=True).count()]
-            assert len(in_graph) >= 7, f"graph nodes show only {in_graph}"
+            assert len(in_graph) >= 8, f"graph nodes show only {in_graph}"
             page.wait_for_timeout(1500)  # let the layout settle before the screenshot
             page.screenshot(path=str(REPO / "docs" / "ui-asset-graph.png"))
             # The sidebar tree lists every asset under its group by full name.
