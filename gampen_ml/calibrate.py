@@ -356,6 +356,8 @@ def shift_means(samples: np.ndarray, knots, values) -> np.ndarray:
     remove there (:func:`fit_mean_shift`); an empty pair leaves that parameter alone.
     Linear interpolation, constant beyond the end knots. float32.
     """
+    if not any(len(k) for k in knots):  # nothing to shift: no copy on the catalog's hot path
+        return np.asarray(samples, dtype=np.float32)
     x = np.array(samples, dtype=np.float32, copy=True)
     for j, (k, v) in enumerate(zip(knots, values, strict=True)):
         if len(k):

@@ -208,11 +208,7 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
 def _robustness(args: argparse.Namespace) -> None:
     """``gampen validate --robustness``: the shift suite, beside the sim-test split."""
-    import polars as pl
-
     from gampen_ml import robustness, stages
-    from gampen_ml.catalog import read_catalog
-    from gampen_ml.io import partition_dir
 
     profile = get_profile(args.profile)
     root = Path(args.root)
@@ -220,27 +216,13 @@ def _robustness(args: argparse.Namespace) -> None:
     model = stages.resolve_prediction_model(
         profile, root, args.model, tracking_uri=_tracking_uri(args), log=print
     )
-    fwhm_range, sigma = stages.training_domain(profile, root)
-    seed = robustness.frozen_seed(profile) if args.seed is None else args.seed
-    table, binned = robustness.evaluate_robustness(
-        profile, model, out, n_per_variation=args.n, seed=seed, psf_fwhm_range=fwhm_range,
-        noise_sigma_nJy=sigma, variations=args.variations.split(",") if args.variations else None,
-        device=args.device, n_workers=args.workers or os.cpu_count() or 1, log=print,
+    stages.shift_suite(
+        profile, root, model, out, n_per_variation=args.n, seed=args.seed,
+        variations=args.variations.split(",") if args.variations else None,
+        device=args.device, n_workers=args.workers or os.cpu_count() or 1,
+        with_sim_test=True, log=print,
     )  # fmt: skip
-    test_dir = partition_dir(root, "posterior_catalog", stages.SIM_TEST)
-    if (test_dir / "catalog.parquet").is_file():
-        test = read_catalog(test_dir)
-        flags = stages.catalog_flags(test, profile, root)
-        test = test.join(flags.drop("dataset"), on="galaxy_id", how="left")
-        table = pl.concat([robustness.calibration_summary(test, stages.SIM_TEST), table])
-        binned = pl.concat([robustness.conditional_coverage(test, stages.SIM_TEST), binned])
-    header = (
-        f"Model {model.model_name} v{model.model_version} (dropout {model.dropout_rate:g}, "
-        f"{'recalibrated' if model.calibrated else 'not recalibrated'}), profile "
-        f"{profile.name}; {args.n} galaxies per variation, seed {seed}"
-        f"{' (the frozen test seed)' if args.seed is None else ''}."
-    )
-    md, js = robustness.robustness_report(table, binned, out, header=header)
+    md, js = out / robustness.MD_FILE, out / robustness.JSON_FILE
     print(md.read_text())
     print(f"written: {md} {js}")
 

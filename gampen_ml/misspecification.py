@@ -45,7 +45,8 @@ from gampen_ml.config import (
 )
 from gampen_ml.flags import compute_flags, pool_noise_sigma
 from gampen_ml.io import atomic_file
-from gampen_ml.posterior import level_tag
+from gampen_ml.plots import residuals
+from gampen_ml.posterior import covered, level_tag
 from gampen_ml.sim.misspecified import VARIANTS, render_misspecified
 from gampen_ml.sim.noise import NoisePool, draw_noise, read_noise_pool
 from gampen_ml.sim.parameters import quantize_sersic_n, sample_parameters
@@ -84,17 +85,6 @@ TABLE_SCHEMA: dict[str, pl.DataType] = {
 MD_FILE = "misspecification.md"
 JSON_FILE = "misspecification.json"
 TABLE_FILE = "misspecification.parquet"
-
-
-def _inside(catalog: pl.DataFrame, p: str, tag: str) -> np.ndarray:
-    t = catalog[f"{p}_true"].to_numpy()
-    lo, hi = catalog[f"{p}_hpd{tag}_lo"].to_numpy(), catalog[f"{p}_hpd{tag}_hi"].to_numpy()
-    return (lo <= t) & (t <= hi)
-
-
-def _residual(catalog: pl.DataFrame, p: str) -> np.ndarray:
-    mode, true = catalog[f"{p}_mode"].to_numpy(), catalog[f"{p}_true"].to_numpy()
-    return mode - true if p == "bt" else (mode - true) / true
 
 
 def _frac(mask: np.ndarray) -> float:
@@ -149,12 +139,13 @@ def variant_table(
             any_flag |= mask
     rows = []
     for p in PARAMETERS:
-        res, res_ctl = _residual(cat, p), _residual(ctl, p)
+        fractional = p != "bt"
+        res, res_ctl = (residuals(c, p, fractional=fractional) for c in (cat, ctl))
         row: dict[str, object] = {"variant": variant, "parameter": p, "n_galaxies": cat.height}
-        for tag in TAGS:
-            row[f"coverage_{tag}"] = _frac(_inside(cat, p, tag))
-        for tag in TAGS:
-            row[f"control_coverage_{tag}"] = _frac(_inside(ctl, p, tag))
+        for tag, level in zip(TAGS, CREDIBLE_LEVELS, strict=True):
+            row[f"coverage_{tag}"] = _frac(covered(cat, p, level))
+        for tag, level in zip(TAGS, CREDIBLE_LEVELS, strict=True):
+            row[f"control_coverage_{tag}"] = _frac(covered(ctl, p, level))
         row.update(
             bias=_stat(res, np.mean),
             sigma=_stat(res, np.std),
@@ -167,11 +158,11 @@ def variant_table(
             row[f"{name}_fraction"] = math.nan if m is None else _frac(m)
             row[f"control_{name}_fraction"] = math.nan if mc is None else _frac(mc)
         row["n_reliable"] = int((~unreliable).sum())
-        for tag in TAGS:
-            row[f"reliable_coverage_{tag}"] = _frac(_inside(cat, p, tag)[~unreliable])
+        for tag, level in zip(TAGS, CREDIBLE_LEVELS, strict=True):
+            row[f"reliable_coverage_{tag}"] = _frac(covered(cat, p, level)[~unreliable])
         row["n_not_flagged"] = int((~any_flag).sum())
-        for tag in TAGS:
-            row[f"not_flagged_coverage_{tag}"] = _frac(_inside(cat, p, tag)[~any_flag])
+        for tag, level in zip(TAGS, CREDIBLE_LEVELS, strict=True):
+            row[f"not_flagged_coverage_{tag}"] = _frac(covered(cat, p, level)[~any_flag])
         rows.append(row)
     return pl.DataFrame(rows, schema=TABLE_SCHEMA)
 
@@ -247,8 +238,8 @@ def evaluate_misspecification(
     cube, psf_table = read_psf_library(psf_dir)
     library_range = fwhm_range(psf_table)
     pool = read_noise_pool(noise_dir)
-    depth = profile.noise.depth_scale_range
-    noise_sigma = (pool_noise_sigma(pool) * depth[0], pool_noise_sigma(pool) * depth[1])
+    sigma, (lo, hi) = pool_noise_sigma(pool), profile.noise.depth_scale_range
+    noise_sigma = (sigma * lo, sigma * hi)
     rng = np.random.default_rng(derive_seed(seed, "misspecification", "parameters"))
     params = sample_parameters(profile.simulation.priors, n_per_variant, rng)
     params = quantize_sersic_n(params, SERSIC_N_STEP).with_columns(

@@ -293,6 +293,19 @@ def coverage(lo: np.ndarray, hi: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return np.mean((lo <= truth) & (truth <= hi), axis=0)
 
 
+def covered(catalog: pl.DataFrame, parameter: str, level: float) -> np.ndarray:
+    """``(N,)`` bool: whether each galaxy's ``{parameter}_true`` lies in its HPD interval.
+
+    ``catalog`` has ``{parameter}_true`` and the ``{parameter}_hpdNN_lo/hi`` bounds of
+    ``level`` (bounds inclusive, as :func:`coverage`).
+    """
+    tag = level_tag(level)
+    t = catalog[f"{parameter}_true"].to_numpy()
+    return (catalog[f"{parameter}_{tag}_lo"].to_numpy() <= t) & (
+        t <= catalog[f"{parameter}_{tag}_hi"].to_numpy()
+    )
+
+
 def expected_coverage_curve(
     samples: np.ndarray,
     truth: np.ndarray,

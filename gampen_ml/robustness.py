@@ -34,7 +34,8 @@ import polars as pl
 from gampen_ml.calibrate import MAGNITUDE_BINS, RE_BINS_ARCSEC
 from gampen_ml.catalog import magnitude_ab
 from gampen_ml.config import CREDIBLE_LEVELS, PARAMETERS, Profile, derive_seed
-from gampen_ml.posterior import level_tag
+from gampen_ml.plots import residuals
+from gampen_ml.posterior import covered, level_tag
 
 #: Targets of a calibrated platform (points of coverage; fraction for the bias).
 TARGETS = {
@@ -58,17 +59,6 @@ def frozen_seed(profile: Profile) -> int:
     return derive_seed(profile.seed, "robustness", "frozen-test")
 
 
-def _inside(catalog: pl.DataFrame, p: str, level: float) -> np.ndarray:
-    tag = level_tag(level)
-    t = catalog[f"{p}_true"].to_numpy()
-    return (catalog[f"{p}_{tag}_lo"].to_numpy() <= t) & (t <= catalog[f"{p}_{tag}_hi"].to_numpy())
-
-
-def _relative(p: str, value: np.ndarray, true: np.ndarray) -> np.ndarray:
-    """``value - true`` for B/T, ``value / true - 1`` otherwise."""
-    return value - true if p == "bt" else value / true - 1.0
-
-
 def calibration_summary(catalog: pl.DataFrame, name: str) -> pl.DataFrame:
     """Coverage, median bias and width per parameter of one catalog with truths.
 
@@ -89,10 +79,10 @@ def calibration_summary(catalog: pl.DataFrame, name: str) -> pl.DataFrame:
             "parameter": p,
             "n": catalog.height,
             **{
-                f"coverage_{tag}": float(_inside(catalog, p, level).mean())
+                f"coverage_{tag}": float(covered(catalog, p, level).mean())
                 for tag, level in zip(TAGS, CREDIBLE_LEVELS, strict=True)
             },
-            "median_bias": float(np.median(_relative(p, catalog[f"{p}_mode"].to_numpy(), true))),
+            "median_bias": float(np.median(residuals(catalog, p, fractional=p != "bt"))),
             "median_width_68": float(np.median(width if p == "bt" else width / true)),
             "out_of_domain": (
                 float(catalog["out_of_domain"].mean())
@@ -120,7 +110,7 @@ def conditional_coverage(catalog: pl.DataFrame, name: str) -> pl.DataFrame:
     }
     rows = []
     for p in PARAMETERS:
-        hit = _inside(catalog, p, CREDIBLE_LEVELS[0])
+        hit = covered(catalog, p, CREDIBLE_LEVELS[0])
         for by, (values, edges) in bins.items():
             index = np.searchsorted(edges, values, side="right") - 1
             for b in range(len(edges) - 1):

@@ -808,6 +808,57 @@ def predict_cutouts(
     return PredictResult(catalog, batch.rejections)
 
 
+def shift_suite(
+    profile: Profile,
+    root: Path,
+    model: PredictionModel,
+    out_dir: Path,
+    *,
+    n_per_variation: int,
+    seed: int | None = None,
+    variations: Sequence[str] | None = None,
+    device: str | None = None,
+    n_workers: int = 1,
+    with_sim_test: bool = False,
+    log: Callable[[str], None] = _quiet,
+) -> tuple[pl.DataFrame, pl.DataFrame, list[str]]:
+    """The shift-robustness suite of ``model`` against the stored training domain, reported.
+
+    :func:`gampen_ml.robustness.evaluate_robustness` with the flags' training domain
+    (:func:`training_domain`) and, by default, the frozen test seed; ``with_sim_test`` puts
+    the stored ``sim-test`` catalog's rows first when it exists. Writes the report files
+    into ``out_dir``; returns ``(table, binned, missed targets)``.
+    """
+    from gampen_ml import robustness
+
+    fwhm_range, sigma = training_domain(profile, root)
+    frozen = seed is None
+    seed = robustness.frozen_seed(profile) if frozen else seed
+    table, binned = robustness.evaluate_robustness(
+        profile, model, out_dir, n_per_variation=n_per_variation, seed=seed,
+        psf_fwhm_range=fwhm_range, noise_sigma_nJy=sigma, variations=variations,
+        device=device, n_workers=n_workers, log=log,
+    )  # fmt: skip
+    test_dir = partition_dir(root, "posterior_catalog", SIM_TEST)
+    if with_sim_test and (test_dir / "catalog.parquet").is_file():
+        from gampen_ml.catalog import read_catalog
+
+        test = read_catalog(test_dir)
+        test = test.join(
+            catalog_flags(test, profile, root).drop("dataset"), on="galaxy_id", how="left"
+        )
+        table = pl.concat([robustness.calibration_summary(test, SIM_TEST), table])
+        binned = pl.concat([robustness.conditional_coverage(test, SIM_TEST), binned])
+    header = (
+        f"Model {model.model_name} v{model.model_version} (dropout {model.dropout_rate:g}, "
+        f"{'recalibrated' if model.calibrated else 'not recalibrated'}), profile "
+        f"{profile.name}; {n_per_variation} galaxies per variation, seed {seed}"
+        f"{' (the frozen test seed)' if frozen else ''}."
+    )
+    robustness.robustness_report(table, binned, out_dir, header=header)
+    return table, binned, robustness.target_misses(table, binned)
+
+
 def stn_crops(model, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """STN inputs, crops and zoom scales of a few galaxies (for paper Figs 4-5).
 

@@ -305,22 +305,15 @@ def robustness_report(
     profile = settings.profile()
     root = settings.root()
     out = partition_dir(root, "robustness_report")
-    seed = robustness.frozen_seed(profile) if config.seed is None else config.seed
     with fail_fast_on_bad_input():
         model = stages.champion_model(profile, root)
-        fwhm_range, sigma = stages.training_domain(profile, root)
         with atomic_partition_dir(out) as tmp:
-            table, binned = robustness.evaluate_robustness(
-                profile, model, tmp, n_per_variation=config.n_per_variation, seed=seed,
-                psf_fwhm_range=fwhm_range, noise_sigma_nJy=sigma,
-                device=settings.torch_device(), n_workers=os.cpu_count() or 1,
-                log=context.log.info,
+            table, _, misses = stages.shift_suite(
+                profile, root, model, tmp, n_per_variation=config.n_per_variation,
+                seed=config.seed, device=settings.torch_device(),
+                n_workers=os.cpu_count() or 1, log=context.log.info,
             )  # fmt: skip
-            robustness.robustness_report(
-                table, binned, tmp,
-                header=f"Model {model.model_name} v{model.model_version}, seed {seed}.",
-            )  # fmt: skip
-    misses = robustness.target_misses(table, binned)
+    seed = robustness.frozen_seed(profile) if config.seed is None else config.seed
     version = folder_version(out)
     metadata = {
         "n_per_variation": float(config.n_per_variation),
