@@ -4,8 +4,10 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 PROFILE ?= quick
+MLFLOW_PORT ?= 5000
+MLFLOW_HOST ?= 127.0.0.1
 
-.PHONY: install pipeline test ui lint bench
+.PHONY: install pipeline test ui mlflow lint bench
 
 .venv/installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -25,6 +27,14 @@ test: install
 
 ui: install
 	GAMPEN_PROFILE=$(PROFILE) .venv/bin/dagster dev -w workspace.yaml
+
+# The MLflow UI on the embedded store: registered models, versions, the champion alias, runs.
+# Job execution (GenAI judges, trace roll-ups) is off: it forks seven worker pools we never use.
+mlflow: install
+	@test -f $(DAGSTER_HOME)/mlflow.db || echo "no $(DAGSTER_HOME)/mlflow.db yet: make pipeline registers the models"
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false .venv/bin/mlflow ui --backend-store-uri sqlite:///$(abspath $(DAGSTER_HOME))/mlflow.db \
+		--default-artifact-root file://$(abspath $(DAGSTER_HOME))/mlartifacts \
+		--host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --workers 1
 
 lint: install
 	.venv/bin/ruff format --check . && .venv/bin/ruff check .

@@ -7,10 +7,14 @@ per-galaxy summary, keeping memory flat in the number of galaxies and optionally
 the raw samples as a float16 ``samples.npy`` memory map. The samples are stored in the
 network's scaled label space (after recalibration): fluxes in nJy overflow float16, while
 scaled values are O(1); ``LabelScaler.inverse`` maps them back to physical units.
+Optionally it also writes ``samples.parquet`` (:data:`SAMPLE_TABLE_SCHEMA`): the same
+samples in physical units, one row per galaxy with a float32 list column per parameter,
+one row group per chunk -- the form users query (DuckDB view ``posterior_samples``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import subprocess
 from collections.abc import Callable
@@ -18,14 +22,18 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 import gampen_ml
 from gampen_ml.calibrate import Recalibration
+from gampen_ml.columns import ColumnInfo
 from gampen_ml.config import AB_ZEROPOINT_NJY, CREDIBLE_LEVELS, PARAMETERS, FlagConfig
 from gampen_ml.data.transforms import LabelScaler
 from gampen_ml.flags import (
     IMAGE_STATISTICS,
+    IMAGE_STATISTICS_INFO,
     bt_class_probabilities,
     image_asymmetry,
     image_statistics,
@@ -36,6 +44,13 @@ from gampen_ml.posterior import level_tag, summarize
 
 CATALOG_FILE = "catalog.parquet"
 SAMPLES_FILE = "samples.npy"
+SAMPLE_TABLE_FILE = "samples.parquet"
+#: ``samples.parquet``: one row per galaxy (catalog order), its posterior samples in
+#: physical units (B/T, arcsec, nJy) after any recalibration, as float32 lists.
+SAMPLE_TABLE_SCHEMA = pa.schema(
+    [("galaxy_id", pa.int64()), ("dataset", pa.string())]
+    + [(p, pa.list_(pa.float32())) for p in PARAMETERS]
+)
 
 
 def _catalog_schema() -> dict[str, pl.DataType]:
@@ -75,10 +90,126 @@ def _catalog_schema() -> dict[str, pl.DataType]:
     return schema
 
 
+#: Label, unit and UCD of each predicted parameter; the statistics' UCDs add a qualifier.
+PARAMETER_INFO: dict[str, tuple[str, str | None, str]] = {
+    "bt": ("B/T (bulge-to-total flux ratio)", None, "phot.flux;arith.ratio"),
+    "re_arcsec": (
+        "Re (radius of the circle enclosing half the light)",
+        "arcsec",
+        "phys.angSize;src",
+    ),
+    "flux_nJy": ("total flux", "nJy", "phot.flux.density"),
+}
+
+
+def _catalog_column_info() -> dict[str, ColumnInfo]:
+    """Unit, UCD and description of every column, in the loops of :func:`_catalog_schema`."""
+    flag_defaults = FlagConfig()
+    info = {
+        "galaxy_id": ColumnInfo(
+            "simulation id, or running index within a real batch", None, "meta.id;meta.main"
+        ),
+        "dataset": ColumnInfo(
+            "partition key: sim-test or the inbox batch name", None, "meta.dataset"
+        ),
+        "source_file": ColumnInfo(
+            "FITS file (relative to the batch folder) for real cutouts", None, "meta.id;meta.file"
+        ),
+        "hdu": ColumnInfo(
+            "HDU index (or cube plane) in source_file", None, "meta.id.part;meta.file"
+        ),
+        "ra_deg": ColumnInfo(
+            "right ascension when the FITS header has a WCS", "deg", "pos.eq.ra;meta.main"
+        ),
+        "dec_deg": ColumnInfo(
+            "declination when the FITS header has a WCS", "deg", "pos.eq.dec;meta.main"
+        ),
+    }
+    for p in PARAMETERS:
+        label, unit, ucd = PARAMETER_INFO[p]
+        info[f"{p}_mode"] = ColumnInfo(
+            f"posterior mode (KDE-equivalent) of {label}", unit, f"{ucd};meta.main"
+        )
+        info[f"{p}_mean"] = ColumnInfo(f"posterior mean of {label}", unit, f"{ucd};stat.mean")
+        info[f"{p}_median"] = ColumnInfo(f"posterior median of {label}", unit, f"{ucd};stat.median")
+        info[f"{p}_std"] = ColumnInfo(
+            f"posterior standard deviation of {label}", unit, f"stat.stdev;{ucd}"
+        )
+        for level in CREDIBLE_LEVELS:
+            tag = level_tag(level)
+            interval = f"{100 * level:.2f} % highest-posterior-density interval of {label}"
+            info[f"{p}_{tag}_lo"] = ColumnInfo(
+                f"lower bound of the {interval}", unit, f"{ucd};stat.min"
+            )
+            info[f"{p}_{tag}_hi"] = ColumnInfo(
+                f"upper bound of the {interval}", unit, f"{ucd};stat.max"
+            )
+        info[f"{p}_true"] = ColumnInfo(f"true {label} (simulations only)", unit, ucd)
+    info.update(
+        {
+            "component_true": ColumnInfo(
+                "true components: bulge+disk, disk or bulge (simulations only)",
+                None,
+                "src.morph.type",
+            ),
+            "magnitude_mode": ColumnInfo(
+                f"AB magnitude of flux_nJy_mode (m = {AB_ZEROPOINT_NJY} - 2.5 log10 F/nJy)",
+                "mag",
+                "phot.mag;meta.main",
+            ),
+            "bt_prob_bulge": ColumnInfo(
+                f"posterior probability that B/T >= {flag_defaults.bulge_dominated_min_bt} "
+                "(FlagConfig.bulge_dominated_min_bt)",
+                None,
+                "stat.probability;src.morph.type",
+            ),
+            "bt_prob_disk": ColumnInfo(
+                f"posterior probability that B/T <= {flag_defaults.disk_dominated_max_bt} "
+                "(FlagConfig.disk_dominated_max_bt)",
+                None,
+                "stat.probability;src.morph.type",
+            ),
+            "asymmetry": ColumnInfo(
+                "noise-corrected 180-degree rotational asymmetry of the cutout (training "
+                "galaxies: |A| < 0.003)",
+                None,
+                "src.morph.param;stat.asymmetry",
+            ),
+            **{name: IMAGE_STATISTICS_INFO[name] for name in IMAGE_STATISTICS},
+            "psf_fwhm_arcsec": ColumnInfo(
+                "PSF FWHM of the cutout from its FITS file (null when it carries none, and "
+                "for sim-test)",
+                "arcsec",
+                "phys.angSize;instr.det.psf",
+            ),
+            "model_name": ColumnInfo("MLflow registered model", None, "meta.id;meta.software"),
+            "model_version": ColumnInfo("MLflow model version", None, "meta.version;meta.software"),
+            "dropout_rate": ColumnInfo(
+                "dropout rate of the model", None, "stat.param;meta.software"
+            ),
+            "n_passes": ColumnInfo("Monte-Carlo dropout passes per galaxy", None, "meta.number"),
+            "recalibrated": ColumnInfo(
+                "whether the post-hoc recalibration (fit on validation) was applied",
+                None,
+                "meta.code",
+            ),
+            "code_version": ColumnInfo(
+                "gampen_ml version + git commit that made the catalog",
+                None,
+                "meta.version;meta.software",
+            ),
+        }
+    )
+    return info
+
+
 #: Per-galaxy columns computed beside the summary (null in catalogs that predate them).
 SAMPLE_STATISTICS = ("bt_prob_bulge", "bt_prob_disk", "asymmetry", *IMAGE_STATISTICS)
 #: Column name -> polars dtype, in catalog order (see ``docs/catalog.md``).
 CATALOG_SCHEMA: dict[str, pl.DataType] = _catalog_schema()
+#: Column name -> :class:`~gampen_ml.columns.ColumnInfo` (unit, UCD, description), same
+#: columns as :data:`CATALOG_SCHEMA`; the exports and Dagster's column schema read it.
+CATALOG_COLUMN_INFO: dict[str, ColumnInfo] = _catalog_column_info()
 #: Columns that may hold nulls (real cutouts have no truth; simulations no FITS origin).
 NULLABLE_COLUMNS: frozenset[str] = frozenset(
     {"source_file", "hdu", "ra_deg", "dec_deg", "component_true", "psf_fwhm_arcsec"}
@@ -265,6 +396,18 @@ def _model_dropout_rate(model: torch.nn.Module) -> float:
     return 0.0
 
 
+def _sample_table_chunk(galaxy_id: pl.Series, dataset: str, physical: np.ndarray) -> pa.Table:
+    """Rows of ``samples.parquet`` for one chunk; ``physical`` is ``(n, T, 3)``."""
+    n, n_samples, _ = physical.shape
+    offsets = pa.array(np.arange(0, n * n_samples + 1, n_samples, dtype=np.int32))
+    lists = [
+        pa.ListArray.from_arrays(offsets, pa.array(physical[:, :, i].astype(np.float32).ravel()))
+        for i in range(len(PARAMETERS))
+    ]
+    columns = [galaxy_id.cast(pl.Int64).to_arrow(), pa.array([dataset] * n, pa.string())]
+    return pa.Table.from_arrays(columns + lists, schema=SAMPLE_TABLE_SCHEMA)
+
+
 def catalog_from_images(
     model: torch.nn.Module,
     scaler: LabelScaler,
@@ -275,6 +418,7 @@ def catalog_from_images(
     seed: int,
     recalibration: Recalibration | None = None,
     store_samples: bool = False,
+    sample_table: bool = False,
     out_dir: Path | str | None = None,
     progress: Callable[[int, int], None] | None = None,
     truths: pl.DataFrame | None = None,
@@ -308,8 +452,12 @@ def catalog_from_images(
     store_samples : bool
         Write the samples to ``<out_dir>/samples.npy``, ``(N, T, 3)`` float16 in the
         network's scaled space (after recalibration); ``scaler.inverse`` gives physical units.
+    sample_table : bool
+        Write ``<out_dir>/samples.parquet`` (:data:`SAMPLE_TABLE_SCHEMA`): the samples in
+        physical units, float32 lists, one row per galaxy and one row group per chunk,
+        written to a temporary name and renamed when complete.
     out_dir : path, optional
-        Folder for ``samples.npy`` (required when ``store_samples``).
+        Folder for ``samples.npy`` / ``samples.parquet`` (required when either is stored).
     progress : callable(done, total), optional
         Called after each chunk with the number of galaxies done.
     truths : pl.DataFrame, optional
@@ -333,9 +481,9 @@ def catalog_from_images(
             f"catalog_from_images: meta has {len(meta)} rows for {n_galaxies} images"
         )
     sample_store = None
+    if (store_samples or sample_table) and out_dir is None:
+        raise CatalogSchemaError("catalog_from_images: store_samples / sample_table need out_dir")
     if store_samples:
-        if out_dir is None:
-            raise CatalogSchemaError("catalog_from_images: store_samples needs out_dir")
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         sample_store = np.lib.format.open_memmap(
             Path(out_dir) / SAMPLES_FILE,
@@ -344,37 +492,55 @@ def catalog_from_images(
             shape=(n_galaxies, n_passes * draws_per_pass, len(PARAMETERS)),
         )
     parts = []
-    for start, scaled in mc_dropout_samples(
-        model,
-        images,
-        n_passes,
-        seed=seed,
-        device=device,
-        galaxies_per_batch=galaxies_per_batch,
-        draws_per_pass=draws_per_pass,
-    ):
-        if recalibration is not None:
-            scaled = recalibration.apply(scaled)
-        physical = predict_physical(scaled, scaler)
-        if sample_store is not None:
-            sample_store[start : start + len(scaled)] = scaled.astype(np.float16)
-        # Image statistics beside the posterior: the training galaxies are point-symmetric,
-        # detected, within the prior's fluxes and under the pool's noise, so these mark a
-        # galaxy outside the training distribution (flags.py).
-        chunk = np.asarray(images[start : start + len(physical)])
-        parts.append(
-            pl.concat(
-                [
-                    summarize(physical),
-                    bt_class_probabilities(physical[:, :, 0], flags),
-                    pl.DataFrame({"asymmetry": image_asymmetry(chunk)}),
-                    image_statistics(chunk),
-                ],
-                how="horizontal",
+    with contextlib.ExitStack() as stack:
+        table_writer = None
+        if sample_table:
+            tmp_path = stack.enter_context(atomic_file(Path(out_dir) / SAMPLE_TABLE_FILE))
+            # Byte-stream-split + zstd: ~9.4 kB per galaxy of 1,000 samples vs 12 kB raw;
+            # dictionary encoding of float samples would make it larger (16.5 kB).
+            table_writer = stack.enter_context(
+                pq.ParquetWriter(
+                    tmp_path,
+                    SAMPLE_TABLE_SCHEMA,
+                    compression="zstd",
+                    use_dictionary=["dataset"],
+                    use_byte_stream_split=[f"{p}.list.element" for p in PARAMETERS],
+                )
             )
-        )
-        if progress is not None:
-            progress(start + len(physical), n_galaxies)
+        for start, scaled in mc_dropout_samples(
+            model,
+            images,
+            n_passes,
+            seed=seed,
+            device=device,
+            galaxies_per_batch=galaxies_per_batch,
+            draws_per_pass=draws_per_pass,
+        ):
+            if recalibration is not None:
+                scaled = recalibration.apply(scaled)
+            physical = predict_physical(scaled, scaler)
+            if sample_store is not None:
+                sample_store[start : start + len(scaled)] = scaled.astype(np.float16)
+            if table_writer is not None:
+                ids = meta["galaxy_id"][start : start + len(physical)]
+                table_writer.write_table(_sample_table_chunk(ids, dataset, physical))
+            # Image statistics beside the posterior: the training galaxies are point-symmetric,
+            # detected, within the prior's fluxes and under the pool's noise, so these mark a
+            # galaxy outside the training distribution (flags.py).
+            chunk = np.asarray(images[start : start + len(physical)])
+            parts.append(
+                pl.concat(
+                    [
+                        summarize(physical),
+                        bt_class_probabilities(physical[:, :, 0], flags),
+                        pl.DataFrame({"asymmetry": image_asymmetry(chunk)}),
+                        image_statistics(chunk),
+                    ],
+                    how="horizontal",
+                )
+            )
+            if progress is not None:
+                progress(start + len(physical), n_galaxies)
     if sample_store is not None:
         sample_store.flush()
         del sample_store

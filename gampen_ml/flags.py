@@ -35,6 +35,7 @@ import numpy as np
 import polars as pl
 from scipy.ndimage import gaussian_filter
 
+from gampen_ml.columns import ColumnInfo
 from gampen_ml.config import FlagConfig, PriorConfig
 
 FLAG_COLUMNS = ("bulge_dominated", "disk_dominated", "small", "out_of_domain", "unreliable")
@@ -48,8 +49,85 @@ FLAGS_SCHEMA: dict[str, pl.DataType] = {
     **{name: pl.Boolean() for name in FLAG_COLUMNS},
     "ood_reason": pl.String(),
 }
+#: File of a ``qualitative_flags`` partition.
+FLAGS_FILE = "flags.parquet"
 #: Catalog columns of :func:`image_statistics`.
 IMAGE_STATISTICS = ("image_flux_nJy", "image_peak_snr", "noise_sigma_nJy")
+#: Unit, UCD and description of each :data:`IMAGE_STATISTICS` column (``docs/catalog.md``).
+IMAGE_STATISTICS_INFO: dict[str, ColumnInfo] = {
+    "image_flux_nJy": ColumnInfo(
+        "sum of the cutout's pixels", "nJy", "phot.flux.density;arith.sum"
+    ),
+    "image_peak_snr": ColumnInfo(
+        "detection significance: peak of the Gaussian-smoothed (sigma = 2 px) cutout in the "
+        "central 7 x 7 px, in units of the smoothed sky noise",
+        None,
+        "stat.snr",
+    ),
+    "noise_sigma_nJy": ColumnInfo(
+        "sky noise per pixel of the cutout, from neighbouring-pixel differences in its 8-px frame",
+        "nJy",
+        "stat.stdev;instr.background",
+    ),
+}
+_DEFAULT_FLAGS = FlagConfig()
+#: Unit, UCD and description of every flags column: :data:`FLAGS_SCHEMA` and
+#: :data:`OPTIONAL_FLAG_COLUMNS` (``docs/catalog.md``; thresholds are the defaults of
+#: :class:`~gampen_ml.config.FlagConfig`, a profile may change them).
+FLAGS_COLUMN_INFO: dict[str, ColumnInfo] = {
+    "galaxy_id": ColumnInfo("galaxy_id of the catalog row", None, "meta.id;meta.main"),
+    "dataset": ColumnInfo("partition key: sim-test or the inbox batch name", None, "meta.dataset"),
+    "bulge_dominated": ColumnInfo(
+        f"B/T >= {_DEFAULT_FLAGS.bulge_dominated_min_bt} (the B/T of "
+        "FlagConfig.bt_estimate; with 'probability': bt_prob_bulge >= "
+        f"{_DEFAULT_FLAGS.bt_min_probability})",
+        None,
+        "meta.code.class;src.morph.type",
+    ),
+    "disk_dominated": ColumnInfo(
+        f"B/T <= {_DEFAULT_FLAGS.disk_dominated_max_bt} (the B/T of "
+        "FlagConfig.bt_estimate; with 'probability': bt_prob_disk >= "
+        f"{_DEFAULT_FLAGS.bt_min_probability})",
+        None,
+        "meta.code.class;src.morph.type",
+    ),
+    "small": ColumnInfo(
+        f"Re mode < {_DEFAULT_FLAGS.small_max_re_arcsec} arcsec",
+        None,
+        "meta.code.class;phys.angSize",
+    ),
+    "out_of_domain": ColumnInfo(
+        "the image or the prediction is outside what the network was trained on "
+        "(reasons in ood_reason)",
+        None,
+        "meta.code.qual",
+    ),
+    "unreliable": ColumnInfo(
+        "any detector of a galaxy unlike the training set fired: out_of_domain, "
+        "asymmetric or psf_outside_library",
+        None,
+        "meta.code.qual",
+    ),
+    "ood_reason": ColumnInfo(
+        "why out_of_domain ('; '-joined): not detected, image flux beyond the training "
+        "range, sky noise unlike training, predicted Re / flux outside the prior",
+        None,
+        "meta.note",
+    ),
+    "asymmetric": ColumnInfo(
+        f"asymmetry > {_DEFAULT_FLAGS.max_asymmetry}: the cutout is not point-symmetric "
+        "like every training galaxy",
+        None,
+        "meta.code.qual;stat.asymmetry",
+    ),
+    "psf_outside_library": ColumnInfo(
+        "psf_fwhm_arcsec known and more than "
+        f"{_DEFAULT_FLAGS.psf_fwhm_tolerance:.0%} outside the FWHM range of the training "
+        "PSF library",
+        None,
+        "meta.code.qual;instr.det.psf",
+    ),
+}
 #: Width (px) of the stamp frame whose pixels measure the sky noise.
 BORDER_PX = 8
 #: Side (px) of the central box searched for the detection peak.

@@ -417,7 +417,9 @@ def dataset_inputs(
         return split_inputs(shard_dirs, "test")
     from gampen_ml.fits_input import load_cutouts
 
-    batch = load_cutouts(partition_dir(root, "inbox_batches", dataset), profile.imaging)
+    batch = load_cutouts(
+        partition_dir(root, "inbox_batches", dataset), profile.imaging, profile.limits
+    )
     return batch.images, batch.table, None
 
 
@@ -675,6 +677,7 @@ def predict_catalog(
     truths: pl.DataFrame | None = None,
     n_passes: int | None = None,
     store_samples: bool = False,
+    sample_table: bool = False,
     out_dir: Path | None = None,
     device: str | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -699,6 +702,7 @@ def predict_catalog(
         seed=seed,
         recalibration=model.recalibration,
         store_samples=store_samples,
+        sample_table=sample_table,
         out_dir=out_dir,
         progress=progress,
         truths=truths,
@@ -725,7 +729,8 @@ def catalog_and_publish(
 
     ``sim-test`` is the simulated test split (with truths); any other key is an inbox
     batch stored at ``<root>/inbox_batches/<dataset>/``. Made by :func:`predict_catalog`
-    with the calibrated champion.
+    with the calibrated champion. With ``profile.inference.sample_table`` the partition
+    also holds ``samples.parquet`` (the posterior samples in physical units).
     """
     from gampen_ml.catalog import write_catalog
 
@@ -754,6 +759,7 @@ def catalog_and_publish(
             seed=seed,
             truths=truths,
             store_samples=profile.inference.store_samples or dataset == SIM_TEST,
+            sample_table=profile.inference.sample_table,
             out_dir=tmp,
             device=device,
             progress=progress,
@@ -790,7 +796,7 @@ def predict_cutouts(
     from gampen_ml.fits_input import load_cutouts
     from gampen_ml.io import atomic_file
 
-    batch = load_cutouts(path, profile.imaging)
+    batch = load_cutouts(path, profile.imaging, profile.limits)
     catalog = predict_catalog(
         profile,
         model,

@@ -119,6 +119,60 @@ def test_bad_profile_is_reported_before_any_work(env, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_export_writes_a_catalog_partition_as_votable(env, tmp_path):
+    """``gampen export`` on a catalog partition the test writes: default path, units, errors."""
+    from astropy.io.votable import parse
+
+    from gampen_ml.catalog import build_catalog, write_catalog
+    from gampen_ml.posterior import summarize
+
+    rng = np.random.default_rng(0)
+    samples = np.stack(
+        [
+            rng.uniform(0, 1, (3, 30)),
+            rng.lognormal(0, 0.3, (3, 30)),
+            rng.lognormal(10, 0.2, (3, 30)),
+        ],
+        axis=-1,
+    )
+    catalog = build_catalog(
+        summarize(samples),
+        pl.DataFrame({"galaxy_id": [5, 6, 7], "source_file": ["a.fits", None, "c.fits"]}),
+        None,
+        model_name="gampen-tiny",
+        model_version="2",
+        dropout_rate=0.01,
+        n_passes=30,
+        recalibrated=False,
+        dataset="batch-1",
+    )
+    folder = tmp_path / "posterior_catalog" / "batch-1"
+    write_catalog(folder, catalog)
+
+    out = gampen("export", "batch-1", "--format", "votable", "--root", str(tmp_path), env=env)
+    assert f"3 rows of posterior_catalog[batch-1] written to {folder / 'catalog.vot'}" in out.stdout
+    votable = parse(folder / "catalog.vot", verify="exception")
+    fields = {f.name: f for f in votable.get_first_table().fields}
+    assert (
+        str(fields["re_arcsec_mode"].unit) == "arcsec" and str(fields["flux_nJy_std"].unit) == "nJy"
+    )
+    assert fields["flux_nJy_mode"].ucd == "phot.flux.density;meta.main"
+    infos = {i.name: i.value for i in votable.resources[0].infos}
+    assert (
+        infos["MODELVER"] == "2" and infos["DATASET"] == "batch-1" and infos["RECALIB"] == "false"
+    )
+    table = votable.get_first_table().to_table()
+    np.testing.assert_allclose(table["bt_median"], catalog["bt_median"].to_numpy())
+    assert sorted(p.name for p in folder.iterdir()) == ["catalog.parquet", "catalog.vot"]
+
+    missing = gampen(
+        "export", "batch-9", "--format", "fits", "--root", str(tmp_path), env=env, check=False
+    )
+    assert missing.returncode == 2
+    assert str(tmp_path / "posterior_catalog" / "batch-9" / "catalog.parquet") in missing.stderr
+    assert "datasets with a catalog: batch-1" in missing.stderr
+
+
 def test_every_command_has_help(env):
     for command in (
         "simulate",
@@ -127,6 +181,7 @@ def test_every_command_has_help(env):
         "catalog",
         "predict",
         "plots",
+        "export",
         "validate",
         "sql",
         "lineage",

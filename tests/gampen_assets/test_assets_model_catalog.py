@@ -7,29 +7,35 @@ from __future__ import annotations
 
 import json
 
+import astropy.units as u
 import numpy as np
 import polars as pl
 import pytest
+from astropy.io.votable import parse
+from astropy.table import Table
 from dagster import DagsterInstance, materialize
 
 from gampen_assets.assets import ALL_ASSETS
 from gampen_assets.checks import ALL_CHECKS
 from gampen_assets.partitions import SIM_TEST, datasets
 from gampen_assets.resources import GampenSettings
+from gampen_ml.catalog import CATALOG_SCHEMA
 from gampen_ml.config import PARAMETERS, dropout_key, get_profile, shard_keys
 from gampen_ml.database import query
+from gampen_ml.export import catalog_data_version
 
 pytestmark = pytest.mark.slow
 TINY = get_profile("tiny")
 
 
-def _run(selection, resources, instance, partition=None):
+def _run(selection, resources, instance, partition=None, run_config=None):
     result = materialize(
         [*ALL_ASSETS, *ALL_CHECKS],
         selection=selection,
         partition_key=partition,
         resources=resources,
         instance=instance,
+        run_config=run_config,
         raise_on_error=False,
     )
     assert result.success, [
@@ -72,6 +78,8 @@ def pipeline(tmp_path_factory):
         resources,
         instance,
         SIM_TEST,
+        # The exports the catalog asset writes on request (default: none, see the inbox test).
+        {"ops": {"posterior_catalog": {"config": {"formats": ["fits", "votable"]}}}},
     )
     yield tmp, results, resources, instance
     mp.undo()
@@ -145,10 +153,33 @@ def test_catalog_flags_plots(pipeline):
     assert meta["n_galaxies"].value == n_test
     for p in PARAMETERS:
         assert f"test_coverage_{p}_68" in meta
+    # Column schema from the one schema; configured exports in the partition, linked, and
+    # naming the data version Dagster recorded (which the exports do not change).
+    schema = {c.name: c for c in meta["dagster/column_schema"].value.columns}
+    assert list(schema) == list(CATALOG_SCHEMA)
+    assert schema["re_arcsec_mode"].type == "Float64"
+    assert schema["re_arcsec_mode"].description.endswith("[arcsec]")
+    assert not schema["bt_mode"].constraints.nullable and schema["bt_true"].constraints.nullable
+    folder = tmp / "storage" / "posterior_catalog" / SIM_TEST
+    (materialization,) = result.asset_materializations_for_node("posterior_catalog")
+    data_version = materialization.tags["dagster/data_version"]
+    assert catalog_data_version(folder) == data_version
+    assert meta["export_fits"].value == str(folder / "catalog.fits")
+    assert meta["export_votable"].value == str(folder / "catalog.vot")
+    assert "export_ecsv" not in meta and not (folder / "catalog.ecsv").exists()
+    exported = Table.read(folder / "catalog.fits")
+    assert exported.meta["DATAVER"] == data_version and exported.meta["RUNID"] == result.run_id
+    assert exported["flux_nJy_mode"].unit == u.nJy and len(exported) == n_test
+    np.testing.assert_array_equal(exported["bt_mode"], catalog["bt_mode"].to_numpy())
+    parse(folder / "catalog.vot", verify="exception")
     flags = pl.read_parquet(tmp / "storage" / "qualitative_flags" / SIM_TEST / "flags.parquet")
     assert flags["galaxy_id"].to_list() == catalog["galaxy_id"].to_list()
     flag_meta = _meta(result, "qualitative_flags")
     assert flag_meta["n_bulge_dominated"].value == float(flags["bulge_dominated"].sum())
+    assert flag_meta["dagster/row_count"].value == flags.height
+    flag_schema = {c.name: c for c in flag_meta["dagster/column_schema"].value.columns}
+    assert list(flag_schema) == flags.columns and flag_schema["small"].type == "Boolean"
+    assert flag_schema["ood_reason"].constraints.nullable
     plots_dir = tmp / "storage" / "diagnostic_plots" / SIM_TEST
     pngs = {p.stem for p in plots_dir.glob("*.png")}
     assert {"coverage_vs_dropout", "predicted_vs_true", "loss_curve_dropout-0"} <= pngs
@@ -190,6 +221,9 @@ def test_inbox_batch_catalog(pipeline):
     assert set(catalog["dataset"]) == {key}
     meta = _meta(result, "posterior_catalog")
     assert "test_coverage" not in meta
+    assert not [k for k in meta if k.startswith("export_")]  # no exports unless configured
+    assert not list((tmp / "storage" / "posterior_catalog" / key).glob("catalog.[fve]*"))
+    assert "dagster/column_schema" in meta
     pngs = {p.stem for p in (tmp / "storage" / "diagnostic_plots" / key).glob("*.png")}
     assert "parameter_distributions" in pngs and "predicted_vs_true" not in pngs
     assert all(e.passed for e in result.get_asset_check_evaluations())
