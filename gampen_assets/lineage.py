@@ -1,39 +1,56 @@
 """Lineage of every materialization into the DuckDB database, from Dagster.
 
 Every asset body ends with :func:`record_materialization`; :data:`lineage_failure_sensor`
-records failed runs. The database lives at ``$GAMPEN_DUCKDB``, else
-``$DAGSTER_HOME/gampen.duckdb`` (:func:`database_path`).
+records failed runs. The database and storage root come from the run's ``settings``
+resource (``GampenSettings.settings()``), so they are the paths the run wrote to; outside
+a run, :func:`database_path` resolves them from the environment
+(:meth:`gampen_ml.settings.Settings.resolve`).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 from dagster import DefaultSensorStatus, RunFailureSensorContext, run_failure_sensor
 
 import gampen_ml
-from gampen_ml.config import default_storage_root
+from gampen_assets.resources import GampenSettings
 from gampen_ml.database import LineageRow, query, record_lineage
 from gampen_ml.io import file_sha256, folder_sha256
+from gampen_ml.settings import Settings
 
-DATABASE_ENV_VAR = "GAMPEN_DUCKDB"
 #: Inputs up to this size are hashed in full (SHA-256); larger ones get a stat fingerprint.
 FULL_HASH_MAX_BYTES = 256 * 1024**2
 
 
-def database_path() -> Path:
-    """``$GAMPEN_DUCKDB``, else ``$DAGSTER_HOME/gampen.duckdb``, else ``./dagster_home/...``."""
-    if os.environ.get(DATABASE_ENV_VAR):
-        return Path(os.environ[DATABASE_ENV_VAR]).resolve()
-    home = os.environ.get("DAGSTER_HOME")
-    base = Path(home) if home else Path.cwd() / "dagster_home"
-    return (base / "gampen.duckdb").resolve()
+def database_path(settings: Settings | None = None) -> Path:
+    """The lineage database of ``settings`` (default: resolved from the environment).
+
+    ``$GAMPEN_DUCKDB``, else ``$DAGSTER_HOME/gampen.duckdb``, else ``./dagster_home/...``.
+    """
+    return (settings or Settings.resolve()).database
+
+
+def run_settings(context) -> Settings:
+    """The resolved ``settings`` resource of a run's ``context``; the environment without one."""
+    resource = getattr(getattr(context, "resources", None), "settings", None)
+    return resource.settings() if isinstance(resource, GampenSettings) else Settings.resolve()
+
+
+def launched_settings(run_config: Mapping | None) -> Settings:
+    """The settings a run was launched with: its ``settings`` resource config over the
+    environment (what :func:`run_settings` gave the run's steps, seen from outside it)."""
+    resource = ((run_config or {}).get("resources") or {}).get("settings") or {}
+    config = resource.get("config") or {}
+    fields = {
+        k: v for k, v in config.items() if k in GampenSettings.model_fields and isinstance(v, str)
+    }
+    return GampenSettings(**fields).settings()
 
 
 @functools.cache
@@ -101,7 +118,9 @@ def record_materialization(
     Parameters
     ----------
     context : AssetExecutionContext or OpExecutionContext
-        Supplies the run id; the row is logged to ``context.log``.
+        Supplies the run id and the ``settings`` resource (database and storage root,
+        :func:`run_settings`); the row, and any partition file left out of the views,
+        are logged to ``context.log``.
     asset, partition : str, str or None
         The asset key (single component) and partition key (None if unpartitioned).
     data_version : str
@@ -120,8 +139,9 @@ def record_materialization(
         ``success`` or ``failure``.
     """
     hashes = {str(Path(p)): input_fingerprint(p) for p in input_paths}
+    settings = run_settings(context)
     lineage_id = record_lineage(
-        database_path(),
+        settings.database,
         LineageRow(
             asset=asset,
             partition=partition,
@@ -137,7 +157,8 @@ def record_materialization(
             finished_at=datetime.now(UTC),
             status=status,
         ),
-        storage_root=default_storage_root(),
+        storage_root=settings.storage_root,
+        log=context.log.warning,
     )
     context.log.info(
         f"lineage {lineage_id}: {asset}[{partition or 'all'}] {status} "
@@ -183,7 +204,10 @@ def failed_run_rows(
     default_status=DefaultSensorStatus.RUNNING,
 )
 def lineage_failure_sensor(context: RunFailureSensorContext) -> None:
-    """Record ``status='failure'`` lineage rows for every asset of a failed run."""
+    """Record ``status='failure'`` lineage rows for every asset of a failed run.
+
+    The rows go to the database of the run's own settings (:func:`launched_settings`).
+    """
     run = context.dagster_run
     if run.asset_selection:
         keys = [key.to_user_string() for key in run.asset_selection]
@@ -195,6 +219,8 @@ def lineage_failure_sensor(context: RunFailureSensorContext) -> None:
     started = (
         datetime.fromtimestamp(record.start_time, UTC) if record and record.start_time else None
     )
-    db_path = database_path()
-    for row in failed_run_rows(run.run_id, keys, run.tags.get("dagster/partition"), started):
+    db_path = launched_settings(run.run_config).database
+    for row in failed_run_rows(
+        run.run_id, keys, run.tags.get("dagster/partition"), started, db_path=db_path
+    ):
         record_lineage(db_path, row)

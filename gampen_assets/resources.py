@@ -1,14 +1,15 @@
 """The one resource every GaMPEN asset uses: which profile, where the data lives, which device.
 
 ``GampenSettings`` carries no state; it resolves names to things (a :class:`Profile`, a
-storage root, an MLflow tracking URI, a torch device string). Static partitions (shards,
+storage root, an MLflow tracking URI, a torch device string) through
+:class:`gampen_ml.settings.Settings`, the one reader of the storage environment, so a run,
+the CLI and lineage agree on every path. Static partitions (shards,
 dropout rates) are fixed when the definitions load, from :func:`load_time_profile`; an
 asset therefore checks that its partition key belongs to the profile it runs with.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from dagster import ConfigurableResource, Failure
@@ -19,9 +20,9 @@ from gampen_ml.config import (
     PROFILE_ENV_VAR,
     ConfigError,
     Profile,
-    default_storage_root,
     get_profile,
 )
+from gampen_ml.settings import Settings
 
 
 def load_time_profile() -> Profile:
@@ -29,20 +30,13 @@ def load_time_profile() -> Profile:
     return get_profile(None)
 
 
-def default_dagster_home() -> Path:
-    """``$DAGSTER_HOME`` if set, else ``./dagster_home`` (absolute)."""
-    home = os.environ.get("DAGSTER_HOME")
-    return Path(home).resolve() if home else (Path.cwd() / "dagster_home").resolve()
-
-
 class GampenSettings(ConfigurableResource):
     """Profile, storage root, MLflow tracking URI and device for every asset.
 
-    Empty strings mean "use the default", resolved when the run starts, so that one
-    ``Definitions`` object serves any machine: the profile from ``$GAMPEN_PROFILE`` (else
-    ``quick``), the storage root from ``gampen_ml.config.default_storage_root()``, the
-    MLflow store as SQLite under ``dagster_home`` and the device ``auto`` (CUDA when
-    present, else CPU).
+    Empty strings mean "use the default", resolved when the run starts by
+    :meth:`gampen_ml.settings.Settings.resolve` (explicit field, else its environment
+    variable, else derived from the Dagster home), so that one ``Definitions`` object
+    serves any machine; the device ``auto`` is CUDA when present, else CPU.
     """
 
     profile_name: str = Field(
@@ -57,9 +51,13 @@ class GampenSettings(ConfigurableResource):
         default="",
         description="Folder holding gampen.duckdb and the embedded MLflow store; empty: $DAGSTER_HOME.",
     )
+    database: str = Field(
+        default="",
+        description="Lineage/catalog DuckDB file; empty: $GAMPEN_DUCKDB, else <dagster_home>/gampen.duckdb.",
+    )
     mlflow_tracking_uri: str = Field(
         default="",
-        description="MLflow tracking/registry URI; empty: sqlite:///<dagster_home>/mlflow.db.",
+        description="MLflow tracking/registry URI; empty: $MLFLOW_TRACKING_URI, else sqlite:///<dagster_home>/mlflow.db.",
     )
     device: str = Field(
         default="auto", description="Torch device: auto (CUDA when present), cpu, cuda, cuda:1 ..."
@@ -75,29 +73,36 @@ class GampenSettings(ConfigurableResource):
         except ConfigError as exc:
             raise Failure(description=f"ConfigError: {exc}", allow_retries=False) from exc
 
+    def settings(self) -> Settings:
+        """These fields over the environment, resolved (:meth:`Settings.resolve`)."""
+        return Settings.resolve(
+            profile=self.profile_name,
+            storage_root=self.storage_root,
+            dagster_home=self.dagster_home,
+            database=self.database,
+            mlflow_tracking_uri=self.mlflow_tracking_uri,
+        )
+
     def root(self) -> Path:
         """Absolute storage root."""
-        return Path(self.storage_root).resolve() if self.storage_root else default_storage_root()
+        return self.settings().storage_root
 
     def home(self) -> Path:
         """Absolute folder for gampen.duckdb and the embedded MLflow store."""
-        return Path(self.dagster_home).resolve() if self.dagster_home else default_dagster_home()
+        return self.settings().dagster_home
+
+    def database_path(self) -> Path:
+        """Absolute path of the lineage/catalog DuckDB file."""
+        return self.settings().database
 
     def tracking_uri(self) -> str:
-        """MLflow tracking URI: the configured one, else SQLite under :meth:`home`."""
-        if self.mlflow_tracking_uri:
-            return self.mlflow_tracking_uri
-        from gampen_ml.registry import default_tracking_uri
-
-        return default_tracking_uri(self.home())
+        """MLflow tracking URI: the configured one, else ``$MLFLOW_TRACKING_URI``, else SQLite
+        under :meth:`home`."""
+        return self.settings().mlflow_tracking_uri
 
     def artifact_location(self) -> str | None:
         """Artifact root for new MLflow experiments: under :meth:`home` for the embedded store."""
-        if self.mlflow_tracking_uri:
-            return None
-        from gampen_ml.registry import default_artifact_location
-
-        return default_artifact_location(self.home())
+        return self.settings().mlflow_artifact_location
 
     def torch_device(self) -> str:
         """``cuda`` when ``device`` is ``auto`` and a GPU is visible, else ``cpu``; else as set."""

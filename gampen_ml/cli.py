@@ -2,7 +2,9 @@
 
 Outputs go to the same storage layout the Dagster assets use (``--root``, default
 ``$GAMPEN_STORAGE`` or ``$DAGSTER_HOME/data``), so a stage run here can feed an asset
-and vice versa. ``gampen <command> --help`` documents each command.
+and vice versa. Paths and URIs not given as flags come from
+:meth:`gampen_ml.settings.Settings.resolve`, as for the assets. ``gampen <command>
+--help`` documents each command.
 """
 
 from __future__ import annotations
@@ -15,33 +17,33 @@ from pathlib import Path
 
 from gampen_ml.config import (
     ConfigError,
-    default_storage_root,
     derive_seed,
     get_profile,
     shard_keys,
 )
+from gampen_ml.settings import Settings
+
+#: ``gampen export --format`` choices: the values of ``gampen_ml.export.ExportFormat``
+#: (spelled out so that ``--help`` does not import astropy).
+EXPORT_FORMATS = ("fits", "votable", "ecsv")
 
 
-def _home() -> Path:
-    home = os.environ.get("DAGSTER_HOME")
-    return Path(home).resolve() if home else (Path.cwd() / "dagster_home").resolve()
-
-
-def _tracking_uri(args: argparse.Namespace) -> str:
-    from gampen_ml.registry import default_tracking_uri
-
-    return (
-        args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(_home())
+def _settings(args: argparse.Namespace) -> Settings:
+    """The flags of ``args`` over the environment (``--root``, ``--db``, ``--tracking-uri``)."""
+    return Settings.resolve(
+        storage_root=getattr(args, "root", None),
+        database=getattr(args, "db", None),
+        mlflow_tracking_uri=getattr(args, "tracking_uri", None),
     )
 
 
-def _artifact_location(args: argparse.Namespace) -> str | None:
-    """Artifact root under $DAGSTER_HOME for the embedded store (else the server decides)."""
-    from gampen_ml.registry import default_artifact_location
+def _tracking_uri(args: argparse.Namespace) -> str:
+    return _settings(args).mlflow_tracking_uri
 
-    if args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
-        return None
-    return default_artifact_location(_home())
+
+def _artifact_location(args: argparse.Namespace) -> str | None:
+    """Artifact root under the Dagster home for the embedded store (else the server decides)."""
+    return _settings(args).mlflow_artifact_location
 
 
 class _Progress:
@@ -179,6 +181,23 @@ def cmd_plots(args: argparse.Namespace) -> None:
     print(f"{len(paths)} files in {args.out} (index: {paths.get('index')})")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from gampen_ml.export import export_partition
+
+    result = export_partition(
+        Path(args.root),
+        args.dataset,
+        args.format,
+        args.out,
+        with_flags=args.flags,
+        database=_settings(args).database,
+    )
+    print(
+        f"{result.n_rows} rows of posterior_catalog[{args.dataset}] written to {result.path} "
+        f"({args.format}, data version {result.provenance.get('DATAVER')})"
+    )
+
+
 def cmd_validate(args: argparse.Namespace) -> None:
     import polars as pl
 
@@ -267,17 +286,33 @@ def cmd_misspecification(args: argparse.Namespace) -> None:
 # --- queries --------------------------------------------------------------------------
 
 
-def cmd_sql(args: argparse.Namespace) -> None:
-    from gampen_ml.database import ensure_schema, query
+def _existing_database(args: argparse.Namespace) -> Path:
+    """The database ``sql``/``lineage`` read; it must exist (they never create it)."""
+    db = _settings(args).database
+    if not db.is_file():
+        raise FileNotFoundError(
+            f"no lineage database at {db} (looked at --db, else $GAMPEN_DUCKDB, else "
+            "$DAGSTER_HOME/gampen.duckdb, else ./dagster_home/gampen.duckdb); the first "
+            "materialization of the pipeline creates it"
+        )
+    return db
 
-    ensure_schema(args.db, Path(args.root))
-    _print_rows(query(args.db, args.query))
+
+def cmd_sql(args: argparse.Namespace) -> None:
+    """Read-only: an existing database, its views defined afresh over ``--root``."""
+    from gampen_ml.database import query
+
+    def warn(line: str) -> None:
+        print(f"gampen sql: warning: {line}", file=sys.stderr)
+
+    db = _existing_database(args)
+    _print_rows(query(db, args.query, storage_root=Path(args.root), log=warn))
 
 
 def cmd_lineage(args: argparse.Namespace) -> None:
     from gampen_ml.database import lineage_chain
 
-    rows = lineage_chain(args.db, args.asset, args.partition)
+    rows = lineage_chain(_existing_database(args), args.asset, args.partition)
     if not rows:
         raise SystemExit(f"no successful lineage row for {args.asset}[{args.partition or '-'}]")
     if args.json:
@@ -344,6 +379,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--coverage", default=None, help="coverage.parquet of the calibration")
 
+    p = add("export", cmd_export, "a posterior catalog as FITS, VOTable or ECSV, with units")
+    p.add_argument("dataset", help="catalog partition: sim-test or an inbox batch name")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="output format")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output file (default <root>/posterior_catalog/<dataset>/catalog.fits|vot|ecsv)",
+    )
+    p.add_argument(
+        "--flags",
+        action="store_true",
+        help="append the qualitative_flags columns (needs --out)",
+    )
+
     p = add("validate", cmd_validate, "side-by-side table with the paper on a simulated catalog")
     p.add_argument("--dataset", default="sim-test", help="catalog partition with truths")
     p.add_argument("--out", default="validation", help="output folder (default ./validation)")
@@ -390,11 +439,15 @@ def build_parser() -> argparse.ArgumentParser:
     model_opts(p)
 
     for name, func, help in (
-        ("sql", cmd_sql, "run a read-only SQL query on the catalog database"),
+        ("sql", cmd_sql, "run a SQL query on a read-only connection to the catalog database"),
         ("lineage", cmd_lineage, "print what produced an asset partition, recursively"),
     ):
         p = add(name, func, help)
-        p.add_argument("--db", default=str(_home() / "gampen.duckdb"), help="DuckDB file")
+        p.add_argument(
+            "--db",
+            default=None,
+            help="DuckDB file (default $GAMPEN_DUCKDB or $DAGSTER_HOME/gampen.duckdb)",
+        )
     sub.choices["sql"].add_argument("query", help='e.g. "select count(*) from posterior_catalog"')
     sub.choices["lineage"].add_argument("asset", help="asset name, e.g. posterior_catalog")
     sub.choices["lineage"].add_argument("--partition", default=None, help="partition key")
@@ -405,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "root", None) is None:
-        args.root = str(default_storage_root())
+        args.root = str(_settings(args).storage_root)
     try:
         args.func(args)
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as exc:

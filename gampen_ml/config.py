@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PROFILE_ENV_VAR = "GAMPEN_PROFILE"
-STORAGE_ENV_VAR = "GAMPEN_STORAGE"
 DEFAULT_PROFILE = "quick"
 
 #: Credible levels at which coverage is reported (paper §5: 1, 2 and 3 sigma).
@@ -208,6 +207,9 @@ class InferenceConfig:
     galaxies_per_batch: int = 32
     #: Store the raw posterior samples beside the catalog (float16, compact).
     store_samples: bool = False
+    #: Write ``samples.parquet`` beside each catalog: every galaxy's samples in physical
+    #: units as float32 lists (DuckDB view ``posterior_samples``; size in docs/catalog.md).
+    sample_table: bool = False
 
 
 @dataclass(frozen=True)
@@ -224,6 +226,27 @@ class CalibrationConfig:
 
 #: Values of ``FlagConfig.bt_estimate``.
 BT_ESTIMATES = ("mode", "mean", "median", "probability")
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """Largest real input accepted, checked from the FITS headers before any pixel is read.
+
+    Sizes are decompressed (a ``.fits.gz`` or tile-compressed file counts at its
+    uncompressed size), so a small file claiming a huge image is refused without
+    allocating it. Over-limit files are rejected (quarantined in the inbox) with the limit
+    named. The defaults keep one file's pixels well inside a worker's memory.
+    """
+
+    #: Pixels of one image plane (NAXIS1 x NAXIS2); cutouts are cropped to the stamp.
+    max_image_pixels: int = 4096 * 4096
+    #: Planes of one cube (NAXIS3).
+    max_planes: int = 20_000
+    #: Bytes of one file's HDU data, decompressed.
+    max_file_bytes: int = 4 * 2**30
+    #: Bytes of one inbox batch's files, decompressed; later files (sorted order) beyond it
+    #: are rejected.
+    max_batch_bytes: int = 64 * 2**30
 
 
 @dataclass(frozen=True)
@@ -278,6 +301,7 @@ class Profile:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     flags: FlagConfig = field(default_factory=FlagConfig)
+    limits: InputLimits = field(default_factory=InputLimits)
 
     def __post_init__(self) -> None:
         validate_profile(self)
@@ -411,7 +435,12 @@ QUICK = Profile(
         mean_warmup_fraction=0.65,
     ),
     inference=InferenceConfig(
-        n_passes=100, n_passes_calibration=50, draws_per_pass=10, galaxies_per_batch=64
+        n_passes=100,
+        n_passes_calibration=50,
+        draws_per_pass=10,
+        galaxies_per_batch=64,
+        # ~9.4 kB per galaxy (docs/catalog.md): ~19 MB for the 2,000 sim-test galaxies.
+        sample_table=True,
     ),
     calibration=CalibrationConfig(dropout_rates=(0.0, 0.01, 0.05)),
     # Its B/T posteriors are broad: label where the class has posterior probability >= 0.95
@@ -484,12 +513,13 @@ def derive_seed(profile_seed: int, asset: str, partition: str = "") -> int:
 
 
 def default_storage_root() -> Path:
-    """Storage root: ``$GAMPEN_STORAGE``, else ``$DAGSTER_HOME/data``, else ``./dagster_home/data``."""
-    if os.environ.get(STORAGE_ENV_VAR):
-        return Path(os.environ[STORAGE_ENV_VAR]).resolve()
-    home = os.environ.get("DAGSTER_HOME")
-    base = Path(home) if home else Path.cwd() / "dagster_home"
-    return (base / "data").resolve()
+    """Storage root from the environment alone: ``gampen_ml.settings.Settings.resolve()``.
+
+    ``$GAMPEN_STORAGE``, else ``$DAGSTER_HOME/data``, else ``./dagster_home/data``.
+    """
+    from gampen_ml.settings import Settings
+
+    return Settings.resolve().storage_root
 
 
 def shard_keys(profile: Profile) -> list[str]:

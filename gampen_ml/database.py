@@ -5,8 +5,15 @@ Bulk data stays in Parquet under the storage root; this database holds
 * the ``lineage`` table (one row per materialization attempt) and its child table
   ``lineage_upstream`` (the exact upstream partitions and data versions it read), plus a
   view ``lineage_latest`` (the newest successful row per asset, partition, data version);
-* the views ``posterior_catalog``, ``flags`` and ``simulations`` over the Parquet files of
-  the storage root (absolute globs, hidden temporary partition folders excluded).
+* the views ``posterior_catalog``, ``posterior_samples`` (the optional ``samples.parquet``
+  beside each catalog), ``flags`` and ``simulations`` over the Parquet files of the
+  storage root (absolute globs, hidden temporary partition folders excluded).
+
+A partition file DuckDB cannot read (truncated, not Parquet) is left out of its view and
+reported by name (:class:`UnreadablePartitionWarning`, or the ``log`` callback of
+:func:`record_lineage`); the other partitions stay queryable and lineage is still written.
+Readers never write: :func:`query` with ``storage_root`` defines the views as TEMP views
+of its read-only connection, over the partitions present at that moment.
 
 DuckDB lets one *process* open a file read-write at a time, and a read-write process
 excludes read-only ones. Every connection here is therefore short-lived and opened
@@ -26,7 +33,8 @@ import json
 import random
 import time
 import uuid
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -39,6 +47,7 @@ LOCK_TIMEOUT_S = 60.0
 #: Asset folder and file name of each Parquet-backed view.
 VIEW_SOURCES: dict[str, tuple[str, str]] = {
     "posterior_catalog": ("posterior_catalog", "catalog.parquet"),
+    "posterior_samples": ("posterior_catalog", "samples.parquet"),
     "flags": ("qualitative_flags", "flags.parquet"),
     "simulations": ("simulated_galaxies", "labels.parquet"),
 }
@@ -46,6 +55,8 @@ VIEW_SOURCES: dict[str, tuple[str, str]] = {
 EMPTY_VIEW_COLUMNS: dict[str, str] = {
     "posterior_catalog": "galaxy_id BIGINT, dataset VARCHAR, source_file VARCHAR, hdu INTEGER, "
     "ra_deg DOUBLE, dec_deg DOUBLE, model_name VARCHAR, model_version VARCHAR",
+    "posterior_samples": "galaxy_id BIGINT, dataset VARCHAR, bt FLOAT[], re_arcsec FLOAT[], "
+    "flux_nJy FLOAT[]",
     "flags": "galaxy_id BIGINT, dataset VARCHAR, bulge_dominated BOOLEAN, "
     "disk_dominated BOOLEAN, small BOOLEAN, out_of_domain BOOLEAN, unreliable BOOLEAN, "
     "ood_reason VARCHAR",
@@ -87,6 +98,10 @@ QUALIFY row_number() OVER (
 
 class DatabaseError(RuntimeError):
     """The lineage database could not be opened or written; the message names the file."""
+
+
+class UnreadablePartitionWarning(UserWarning):
+    """A partition's Parquet file could not be read and was left out of its view."""
 
 
 @dataclass(frozen=True)
@@ -164,42 +179,130 @@ def _connect_with_retry(
 
 
 def connect_read_only(db_path: Path | str) -> duckdb.DuckDBPyConnection:
-    """Open ``db_path`` read-only, waiting for a concurrent writer (close it promptly).
+    """Open an existing ``db_path`` read-only, waiting for a concurrent writer.
+
+    Never creates the file and never takes the writer's lock; close it promptly (a
+    reader excludes writers of other processes while it is open).
 
     Raises
     ------
     DatabaseError
         If the file does not exist or stays locked for :data:`LOCK_TIMEOUT_S` seconds.
     """
-    if not Path(db_path).exists():
-        raise DatabaseError(f"no lineage database at {db_path}")
+    if not Path(db_path).is_file():
+        raise DatabaseError(f"no lineage database at {Path(db_path).resolve()}")
     return _connect_with_retry(db_path, read_only=True)
 
 
-def _view_sql(view: str, storage_root: Path) -> str:
+def partition_files(view: str, storage_root: Path | str) -> list[Path]:
+    """The published Parquet files behind ``view``, one per partition, sorted.
+
+    Hidden folders (``.tmp-*``/``.old-*`` of partitions being written) are skipped.
+    """
     folder, name = VIEW_SOURCES[view]
-    base = storage_root / folder
+    base = Path(storage_root).resolve() / folder
+    return sorted(p for p in base.glob(f"*/{name}") if not p.parent.name.startswith("."))
+
+
+def _sql_string(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _unreadable_reason(con: duckdb.DuckDBPyConnection, file: Path) -> str | None:
+    """DuckDB's error reading ``file``'s Parquet footer, ``None`` when it reads."""
+    try:
+        con.execute("SELECT count(*) FROM parquet_file_metadata(?)", [str(file)]).fetchall()
+    except duckdb.Error as exc:
+        return str(exc).splitlines()[0]
+    return None
+
+
+def _create_view(
+    con: duckdb.DuckDBPyConnection, view: str, storage_root: Path, temporary: bool
+) -> list[tuple[Path, str]]:
+    """(Re)create one Parquet view; returns the ``(file, reason)`` pairs left out of it.
+
+    With every file readable the view reads a glob, so partitions published later appear
+    without a refresh; otherwise it lists the readable files. Without any file it is an
+    empty typed view with the key columns (:data:`EMPTY_VIEW_COLUMNS`).
+    """
+    kind = "TEMP VIEW" if temporary else "VIEW"
+    files = partition_files(view, storage_root)
+    folder, name = VIEW_SOURCES[view]
     # "[!.]*" skips the hidden .tmp-*/.old-* folders of partitions being written.
-    glob = (base / "[!.]*" / name).as_posix()
-    if any(p for p in base.glob(f"*/{name}") if not p.parent.name.startswith(".")):
-        escaped = glob.replace("'", "''")
-        return (
-            f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM "
-            f"read_parquet('{escaped}', union_by_name = true)"
+    glob = (storage_root / folder / "[!.]*" / name).as_posix()
+    if files:
+        try:
+            con.execute(
+                f"CREATE OR REPLACE {kind} {view} AS SELECT * FROM "
+                f"read_parquet({_sql_string(glob)}, union_by_name = true)"
+            )
+            return []
+        except duckdb.Error as exc:
+            unreadable = [(f, r) for f in files if (r := _unreadable_reason(con, f)) is not None]
+            if not unreadable:
+                raise DatabaseError(f"cannot create view {view} over {glob}: {exc}") from exc
+    else:
+        unreadable = []
+    readable = [f for f in files if f not in {u for u, _ in unreadable}]
+    if readable:
+        listed = ", ".join(_sql_string(f.as_posix()) for f in readable)
+        con.execute(
+            f"CREATE OR REPLACE {kind} {view} AS SELECT * FROM "
+            f"read_parquet([{listed}], union_by_name = true)"
         )
-    columns = ", ".join(
-        f"CAST(NULL AS {c.split(' ', 1)[1]}) AS {c.split(' ', 1)[0]}"
-        for c in EMPTY_VIEW_COLUMNS[view].split(", ")
-    )
-    return f"CREATE OR REPLACE VIEW {view} AS SELECT {columns} WHERE false"
+    else:
+        columns = ", ".join(
+            f"CAST(NULL AS {c.split(' ', 1)[1]}) AS {c.split(' ', 1)[0]}"
+            for c in EMPTY_VIEW_COLUMNS[view].split(", ")
+        )
+        con.execute(f"CREATE OR REPLACE {kind} {view} AS SELECT {columns} WHERE false")
+    return unreadable
 
 
-def _ensure(con: duckdb.DuckDBPyConnection, storage_root: Path | str | None) -> None:
-    con.execute(_SCHEMA_SQL)
-    if storage_root is not None:
-        root = Path(storage_root).resolve()
-        for view in VIEW_SOURCES:
-            con.execute(_view_sql(view, root))
+def refresh_views(
+    con: duckdb.DuckDBPyConnection,
+    storage_root: Path | str,
+    *,
+    temporary: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> list[Path]:
+    """(Re)create every Parquet view of :data:`VIEW_SOURCES` over ``storage_root``.
+
+    Parameters
+    ----------
+    con : DuckDB connection
+        Read-write for persistent views; any (read-only too) with ``temporary``.
+    storage_root : Path
+        Root of the asset partitions.
+    temporary : bool
+        Create TEMP views, private to ``con`` (they shadow the file's views).
+    log : callable, optional
+        Receives one line per unreadable partition file; default: a
+        :class:`UnreadablePartitionWarning`.
+
+    Returns
+    -------
+    list[Path]
+        The unreadable files left out of the views (empty when all read).
+
+    Raises
+    ------
+    DatabaseError
+        If a view cannot be created although every file reads (e.g. clashing column
+        types between partitions).
+    """
+    root = Path(storage_root).resolve()
+    left_out: list[Path] = []
+    for view in VIEW_SOURCES:
+        for file, reason in _create_view(con, view, root, temporary):
+            message = f"{file}: unreadable partition file left out of view {view}: {reason}"
+            if log is None:
+                warnings.warn(message, UnreadablePartitionWarning, stacklevel=2)
+            else:
+                log(message)
+            left_out.append(file)
+    return left_out
 
 
 def ensure_schema(db_path: Path | str, storage_root: Path | str | None = None) -> None:
@@ -208,10 +311,13 @@ def ensure_schema(db_path: Path | str, storage_root: Path | str | None = None) -
     A view whose Parquet files do not exist yet is an empty typed view with the key
     columns; it is replaced by the real ``read_parquet`` view on the next call after the
     first file appears (:func:`record_lineage` does this for every catalog write).
+    Unreadable partition files are left out and warned about (:func:`refresh_views`).
     """
     con = _connect_with_retry(db_path, read_only=False)
     try:
-        _ensure(con, storage_root)
+        con.execute(_SCHEMA_SQL)
+        if storage_root is not None:
+            refresh_views(con, storage_root)
     finally:
         con.close()
 
@@ -221,12 +327,20 @@ def _partition(value: str | None) -> str:
 
 
 def record_lineage(
-    db_path: Path | str, row: LineageRow, storage_root: Path | str | None = None
+    db_path: Path | str,
+    row: LineageRow,
+    storage_root: Path | str | None = None,
+    *,
+    log: Callable[[str], None] | None = None,
 ) -> str:
     """Append one lineage row (and its upstream rows) in a single short transaction.
 
     Waits for DuckDB's single-writer lock (jittered backoff, up to
-    :data:`LOCK_TIMEOUT_S`). With ``storage_root`` the Parquet views are refreshed too.
+    :data:`LOCK_TIMEOUT_S`). With ``storage_root``, a row of an asset behind a view
+    (:data:`VIEW_SOURCES`) also refreshes the Parquet views, after the row is committed:
+    an unreadable partition file is left out and reported through ``log`` (default: a
+    :class:`UnreadablePartitionWarning`), and a view that cannot be refreshed keeps its
+    previous definition (reported the same way); neither fails the lineage write.
 
     Returns
     -------
@@ -264,7 +378,7 @@ def record_lineage(
     con = _connect_with_retry(db_path, read_only=False)
     try:
         con.execute("BEGIN TRANSACTION")
-        _ensure(con, storage_root if row.asset in _VIEW_ASSETS else None)
+        con.execute(_SCHEMA_SQL)
         con.execute(f"INSERT INTO lineage VALUES ({', '.join('?' * len(values))})", values)
         if upstream:
             con.executemany(
@@ -273,8 +387,21 @@ def record_lineage(
             )
         con.execute("COMMIT")
     except duckdb.Error as exc:
-        con.execute("ROLLBACK")
+        try:
+            con.execute("ROLLBACK")
+        finally:
+            con.close()
         raise DatabaseError(f"{db_path}: cannot record lineage of {row.asset}: {exc}") from exc
+    try:
+        if storage_root is not None and row.asset in _VIEW_ASSETS:
+            try:
+                refresh_views(con, storage_root, log=log)
+            except (DatabaseError, duckdb.Error) as exc:
+                message = f"{db_path}: views not refreshed after lineage {lineage_id}: {exc}"
+                if log is None:
+                    warnings.warn(message, UnreadablePartitionWarning, stacklevel=2)
+                else:
+                    log(message)
     finally:
         con.close()
     return lineage_id
@@ -289,17 +416,43 @@ def _naive_utc(value: datetime | None) -> datetime | None:
     return value.astimezone(UTC).replace(tzinfo=None)
 
 
-def query(db_path: Path | str, sql: str, params: Sequence | dict | None = None) -> list[dict]:
-    """Run one parameterised read-only query; returns rows as dicts.
+def query(
+    db_path: Path | str,
+    sql: str,
+    params: Sequence | dict | None = None,
+    *,
+    storage_root: Path | str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Run one parameterised query on a read-only connection; returns rows as dicts.
 
     Values must be passed in ``params`` (``?`` or ``$name`` placeholders), never
-    formatted into ``sql``.
+    formatted into ``sql``. The database must exist; it is never created or written.
+
+    Parameters
+    ----------
+    storage_root : Path, optional
+        Define the Parquet views as TEMP views over the partitions under it now
+        (:func:`refresh_views`), instead of the views stored in the file (as of the
+        last lineage write); unreadable files are left out and reported through ``log``.
+
+    Raises
+    ------
+    DatabaseError
+        If the file does not exist, stays locked, or the statement fails (a write
+        statement fails: the connection is read-only); the message names the file.
     """
     con = connect_read_only(db_path)
     try:
+        if storage_root is not None:
+            refresh_views(con, storage_root, temporary=True, log=log)
         cursor = con.execute(sql, params) if params is not None else con.execute(sql)
+        if cursor.description is None:
+            return []
         columns = [d[0] for d in cursor.description]
         return [dict(zip(columns, values, strict=True)) for values in cursor.fetchall()]
+    except duckdb.Error as exc:
+        raise DatabaseError(f"{db_path} (opened read-only): {exc}") from exc
     finally:
         con.close()
 

@@ -10,6 +10,10 @@ batch loader :func:`load_cutouts`; the single-file API :func:`load_cutout_file` 
 
 Validation and repairs (each repair is written to the ``repairs`` column)
 ---------------------------------------------------------------------------
+* Sizes from the headers first, before any pixel is read (:func:`check_input_limits`):
+  a file whose image plane, cube depth or decompressed data exceed the profile's
+  :class:`~gampen_ml.config.InputLimits` is rejected naming the limit (a small ``.gz``
+  claiming a huge image costs nothing).
 * Not FITS, truncated, unreadable, or no HDU with image data -> rejected.
 * The image is taken from the HDU named ``IMAGE`` if there is one (HSC cutout layout:
   empty primary, ``IMAGE``, ``MASK``, ``VARIANCE``), else from the first HDU with data.
@@ -45,6 +49,7 @@ from __future__ import annotations
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,7 +60,7 @@ from astropy.utils.exceptions import AstropyWarning
 from astropy.wcs import WCS
 from astropy.wcs.utils import proj_plane_pixel_scales
 
-from gampen_ml.config import ImagingConfig
+from gampen_ml.config import ImagingConfig, InputLimits
 from gampen_ml.sim.errors import InputFileError
 
 #: Largest fraction of non-finite pixels that is repaired (set to 0) instead of rejected.
@@ -140,21 +145,32 @@ def is_fits_name(name: str) -> bool:
     return name.lower().endswith(FITS_SUFFIXES)
 
 
-def batch_files(root: Path | str) -> list[Path]:
-    """Every regular input file under ``root`` (recursive, sorted), skipping reserved names.
+def is_reserved_name(name: str) -> bool:
+    """Whether ``name`` starts with ``_`` or ``.`` (markers, manifests, hidden uploads)."""
+    return name.startswith(RESERVED_PREFIXES)
+
+
+def display_name(name: str) -> str:
+    """``name`` printable and UTF-8 safe: undecodable bytes shown as ``\\xNN``."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def batch_files(root: Path | str, include_reserved: bool = False) -> list[Path]:
+    """Every regular input file under ``root`` (recursive, sorted).
 
     Symbolic links are returned too (the loader rejects them) so that nothing is silently
-    ignored; entries whose name starts with ``_`` or ``.`` (markers such as ``_READY``,
-    hidden partial uploads) are skipped, as are folders with such names.
+    ignored. Entries whose name starts with ``_`` or ``.`` (markers such as ``_READY``,
+    hidden partial uploads), and folders with such names, are skipped unless
+    ``include_reserved`` (the inbox lists them to reject them with a reason).
     """
     root = Path(root)
     if root.is_file() or root.is_symlink():
         return [root]
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(RESERVED_PREFIXES))
+        dirnames[:] = sorted(d for d in dirnames if include_reserved or not is_reserved_name(d))
         for name in filenames:
-            if not name.startswith(RESERVED_PREFIXES):
+            if include_reserved or not is_reserved_name(name):
                 found.append(Path(dirpath) / name)
         # os.walk lists symlinks to folders among dirnames; report them as files.
         for name in list(dirnames):
@@ -327,8 +343,76 @@ def _check_planes(
     return planes, problems, repairs
 
 
+def _data_size(header: fits.Header) -> tuple[int, tuple[int, ...] | None]:
+    """Decompressed data bytes of one HDU from its header, and its image axes (None for
+    a table). Axes are ``(NAXIS1, NAXIS2, ...)``; tile-compressed images use ``ZNAXISn``."""
+    if header.get("ZIMAGE"):
+        axes = tuple(int(header.get(f"ZNAXIS{i}", 0)) for i in range(1, int(header["ZNAXIS"]) + 1))
+        return abs(int(header["ZBITPIX"])) // 8 * int(np.prod(axes, dtype=np.int64)), axes
+    axes = tuple(int(header.get(f"NAXIS{i}", 0)) for i in range(1, int(header["NAXIS"]) + 1))
+    count = int(np.prod(axes, dtype=np.int64)) if axes else 0
+    size = abs(int(header["BITPIX"])) // 8 * int(header.get("GCOUNT", 1))
+    size *= int(header.get("PCOUNT", 0)) + count
+    is_image = header.get("XTENSION", "IMAGE").strip().upper() == "IMAGE"
+    return size, (axes if is_image else None)
+
+
+def check_input_limits(path: Path | str, limits: InputLimits) -> int:
+    """Check ``path`` against ``limits`` from its headers alone; return its data bytes.
+
+    Headers are read one HDU at a time (never the data), so a file claiming a huge image,
+    sparse or compressed, is refused before anything is allocated.
+
+    Raises
+    ------
+    CutoutError
+        Naming the HDU and the limit exceeded, or when the headers cannot be read.
+    """
+    path = Path(path)
+    total = 0
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AstropyWarning)
+            with fits.open(
+                path, memmap=False, lazy_load_hdus=True, disable_image_compression=True
+            ) as hdul:
+                for index, hdu in enumerate(hdul):
+                    size, axes = _data_size(hdu.header)
+                    if axes is not None and len(axes) >= 2:
+                        pixels = axes[0] * axes[1]
+                        if pixels > limits.max_image_pixels:
+                            raise CutoutError(
+                                path,
+                                f"HDU {index} image is {axes[1]}x{axes[0]} px: over the limit "
+                                f"of {limits.max_image_pixels:,} pixels per image (max_image_pixels)",
+                            )
+                        if len(axes) >= 3 and axes[2] > limits.max_planes:
+                            raise CutoutError(
+                                path,
+                                f"HDU {index} cube has {axes[2]:,} planes: over the limit of "
+                                f"{limits.max_planes:,} (max_planes)",
+                            )
+                    total += size
+                    if total > limits.max_file_bytes:
+                        raise CutoutError(
+                            path,
+                            f"data of {total:,} bytes (decompressed, to HDU {index}): over the "
+                            f"limit of {limits.max_file_bytes:,} bytes per file (max_file_bytes)",
+                        )
+    except CutoutError:
+        raise
+    except Exception as exc:  # astropy signals bad headers with many types
+        raise CutoutError(
+            path, f"not a readable FITS file, truncated or corrupt ({type(exc).__name__}: {exc})"
+        ) from exc
+    return total
+
+
 def load_cutout_file(
-    path: Path | str, imaging: ImagingConfig, root: Path | str | None = None
+    path: Path | str,
+    imaging: ImagingConfig,
+    root: Path | str | None = None,
+    limits: InputLimits | None = None,
 ) -> tuple[np.ndarray, pl.DataFrame]:
     """Read and validate every cutout of one FITS file.
 
@@ -340,6 +424,8 @@ def load_cutout_file(
         Stamp size and pixel scale the network expects.
     root : Path or str, optional
         Folder that ``source_file`` is made relative to (default: the file's folder).
+    limits : InputLimits, optional
+        Checked from the headers before the pixels are read (:func:`check_input_limits`).
 
     Returns
     -------
@@ -362,6 +448,8 @@ def load_cutout_file(
         raise CutoutError(path, "symbolic links are not accepted")
     if not path.is_file():
         raise CutoutError(path, "not a regular file")
+    if limits is not None:
+        check_input_limits(path, limits)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", AstropyWarning)
@@ -464,7 +552,9 @@ def load_cutout_file(
     return stamps, table
 
 
-def load_cutouts(path: Path | str, imaging: ImagingConfig) -> CutoutBatch:
+def load_cutouts(
+    path: Path | str, imaging: ImagingConfig, limits: InputLimits | None = None
+) -> CutoutBatch:
     """Load every valid cutout of a FITS file or of a folder of FITS files.
 
     Parameters
@@ -475,6 +565,9 @@ def load_cutouts(path: Path | str, imaging: ImagingConfig) -> CutoutBatch:
         a valid FITS cutout with a FITS suffix).
     imaging : ImagingConfig
         Stamp size and pixel scale the network expects.
+    limits : InputLimits, optional
+        Size limits checked from each file's headers before its pixels are read; files
+        beyond ``max_batch_bytes`` of the batch (in sorted order) are rejected.
 
     Returns
     -------
@@ -488,16 +581,48 @@ def load_cutouts(path: Path | str, imaging: ImagingConfig) -> CutoutBatch:
     CutoutError
         Only if ``path`` itself does not exist.
     """
-    return _scan(path, imaging, keep_images=True)
+    return _scan(path, imaging, keep_images=True, limits=limits)
 
 
-def validate_cutouts(path: Path | str, imaging: ImagingConfig) -> CutoutBatch:
+def validate_cutouts(
+    path: Path | str,
+    imaging: ImagingConfig,
+    limits: InputLimits | None = None,
+    reject_reserved: bool = False,
+) -> CutoutBatch:
     """Like :func:`load_cutouts` but keeps no pixels (``images`` is None): memory stays
-    at one file's worth however large the batch, for the inbox sensor."""
-    return _scan(path, imaging, keep_images=False)
+    at one file's worth however large the batch, for the inbox.
+
+    With ``reject_reserved`` the files named ``_*``/``.*`` are listed and rejected with a
+    reason instead of skipped.
+    """
+    return _scan(path, imaging, False, limits, reject_reserved)
 
 
-def _scan(path: Path | str, imaging: ImagingConfig, keep_images: bool) -> CutoutBatch:
+def _name_problem(relative: str, name: str, reject_reserved: bool) -> str | None:
+    """Why a file is rejected by its name alone, or None."""
+    try:
+        relative.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = os.fsencode(relative).hex()
+        return f"file name is not valid UTF-8 (bytes hex {raw}); rename it to catalogue it"
+    if reject_reserved and any(is_reserved_name(part) for part in Path(relative).parts):
+        return (
+            "reserved name (a path part starts with '_' or '.': markers and hidden "
+            "partial uploads); not read"
+        )
+    if not is_fits_name(name):
+        return f"not a FITS file name (suffix of {name!r})"
+    return None
+
+
+def _scan(
+    path: Path | str,
+    imaging: ImagingConfig,
+    keep_images: bool,
+    limits: InputLimits | None = None,
+    reject_reserved: bool = False,
+) -> CutoutBatch:
     path = Path(path)
     if not path.exists() and not path.is_symlink():
         raise CutoutError(path, "no such file or folder")
@@ -507,18 +632,29 @@ def _scan(path: Path | str, imaging: ImagingConfig, keep_images: bool) -> Cutout
     tables: list[pl.DataFrame] = []
     accepted: list[str] = []
     rejections: list[Rejection] = []
-    for file in batch_files(path):
+    batch_bytes = 0
+    for file in batch_files(path, include_reserved=reject_reserved):
         relative = file.relative_to(root).as_posix()
-        if not is_fits_name(file.name):
-            rejections.append(
-                Rejection(relative, f"not a FITS file name (suffix of {file.name!r})")
-            )
+        problem = _name_problem(relative, file.name, reject_reserved)
+        if problem is not None:
+            rejections.append(Rejection(relative, problem))
             continue
+        size = 0
         try:
+            if limits is not None and not file.is_symlink() and file.is_file():
+                size = check_input_limits(file, limits)
+                if batch_bytes + size > limits.max_batch_bytes:
+                    raise CutoutError(
+                        file,
+                        f"the batch's data would exceed the limit of "
+                        f"{limits.max_batch_bytes:,} bytes per batch (max_batch_bytes) with "
+                        f"this file's {size:,}; resubmit it in another batch",
+                    )
             stamps, table = load_cutout_file(file, imaging, root=root)
         except CutoutError as exc:
             rejections.append(Rejection(relative, exc.problem))
             continue
+        batch_bytes += size
         if keep_images:
             images.append(stamps)
         tables.append(table)
@@ -562,8 +698,15 @@ def quarantine(
     batch_dir: Path | str,
     quarantine_dir: Path | str,
     batch_name: str | None = None,
+    checkpoint: Callable[[str], None] | None = None,
 ) -> list[Path]:
     """Move rejected files to ``<quarantine_dir>/<batch>/`` with a ``<name>.reason.txt``.
+
+    Crash-safe and idempotent: each reason file is written before its file moves, and the
+    move is a rename (or, across filesystems, a copy to a hidden name renamed into place,
+    then the source removed), so the quarantined file appears whole or not at all. Called
+    again after a crash it finishes the job: a source identical to its quarantined copy
+    (crash between copy and removal) is only removed.
 
     Parameters
     ----------
@@ -576,6 +719,8 @@ def quarantine(
         keeping their relative paths.
     batch_name : str, optional
         Sub-folder name (default ``batch_dir.name``); must be a single path component.
+    checkpoint : callable(step), optional
+        Called after each file is quarantined (``"quarantined:<file>"``); for fault tests.
 
     Returns
     -------
@@ -586,8 +731,8 @@ def quarantine(
     ------
     CutoutError
         If a rejected file name or the batch name would escape the batch folder or the
-        quarantine folder (path traversal), or a quarantined file of that name already
-        exists, before anything is moved.
+        quarantine folder (path traversal), or a different file of that name is already in
+        quarantine, before anything is moved.
     """
     batch_dir = Path(batch_dir).resolve()
     target_root = safe_join(quarantine_dir, batch_name or batch_dir.name)
@@ -595,17 +740,59 @@ def quarantine(
     for rejection in rejections:
         source = safe_join(batch_dir, rejection.file)
         target = safe_join(target_root, rejection.file)
-        if target.exists() or target.is_symlink():
+        if _exists(target) and _exists(source) and not _same_file_content(source, target):
             # Never overwrite an earlier quarantined file (it would be lost).
             raise CutoutError(target, "already in quarantine; refusing to overwrite it")
         moves.append((source, target, rejection))
     moved = []
     for source, target, rejection in moves:
         target.parent.mkdir(parents=True, exist_ok=True)
-        if source.exists() or source.is_symlink():
-            shutil.move(str(source), str(target))
+        # surrogateescape writes an undecodable file name back as its original bytes.
         target.with_name(target.name + ".reason.txt").write_text(
-            f"file: {rejection.file}\nbatch: {target_root.name}\nreason: {rejection.reason}\n"
+            f"file: {rejection.file}\nbatch: {target_root.name}\nreason: {rejection.reason}\n",
+            encoding="utf-8",
+            errors="surrogateescape",
         )
+        if _exists(source) and not _exists(target):
+            _move_whole(source, target)
+        elif _exists(source):
+            source.unlink()  # quarantined whole by an interrupted earlier call
         moved.append(target)
+        if checkpoint is not None:
+            checkpoint(f"quarantined:{rejection.file}")
     return moved
+
+
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def _same_file_content(a: Path, b: Path) -> bool:
+    if a.is_symlink() or b.is_symlink():
+        return a.is_symlink() and b.is_symlink() and os.readlink(a) == os.readlink(b)
+    if not (a.is_file() and b.is_file()) or a.stat().st_size != b.stat().st_size:
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            chunk = fa.read(1 << 22)
+            if chunk != fb.read(1 << 22):
+                return False
+            if not chunk:
+                return True
+
+
+def _move_whole(source: Path, target: Path) -> None:
+    """Move ``source`` to ``target`` so that ``target`` appears complete or not at all."""
+    try:
+        os.rename(source, target)  # same filesystem: atomic
+        return
+    except OSError:
+        pass
+    partial = target.with_name(f".partial-{target.name}")
+    if source.is_symlink():
+        partial.unlink(missing_ok=True)
+        partial.symlink_to(os.readlink(source))
+    else:
+        shutil.copy2(source, partial)
+    os.replace(partial, target)
+    source.unlink()

@@ -125,19 +125,26 @@ def atomic_file(final: Path | str) -> Iterator[Path]:
     tmp = final.parent / f".tmp-{uuid.uuid4().hex[:8]}-{final.name}"
     try:
         yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        fsync_file(tmp)
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
+def fsync_file(path: Path | str) -> None:
+    """Flush ``path``'s data to disk through a read-only descriptor (works on 0444 files)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_tree(folder: Path) -> None:
     for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb+") as fh:
-                os.fsync(fh.fileno())
+        if path.is_file() and not path.is_symlink():
+            fsync_file(path)
 
 
 def file_sha256(path: Path | str, chunk_bytes: int = 1 << 22) -> str:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
+
+from tests.browser_helpers import require_chromium, screenshot_folder
 
 # Two cores on CI: keep each test process from oversubscribing them.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -32,3 +35,18 @@ def storage_root(tmp_path, monkeypatch):
     root.mkdir()
     monkeypatch.setenv("GAMPEN_STORAGE", str(root))
     return root
+
+
+@pytest.fixture
+def chromium() -> str:
+    """Path of Debian's ``chromium`` for browser tests: skips without it, but FAILS under
+    ``CI=true`` (:func:`tests.browser_helpers.require_chromium`)."""
+    return require_chromium()
+
+
+@pytest.fixture
+def screenshot_dir(tmp_path) -> Path:
+    """Where browser tests save screenshots: ``$GAMPEN_SCREENSHOT_DIR`` when set (e.g.
+    ``GAMPEN_SCREENSHOT_DIR=docs`` to refresh the pictures in the docs), else the test's
+    temporary folder, so a test run never changes tracked files."""
+    return screenshot_folder(tmp_path)

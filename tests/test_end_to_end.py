@@ -3,13 +3,16 @@
 1. ``python -m gampen_assets.pipeline`` (what ``make pipeline`` runs) materializes every
    asset on a persistent instance in a temporary ``DAGSTER_HOME``.
 2. With ``dagster-daemon`` running, a batch of FITS cutouts dropped into the inbox becomes a
-   catalog partition, flags and plots without a human; the bad file is quarantined.
+   catalog partition, flags and plots without a human; the bad files (truncated, a header
+   claiming 5 GB, a hidden partial upload) are quarantined with their reasons, a read-only
+   file is catalogued, and the inbox goes on to serve the next batch.
 3. The catalog answers SQL through the DuckDB shell and ``gampen sql``; ``gampen lineage``
    prints the chain back to the simulations.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -25,7 +28,8 @@ import pytest
 from astropy.io import fits
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+# The module fixture's pipeline may take up to 20 min, the daemon's catalog up to 15.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +80,10 @@ def test_pipeline_materializes_every_asset(home):
     assert (home / "mlflow.db").is_file() and (home / "gampen.duckdb").is_file()
 
 
-def _write_batch(inbox: Path, images: np.ndarray, psf_fwhm: list[float | None]) -> Path:
-    batch = inbox / "night-001"
+def _write_batch(
+    inbox: Path, images: np.ndarray, psf_fwhm: list[float | None], name: str = "night-001"
+) -> Path:
+    batch = inbox / name
     batch.mkdir(parents=True)
     for i, (image, fwhm) in enumerate(zip(images, psf_fwhm, strict=True)):
         hdu = fits.PrimaryHDU(np.asarray(image, dtype=">f4"))  # big-endian, as telescopes write
@@ -86,6 +92,12 @@ def _write_batch(inbox: Path, images: np.ndarray, psf_fwhm: list[float | None]) 
             hdu.header["PSF_FWHM"] = fwhm
         hdu.writeto(batch / f"galaxy_{i}.fits")
     (batch / "truncated.fits").write_bytes((batch / "galaxy_0.fits").read_bytes()[:3000])
+    header = fits.Header({"SIMPLE": True, "BITPIX": -32, "NAXIS": 2, "NAXIS1": 36_000,
+                          "NAXIS2": 36_000})  # fmt: skip
+    with gzip.open(batch / "bomb.fits.gz", "wb") as fh:  # claims 5.2 GB in a few kB
+        fh.write(header.tostring().encode("ascii") + b"\0" * 2880)
+    (batch / ".partial.fits").write_bytes(b"upload in progress")
+    (batch / f"galaxy_{len(images) - 1}.fits").chmod(0o444)
     (batch / "_READY").touch()
     return batch
 
@@ -108,12 +120,15 @@ def test_inbox_batch_is_catalogued_by_the_daemon(home):
         # without PSF information.
         psf_fwhm = [2.5 * library.max(), float(library.median()), None]
         _write_batch(home / "inbox", images, psf_fwhm)
-        plots = data / "diagnostic_plots" / "night-001" / "index.md"
         deadline = time.monotonic() + 900
-        while not plots.exists() and time.monotonic() < deadline:
-            assert daemon.poll() is None, "dagster dev exited"
-            time.sleep(5)
-        assert plots.exists(), "the sensor-launched runs did not produce the plots in time"
+        for name in ("night-001", "night-002"):
+            plots = data / "diagnostic_plots" / name / "index.md"
+            while not plots.exists() and time.monotonic() < deadline:
+                assert daemon.poll() is None, "dagster dev exited"
+                time.sleep(5)
+            assert plots.exists(), f"the sensor-launched runs did not produce {name} in time"
+            if name == "night-001":  # the inbox goes on serving the next batch
+                _write_batch(home / "inbox", images[:1], [None], name="night-002")
     finally:
         os.killpg(daemon.pid, signal.SIGTERM)
         try:
@@ -132,8 +147,13 @@ def test_inbox_batch_is_catalogued_by_the_daemon(home):
     assert by_file["psf_outside_library"].to_list() == [True, False, False]
     fwhm_column = catalog.sort("source_file")["psf_fwhm_arcsec"].to_list()
     assert fwhm_column[1] == pytest.approx(psf_fwhm[1], rel=1e-12) and fwhm_column[2] is None
-    reasons = list((home / "quarantine").rglob("truncated.fits*reason*"))
-    assert reasons and reasons[0].read_text().strip()
+    quarantine = home / "quarantine" / "night-001"
+    for name, reason in (("truncated.fits", "truncated"), ("bomb.fits.gz", "max_image_pixels"),
+                         (".partial.fits", "reserved name")):  # fmt: skip
+        assert (quarantine / name).is_file(), name
+        assert reason in (quarantine / f"{name}.reason.txt").read_text(), name
+    assert pl.read_parquet(data / "posterior_catalog/night-002/catalog.parquet").height == 1
+    assert sorted(p.name for p in (home / "inbox").iterdir()) == ["_processing"]
 
     # One prediction path: `gampen predict` on the stored batch gives the inbox's rows, the
     # champion's registered version and its recalibration included.

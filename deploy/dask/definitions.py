@@ -5,6 +5,12 @@ Use on an HPC site with a Dask scheduler (SLURM/PBS through dask-jobqueue, or an
 Without executor config a ``distributed.LocalCluster`` is started on this machine. Dask
 workers need the same storage root (shared filesystem) and a persistent Dagster instance
 (``DAGSTER_HOME`` on the shared filesystem).
+
+Paths are set in the ``settings`` resource of the run config (``run_config.yaml``): the
+steps' data, their lineage rows and the failure sensor's rows for the run all follow it
+(``gampen_ml.settings``: a field beats its environment variable, which beats the default
+under ``dagster_home``). The daemon's inbox sensor and reprocess schedule run outside any
+run: give the daemon the same ``DAGSTER_HOME`` and ``GAMPEN_STORAGE``.
 """
 
 from dagster_dask import dask_executor

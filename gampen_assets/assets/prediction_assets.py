@@ -9,14 +9,19 @@ import dataclasses
 import os
 from datetime import UTC, datetime
 
+import polars as pl
 from dagster import (
     AllPartitionMapping,
     AssetDep,
     AssetExecutionContext,
     Config,
     DataVersion,
+    Failure,
     MaterializeResult,
     MetadataValue,
+    TableColumn,
+    TableColumnConstraints,
+    TableSchema,
     asset,
 )
 
@@ -36,8 +41,11 @@ from gampen_assets.assets.model_assets import GPU_K8S_TAGS
 from gampen_assets.partitions import SIM_TEST, datasets
 from gampen_assets.resources import GampenSettings
 from gampen_ml import plots, stages
+from gampen_ml.columns import ColumnInfo
 from gampen_ml.config import PARAMETERS, dropout_key, shard_keys
+from gampen_ml.export import ExportError, ExportFormat, write_exports
 from gampen_ml.io import atomic_partition_dir, partition_dir
+from gampen_ml.settings import Settings
 
 GROUP = "catalog"
 #: Figures embedded in the diagnostic_plots metadata (all of them are on disk).
@@ -52,6 +60,72 @@ EMBEDDED_FIGURES = (
     "posterior_width_distributions",
     "flag_fractions",
 )
+
+
+def _ingest_claimed_batch(
+    context: AssetExecutionContext, profile, resolved: Settings, key: str
+) -> dict:
+    """Ingest the inbox batch claimed as ``key``, if it is waiting (:mod:`gampen_ml.inbox`).
+
+    Returns the materialization metadata of the ingestion (empty when there was none).
+    """
+    from gampen_ml.inbox import PROCESSING, STORED_BATCHES, ingest_claimed
+    from gampen_ml.sim.errors import InputFileError
+
+    root, quarantine = resolved.storage_root, resolved.quarantine
+    claimed = resolved.inbox / PROCESSING / key
+    if key == SIM_TEST or not claimed.is_dir():
+        return {}
+    result = ingest_claimed(claimed, key, profile, root, quarantine)
+    context.log.info(
+        f"ingested inbox batch {key!r}: {result.n_files_in} files in, "
+        f"{result.n_files_accepted} stored ({result.n_cutouts} cutouts), "
+        f"{result.n_files_quarantined} quarantined in {quarantine / key}"
+    )
+    if result.left_behind:
+        context.log.warning(
+            f"could not remove from {claimed} (left there, never ingested twice): "
+            + ", ".join(result.left_behind[:20])
+        )
+    if not (root / STORED_BATCHES / key).is_dir():
+        raise InputFileError(
+            quarantine / key,
+            f"none of the {result.n_files_in} files of inbox batch {key!r} is a usable "
+            "cutout; each is quarantined here with a .reason.txt",
+        )
+    return {
+        "inbox_files_in": result.n_files_in,
+        "inbox_files_stored": result.n_files_accepted,
+        "inbox_files_quarantined": result.n_files_quarantined,
+        "quarantine": MetadataValue.path(str(quarantine / key)),
+    }
+
+
+def _column_schema(
+    table: pl.DataFrame, info: dict[str, ColumnInfo], nullable: frozenset[str]
+) -> TableSchema:
+    """``dagster/column_schema`` of a stored table: its columns, types and descriptions."""
+    return TableSchema(
+        columns=[
+            TableColumn(
+                name,
+                str(dtype),
+                description=info[name].described(),
+                constraints=TableColumnConstraints(nullable=name in nullable),
+            )
+            for name, dtype in table.schema.items()
+        ]
+    )
+
+
+class CatalogExportConfig(Config):
+    """Run configuration of ``posterior_catalog``: standard-format copies to write.
+
+    Each format lands in the partition folder as ``catalog.fits``, ``catalog.vot`` or
+    ``catalog.ecsv`` (``gampen_ml.export``) and is linked from the materialization.
+    """
+
+    formats: list[ExportFormat] = []
 
 
 @asset(
@@ -72,13 +146,16 @@ EMBEDDED_FIGURES = (
         "Bayesian posteriors of B/T, Re (arcsec) and flux (nJy) per galaxy from T MC-dropout "
         "passes of the champion model (recalibrated when calibration fit a spread factor): "
         "mode, mean, median, std and HPD bounds at 68.27/95.45/99.73 %. catalog.parquet, "
-        "schema in docs/catalog.md; queryable as the DuckDB view posterior_catalog."
+        "schema in docs/catalog.md; queryable as the DuckDB view posterior_catalog. Run "
+        "config formats (fits, votable, ecsv) adds catalog.fits/.vot/.ecsv with units, UCDs "
+        "and provenance."
     ),
 )
 def posterior_catalog(
-    context: AssetExecutionContext, settings: GampenSettings
+    context: AssetExecutionContext, config: CatalogExportConfig, settings: GampenSettings
 ) -> MaterializeResult:
     from gampen_ml.calibrate import coverage_table
+    from gampen_ml.catalog import CATALOG_COLUMN_INFO, NULLABLE_COLUMNS
 
     started_at = datetime.now(UTC)
     profile = settings.profile()
@@ -93,6 +170,7 @@ def posterior_catalog(
             context.log.info(f"{done}/{total} galaxies")
 
     with fail_fast_on_bad_input():
+        ingested = _ingest_claimed_batch(context, profile, settings.settings(), key)
         calibration = stages.read_calibration(root)
         catalog = stages.catalog_and_publish(
             profile, root, key, device=device, progress=progress, log=context.log.info
@@ -111,7 +189,20 @@ def posterior_catalog(
         "model_version": str(calibration["model_version"]),
         "recalibrated": recalibrated,
         "path": MetadataValue.path(str(out / "catalog.parquet")),
+        "dagster/column_schema": _column_schema(catalog, CATALOG_COLUMN_INFO, NULLABLE_COLUMNS),
+        **ingested,
     }
+    try:  # after the data version: exports do not change it (gampen_ml.export)
+        exports = write_exports(
+            catalog, out, config.formats, data_version=version, run_id=context.run_id
+        )
+    except ExportError as exc:
+        raise Failure(
+            description=f"catalog published at {out}, but not exported: {exc}",
+            allow_retries=False,
+        ) from exc
+    for fmt, path in exports.items():
+        metadata[f"export_{fmt.value}"] = MetadataValue.path(str(path))
     for p in PARAMETERS:
         width = catalog[f"{p}_hpd68_hi"] - catalog[f"{p}_hpd68_lo"]
         metadata[f"{p}_mode_median"] = float(catalog[f"{p}_mode"].median())
@@ -172,7 +263,7 @@ def qualitative_flags(
     context: AssetExecutionContext, settings: GampenSettings
 ) -> MaterializeResult:
     from gampen_ml.catalog import read_catalog
-    from gampen_ml.flags import FLAG_COLUMNS, OPTIONAL_FLAG_COLUMNS
+    from gampen_ml.flags import FLAG_COLUMNS, FLAGS_COLUMN_INFO, OPTIONAL_FLAG_COLUMNS
 
     started_at = datetime.now(UTC)
     profile = settings.profile()
@@ -194,6 +285,10 @@ def qualitative_flags(
         **{f"fraction_{c}": float(v / max(flags.height, 1)) for c, v in counts.items()},
         "thresholds": MetadataValue.json(dataclasses.asdict(profile.flags)),
         "path": MetadataValue.path(str(out / "flags.parquet")),
+        # ood_reason is null for a galaxy inside the training domain.
+        "dagster/column_schema": _column_schema(
+            flags, FLAGS_COLUMN_INFO, frozenset({"ood_reason"})
+        ),
     }
     lineage.record_materialization(
         context,

@@ -1,4 +1,5 @@
-"""The inbox sensor on a temporary inbox: ready batches once, half-copied ones never."""
+"""The inbox sensor on a temporary inbox: ready batches claimed once, half-copied ones never;
+each claimed batch ingested by its run."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from gampen_assets.sensors import (
 )
 from gampen_ml.config import get_profile
 from gampen_ml.fits_input import load_cutouts
+from gampen_ml.inbox import PROCESSING
+from tests.inbox_helpers import ingest_requested
 
 S = get_profile("tiny").imaging.stamp_size_px
 
@@ -74,12 +77,17 @@ def test_sensor_processes_ready_batches_once(env):
     result = inbox_sensor(build_sensor_context(instance=instance))
 
     keys = [r.partition_key for r in result.run_requests]
-    assert keys == ["b1-2", "my-cube"]
+    assert keys == ["allbad", "b1-2", "my-cube"]
     for request in result.run_requests:
         assert request.asset_selection == [AssetKey(a) for a in CATALOG_ASSETS]
     (add,) = result.dynamic_partitions_requests
     assert add.partitions_def_name == "datasets"
-    assert sorted(add.partition_keys) == sorted(["b1-2", "my-cube", SIM_TEST])
+    assert sorted(add.partition_keys) == sorted(["allbad", "b1-2", "my-cube", SIM_TEST])
+    # The tick only claimed: nothing is stored or quarantined before the runs.
+    assert sorted(p.name for p in (inbox / PROCESSING).iterdir()) == sorted(keys)
+    assert not (storage_root / STORED_BATCHES).exists() and not quarantine_root.exists()
+    ingested = ingest_requested(result, inbox, storage_root, quarantine_root)
+    assert ingested["allbad"].stored_dir is None and ingested["b1-2"].n_files_quarantined == 2
 
     stored = storage_root / STORED_BATCHES / "b1-2"
     assert sorted(p.relative_to(stored).as_posix() for p in stored.rglob("*") if p.is_file()) == [
@@ -108,7 +116,8 @@ def test_sensor_processes_ready_batches_once(env):
     assert "all pixels are zero" in (quarantine_root / "allbad" / "z.fits.reason.txt").read_text()
     assert not (storage_root / STORED_BATCHES / "allbad").exists()
     # Processed batches leave the inbox; the half-copied one stays untouched.
-    assert sorted(p.name for p in inbox.iterdir()) == ["half"]
+    assert sorted(p.name for p in inbox.iterdir()) == [PROCESSING, "half"]
+    assert list((inbox / PROCESSING).iterdir()) == []
 
     # Second tick with the cursor: nothing new.
     again = inbox_sensor(build_sensor_context(instance=instance, cursor=result.cursor))

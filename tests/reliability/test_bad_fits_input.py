@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -19,6 +21,7 @@ from fits_cases import BAD, CASES, GOOD, IMAGING, S, add_symlink, galaxy, write_
 from gampen_assets.sensors import MANIFEST, STORED_BATCHES, inbox_sensor
 from gampen_ml import stages
 from gampen_ml.fits_input import CutoutError, load_cutout_file, load_cutouts
+from tests.inbox_helpers import ingest_requested
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -83,8 +86,12 @@ def _sensor_env(tmp_path, monkeypatch, storage_root):
 
 
 def _tick(instance, home, monkeypatch, cursor=None):
+    """One sensor tick, then the ingestion each requested run starts with."""
     monkeypatch.setenv("DAGSTER_HOME", str(home))
-    return inbox_sensor(build_sensor_context(instance=instance, cursor=cursor))
+    result = inbox_sensor(build_sensor_context(instance=instance, cursor=cursor))
+    storage_root = Path(os.environ["GAMPEN_STORAGE"])
+    ingest_requested(result, Path(os.environ["GAMPEN_INBOX"]), storage_root, home / "quarantine")
+    return result
 
 
 def test_sensor_quarantines_bad_files_and_catalogs_the_rest(world, tmp_path, monkeypatch):
@@ -145,8 +152,8 @@ def test_duplicate_file_and_batch_names_never_overwrite(tmp_path, monkeypatch, s
         for name in ("night", "other"):
             (inbox / name / "_READY").touch()
         second = _tick(instance, home, monkeypatch, cursor=first.cursor)
-    assert [r.partition_key for r in first.run_requests] == ["night"]
-    assert [r.partition_key for r in second.run_requests] == ["night-2"]
+    assert [r.partition_key for r in first.run_requests] == ["night", "other"]
+    assert [r.partition_key for r in second.run_requests] == ["night-2", "other-2"]
     stored = storage_root / STORED_BATCHES
     assert np.array_equal(fits.getdata(stored / "night" / "a.fits"), galaxy(1))
     assert np.array_equal(fits.getdata(stored / "night-2" / "a.fits"), galaxy(2))

@@ -15,6 +15,9 @@ from gampen_ml import stages
 from gampen_ml.database import ensure_schema, query
 
 pytestmark = pytest.mark.slow
+#: The four tiny runs share 2 cores (about 3 min together on a busy CI box); past this
+#: deadline the test kills them and fails, naming the runs still going.
+RUNS_DEADLINE_S = 600.0
 
 CHILD = """
 import json, sys
@@ -62,7 +65,15 @@ def test_parallel_materializations_and_a_reader(tiny_world, tmp_path):
         for a, p in jobs
     ]
     seen_counts, seen_lineage = set(), []
+    deadline = time.monotonic() + RUNS_DEADLINE_S
     while any(p.poll() is None for p in procs):
+        if time.monotonic() > deadline:
+            running = [job for job, p in zip(jobs, procs, strict=True) if p.poll() is None]
+            for p in procs:
+                p.kill()
+            for p in procs:
+                p.communicate()
+            pytest.fail(f"runs still going after {RUNS_DEADLINE_S:.0f} s: {running}")
         # The reader: short read-only queries; it must never fail or see a partial shard.
         sims = query(db, "SELECT count(*) AS n FROM simulations")[0]["n"]
         seen_counts.add(sims)

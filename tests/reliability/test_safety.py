@@ -29,6 +29,7 @@ from gampen_ml.database import (
 )
 from gampen_ml.fits_input import CutoutError, Rejection, quarantine
 from gampen_ml.io import StorageError, load_npy_mmap, partition_dir
+from tests.inbox_helpers import ingest_requested
 
 SOURCES = sorted((REPO / "gampen_ml").rglob("*.py")) + sorted(
     (REPO / "gampen_assets").rglob("*.py")
@@ -251,6 +252,7 @@ def test_inbox_symlinks_and_header_names_never_lead_outside(tmp_path, monkeypatc
     with instance_for_test() as instance:
         monkeypatch.setenv("DAGSTER_HOME", str(home))
         result = inbox_sensor(build_sensor_context(instance=instance))
+        ingest_requested(result, inbox, storage_root, home / "quarantine")
     assert [r.partition_key for r in result.run_requests] == ["ok"]
     assert (secret / "s.fits").is_file() and (inbox / "linked").is_symlink()  # untouched
     stored = storage_root / STORED_BATCHES / "ok"

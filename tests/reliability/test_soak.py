@@ -12,6 +12,7 @@ from fits_cases import BAD, galaxy, write_fits
 from gampen_assets.sensors import inbox_sensor
 from gampen_ml import stages
 from gampen_ml.database import LineageRow, query, record_lineage
+from tests.inbox_helpers import ingest_requested
 
 pytestmark = pytest.mark.slow
 N_WAVES, BATCHES_PER_WAVE, FILES_PER_BATCH = 3, 10, 3
@@ -52,13 +53,15 @@ def test_thirty_batches_lose_nothing(world, tmp_path, monkeypatch):
                 for request in result.dynamic_partitions_requests:
                     instance.add_dynamic_partitions(request.partitions_def_name,
                                                     list(request.partition_keys))  # fmt: skip
+            ingest_requested(result, inbox, world, home / "quarantine")
             for request in result.run_requests:
                 # What the requested run does: the catalog asset with the real tiny model.
                 catalog = stages.catalog_and_publish(TINY, world, request.partition_key,
                                                      device="cpu")  # fmt: skip
                 record_lineage(db, LineageRow("posterior_catalog", request.partition_key, "v",
                                               row_count=catalog.height), storage_root=world)  # fmt: skip
-            assert list(inbox.iterdir()) == []
+            assert [p.name for p in inbox.iterdir()] == ["_processing"]
+            assert list((inbox / "_processing").iterdir()) == []
     rows = query(db, "SELECT dataset, source_file, count(*) AS n FROM posterior_catalog "
                  "GROUP BY ALL")  # fmt: skip
     assert {r["n"] for r in rows} == {1}

@@ -1,0 +1,285 @@
+"""The inbox: survey cutouts enter the platform exactly once per file, crash or not.
+
+Layout (the inbox folder is ``$GAMPEN_INBOX``, else ``$DAGSTER_HOME/inbox``)::
+
+    inbox/
+      hsc-2024-05-01/          a batch: a folder of FITS cutouts (sub-folders allowed)
+        a.fits  b.fits.gz ...
+        _READY                 marker: the upload is complete
+      cube7.fits               a batch: one FITS cube (one cutout per plane) ...
+      cube7.fits._READY        ... and its marker
+      _processing/<key>/       claimed batches (written by the platform only)
+
+A batch is *complete* when its marker exists, or when nothing in it has been modified for
+the settle time. Top-level names starting with ``.`` or ``_`` are not batches (upload to
+``.name`` and rename for atomicity); symbolic links in the inbox are never followed.
+
+Two steps, each safe to interrupt at any point:
+
+1. **Claim** (:func:`claim_batch`, in the sensor; no pixel is read): a complete batch gets
+   a partition key and moves with one rename into ``_processing/<key>/``. A batch that
+   cannot be renamed (permissions) stays where it is and is reported.
+2. **Ingest** (:func:`ingest_claimed`, in the catalog run): every file of the claimed
+   batch is validated (sizes from the headers first, :class:`~gampen_ml.config.InputLimits`);
+   the accepted files are copied into ``<storage root>/inbox_batches/<key>/`` in one atomic
+   step with a ``_manifest.json``; each rejected file is moved into ``quarantine/<key>/``
+   with a ``<name>.reason.txt`` — a reserved name (``_*``, ``.*``, e.g. an upload still in
+   progress) and a name that is not UTF-8 included; then the claimed copies are released.
+   Run again after a crash anywhere, it finishes the job and produces the same partition.
+
+So every file ends in exactly one place: stored, or quarantined with its reason. Files the
+platform cannot remove from ``_processing/<key>/`` (immutable, permissions) stay there,
+are logged by name, and are never ingested twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from gampen_ml.config import Profile
+from gampen_ml.fits_input import (
+    FITS_SUFFIXES,
+    display_name,
+    is_fits_name,
+    is_reserved_name,
+    quarantine,
+    validate_cutouts,
+)
+from gampen_ml.io import atomic_partition_dir
+
+READY_MARKER = "_READY"
+#: Inbox sub-folder holding the claimed batches, one folder per partition key.
+PROCESSING = "_processing"
+#: Storage-root folder holding the accepted files of each batch, one sub-folder per key.
+STORED_BATCHES = "inbox_batches"
+MANIFEST = "_manifest.json"
+MAX_KEY_LENGTH = 64
+
+
+def sanitize_batch_name(raw: str) -> str:
+    """A safe partition key from an inbox entry name.
+
+    FITS suffixes are dropped, every run of characters outside ``[A-Za-z0-9._-]`` becomes
+    ``-``, leading/trailing ``.``, ``-``, ``_`` are stripped (so ``..`` cannot survive),
+    and the result is cut to 64 characters; an empty result becomes ``batch``.
+    """
+    name = raw
+    for suffix in sorted(FITS_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-_")[:MAX_KEY_LENGTH].strip(".-_")
+    name = re.sub(r"\.{2,}", ".", name)
+    return name or "batch"
+
+
+def unique_key(name: str, taken: set[str]) -> str:
+    """``name``, or ``name-2``, ``name-3``... whichever is not in ``taken``."""
+    if name not in taken:
+        return name
+    index = 2
+    while f"{name}-{index}" in taken:
+        index += 1
+    return f"{name}-{index}"
+
+
+@dataclass(frozen=True)
+class InboxBatch:
+    """A complete batch waiting in the inbox."""
+
+    path: Path
+    name: str
+    marker: Path | None
+
+
+def _newest_mtime(path: Path) -> float:
+    newest = path.lstat().st_mtime
+    if path.is_dir() and not path.is_symlink():
+        for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
+            for name in dirnames + filenames:
+                newest = max(newest, (Path(dirpath) / name).lstat().st_mtime)
+    return newest
+
+
+def ready_batches(inbox: Path, settle_s: float, now: float | None = None) -> list[InboxBatch]:
+    """Complete batches in ``inbox`` (sorted by name); half-copied ones are left alone."""
+    now = time.time() if now is None else now
+    if not inbox.is_dir():
+        return []
+    batches = []
+    for entry in sorted(inbox.iterdir()):
+        if is_reserved_name(entry.name) or entry.is_symlink():
+            continue
+        if entry.is_dir():
+            marker = entry / READY_MARKER
+        elif entry.is_file() and is_fits_name(entry.name):
+            marker = entry.with_name(entry.name + "." + READY_MARKER)
+        else:
+            _remove_orphan_marker(entry)
+            continue
+        if marker.is_file():
+            batches.append(InboxBatch(entry, entry.name, marker))
+        elif settle_s > 0 and now - _newest_mtime(entry) >= settle_s:
+            if entry.is_dir() and not any(entry.iterdir()):
+                continue
+            batches.append(InboxBatch(entry, entry.name, None))
+    return batches
+
+
+def _remove_orphan_marker(entry: Path) -> None:
+    """Remove ``X._READY`` when ``X`` is gone (a claim interrupted between its renames).
+
+    The marker must be written after its file, so a marker alone carries no data.
+    """
+    suffix = "." + READY_MARKER
+    if entry.name.endswith(suffix) and entry.is_file() and not entry.is_symlink():
+        data = entry.with_name(entry.name[: -len(suffix)])
+        if not data.exists() and not data.is_symlink():
+            entry.unlink(missing_ok=True)
+
+
+def claimed_keys(inbox: Path) -> list[str]:
+    """Keys of the claimed batches in ``_processing/``.
+
+    An empty folder is what an interrupted claim of a single-file batch leaves (its file
+    is still in the inbox): it is removed here.
+    """
+    processing = inbox / PROCESSING
+    if not processing.is_dir():
+        return []
+    keys = []
+    for entry in sorted(processing.iterdir()):
+        if not entry.is_dir() or entry.is_symlink() or is_reserved_name(entry.name):
+            continue
+        try:
+            entry.rmdir()  # only succeeds when empty
+        except OSError:
+            keys.append(entry.name)
+    return keys
+
+
+def claim_batch(batch: InboxBatch, key: str, inbox: Path) -> Path:
+    """Move ``batch`` into ``<inbox>/_processing/<key>/``; return that folder.
+
+    A folder batch moves with one rename (its marker inside). A single-file batch gets a
+    folder: the file moves, then its marker, so an interruption leaves the file in the
+    inbox (claimed again later; the empty folder is removed by :func:`claimed_keys`) or
+    the file claimed and its marker orphaned (removed by :func:`ready_batches`).
+
+    Raises
+    ------
+    OSError
+        If the batch cannot be renamed (permissions, another filesystem); nothing moved.
+    """
+    processing = inbox / PROCESSING
+    processing.mkdir(exist_ok=True)
+    claimed = processing / key
+    if batch.path.is_dir():
+        os.rename(batch.path, claimed)
+        return claimed
+    claimed.mkdir()
+    try:
+        os.rename(batch.path, claimed / batch.name)
+    except OSError:
+        claimed.rmdir()
+        raise
+    if batch.marker is not None:
+        os.rename(batch.marker, claimed / READY_MARKER)
+    return claimed
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What happened to one claimed batch."""
+
+    key: str
+    n_files_in: int
+    n_files_accepted: int
+    n_files_quarantined: int
+    n_cutouts: int
+    stored_dir: Path | None
+    #: Files of the claimed batch that could not be removed after ingestion (by name).
+    left_behind: tuple[str, ...] = ()
+
+
+def ingest_claimed(
+    claimed: Path,
+    key: str,
+    profile: Profile,
+    storage_root: Path,
+    quarantine_root: Path,
+    checkpoint: Callable[[str], None] | None = None,
+) -> IngestResult:
+    """Validate, store, quarantine and release one claimed batch; idempotent.
+
+    Steps, each safe to interrupt (``checkpoint`` is called after each, for fault tests):
+    ``validated`` -> ``stored`` (atomic partition with its manifest; skipped when the
+    partition exists, i.e. on a rerun) -> ``quarantined:<file>`` per rejected file ->
+    ``released`` (the stored copies and the marker are removed from ``claimed``).
+    """
+    step = checkpoint or (lambda _: None)
+    (claimed / READY_MARKER).unlink(missing_ok=True)
+    scan = validate_cutouts(claimed, profile.imaging, profile.limits, reject_reserved=True)
+    step("validated")
+    stored = storage_root / STORED_BATCHES / key
+    if scan.accepted_files and not (stored / MANIFEST).is_file():
+        with atomic_partition_dir(stored) as tmp:
+            for relative in scan.accepted_files:
+                target = tmp / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(scan.root / relative, target)
+            (tmp / MANIFEST).write_text(
+                json.dumps(
+                    {
+                        "batch": key,
+                        "files_in": scan.n_files_in,
+                        "files_accepted": scan.accepted_files,
+                        "files_quarantined": {r.file: r.reason for r in scan.rejections},
+                        "cutouts": scan.table.height,
+                    },
+                    indent=2,
+                )
+            )
+    step("stored")
+    quarantined = quarantine(
+        scan.rejections, claimed, quarantine_root, batch_name=key, checkpoint=checkpoint
+    )
+    left = _release(claimed, scan.accepted_files)
+    step("released")
+    return IngestResult(
+        key=key,
+        n_files_in=scan.n_files_in,
+        n_files_accepted=len(scan.accepted_files),
+        n_files_quarantined=len(quarantined),
+        n_cutouts=scan.table.height,
+        stored_dir=stored if stored.is_dir() else None,
+        left_behind=left,
+    )
+
+
+def _release(claimed: Path, accepted: list[str]) -> tuple[str, ...]:
+    """Remove the stored copies from ``claimed`` and the folder if empty; list what stays."""
+    for relative in accepted:
+        try:
+            (claimed / relative).unlink(missing_ok=True)
+        except OSError:
+            pass
+    for dirpath, _, _ in sorted(os.walk(claimed), key=lambda w: -len(w[0])):
+        try:
+            os.rmdir(dirpath)
+        except OSError:
+            pass
+    if not claimed.exists():
+        return ()
+    return tuple(
+        display_name(p.relative_to(claimed).as_posix())
+        for p in sorted(claimed.rglob("*"))
+        if not p.is_dir() or p.is_symlink()
+    )
