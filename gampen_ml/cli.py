@@ -168,6 +168,50 @@ def cmd_predict(args: argparse.Namespace) -> None:
         f"{result.catalog.height} galaxies written to {args.out} with {model.model_name} "
         f"v{model.model_version} ({state}); {len(result.rejections)} file(s) skipped"
     )
+    if args.flags:
+        from gampen_ml.io import atomic_file
+
+        flags = stages.catalog_flags(result.catalog, profile, Path(args.root), model)
+        with atomic_file(args.flags) as tmp:
+            flags.write_parquet(tmp)
+        print(f"flags written to {args.flags} ({int(flags['unreliable'].sum())} unreliable)")
+
+
+def cmd_model_export(args: argparse.Namespace) -> None:
+    from gampen_ml import stages
+    from gampen_ml.model_archive import export_model
+
+    def warn(line: str) -> None:
+        print(f"warning: {line}", file=sys.stderr)
+
+    profile = get_profile(args.profile)
+    root = Path(args.root)
+    model = stages.resolve_prediction_model(
+        profile, root, args.model, tracking_uri=_tracking_uri(args), log=warn
+    )
+    out = export_model(profile, root, model, Path(args.out), log=warn)
+    state = "recalibrated" if model.calibrated else "NOT recalibrated"
+    print(
+        f"{model.model_name} v{model.model_version} ({state}) exported to {out} "
+        f"({out.stat().st_size / 1e6:.1f} MB)"
+    )
+
+
+def cmd_model_import(args: argparse.Namespace) -> None:
+    from gampen_ml.model_archive import import_model
+
+    result = import_model(
+        Path(args.file),
+        _tracking_uri(args),
+        name=args.name,
+        alias=args.alias,
+        artifact_location=_artifact_location(args),
+    )
+    alias = f", alias {args.alias!r}" if args.alias else ""
+    print(
+        f"{args.file} registered as {result.model_name} version {result.model_version}{alias} "
+        f"(MLflow run {result.run_id})"
+    )
 
 
 def cmd_plots(args: argparse.Namespace) -> None:
@@ -325,8 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gampen", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def add(name: str, func, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+    def add(name: str, func, help: str, parent=sub) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=help, description=help)
         p.set_defaults(func=func)
         p.add_argument(
             "--profile", help="paper, paper-short, quick or tiny (default $GAMPEN_PROFILE or quick)"
@@ -367,12 +411,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default=None,
-        help="trained_model folder, MLflow version or alias (default champion)",
+        help="NAME.gampen archive, trained_model folder, MLflow version or alias (default "
+        "champion)",
     )
     p.add_argument(
         "--passes", type=int, default=None, help="MC passes per galaxy (default: profile)"
     )
+    p.add_argument(
+        "--flags",
+        default=None,
+        help="also write the qualitative flags to this Parquet file, against the model's "
+        "training domain (an archive's own, else the storage root's)",
+    )
     model_opts(p)
+
+    p = sub.add_parser(
+        "model",
+        help="move a model: export it as one .gampen file, import one into MLflow",
+        description="move a model: export it as one .gampen file, import one into MLflow",
+    )
+    actions = p.add_subparsers(dest="action", required=True)
+    p = add(
+        "export",
+        cmd_model_export,
+        "write a model, its calibration, training domain and model card to NAME.gampen",
+        parent=actions,
+    )
+    p.add_argument(
+        "--model",
+        default="champion",
+        help="champion (default), trained_model folder, MLflow version or alias",
+    )
+    p.add_argument("--out", required=True, help="the archive to write, NAME.gampen")
+    p.add_argument("--tracking-uri", default=None, help="MLflow URI (for a version or alias)")
+    p = add(
+        "import",
+        cmd_model_import,
+        "register a .gampen archive as a new version of its MLflow model",
+        parent=actions,
+    )
+    p.add_argument("file", help="NAME.gampen")
+    p.add_argument(
+        "--name",
+        default=None,
+        help="registered model name (default: the archive's, gampen-<profile>, which "
+        "gampen predict --model VERSION looks up)",
+    )
+    p.add_argument("--alias", default=None, help="point this alias (e.g. champion) at it")
+    p.add_argument(
+        "--tracking-uri", default=None, help="MLflow URI (default sqlite under $DAGSTER_HOME)"
+    )
 
     p = add("plots", cmd_plots, "diagnostic figures of a catalog (PNG + index.md)")
     p.add_argument("catalog", help="catalog.parquet")
@@ -408,7 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variations", default=None, help="--robustness: comma-separated subset")
     p.add_argument("--workers", type=int, default=None, help="--robustness: render processes")
     p.add_argument(
-        "--model", default=None, help="--robustness: model folder, version or alias (champion)"
+        "--model",
+        default=None,
+        help="--robustness: .gampen archive, model folder, version or alias (champion)",
     )
     model_opts(p)
 
@@ -420,7 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default=None,
-        help="trained_model folder, MLflow version or alias (default: the calibrated champion)",
+        help=".gampen archive, trained_model folder, MLflow version or alias (default: the "
+        "calibrated champion)",
     )
     p.add_argument(
         "--recalibration",

@@ -111,6 +111,9 @@ def log_training_run(
     artifact_location: str | None = None,
     experiment: str = DEFAULT_EXPERIMENT,
     register: bool = True,
+    model_name: str | None = None,
+    version_tags: dict[str, str] | None = None,
+    metrics: dict[str, float] | None = None,
 ) -> tuple[str, str | None]:
     """Log one trained model as an MLflow run and register it as a model version.
 
@@ -138,6 +141,12 @@ def log_training_run(
         Experiment name.
     register : bool
         Also create a version of ``gampen-<profile>``.
+    model_name : str, optional
+        Register under this name instead of ``gampen-<profile>``.
+    version_tags : dict, optional
+        More tags of the model version (e.g. :data:`RECALIBRATION_TAG`).
+    metrics : dict, optional
+        Single-valued metrics logged at step 0 (e.g. an imported model's validation coverage).
 
     Returns
     -------
@@ -175,6 +184,10 @@ def log_training_run(
             for entry in history
             for key in ("train_loss", "val_loss", "lr", "seconds", "images_per_s")
             if key in entry and math.isfinite(float(entry[key]))
+        ] + [
+            Metric(key, float(value), now, 0)
+            for key, value in (metrics or {}).items()
+            if math.isfinite(float(value))
         ]
         client.log_batch(
             run_id,
@@ -198,7 +211,7 @@ def log_training_run(
         raise
     if not register:
         return run_id, None
-    name = registered_model_name(profile_name)
+    name = model_name or registered_model_name(profile_name)
     from mlflow.exceptions import MlflowException
 
     try:
@@ -212,7 +225,11 @@ def log_training_run(
         name,
         source=f"{run.info.artifact_uri}/{MODEL_ARTIFACT_PATH}",
         run_id=run_id,
-        tags={"dropout_rate": f"{dropout_rate:g}", "data_version": data_version},
+        tags={
+            "dropout_rate": f"{dropout_rate:g}",
+            "data_version": data_version,
+            **(version_tags or {}),
+        },
     )
     return run_id, str(version.version)
 
@@ -223,9 +240,14 @@ RECALIBRATION_TAG = "gampen.recalibration"
 
 
 def set_champion(
-    tracking_uri: str, name: str, version: str | int, recalibration: dict | None = None
+    tracking_uri: str,
+    name: str,
+    version: str | int,
+    recalibration: dict | None = None,
+    *,
+    alias: str = CHAMPION_ALIAS,
 ) -> None:
-    """Point the alias ``champion`` of registered model ``name`` at ``version``.
+    """Point the alias ``champion`` (or ``alias``) of registered model ``name`` at ``version``.
 
     ``recalibration`` (a ``Recalibration.to_dict()``) is stored on that version as the tag
     :data:`RECALIBRATION_TAG`, so resolving the version from the registry alone gives the
@@ -240,10 +262,10 @@ def set_champion(
             client.set_model_version_tag(
                 name, str(version), RECALIBRATION_TAG, json.dumps(recalibration)
             )
-        client.set_registered_model_alias(name, CHAMPION_ALIAS, str(version))
+        client.set_registered_model_alias(name, alias, str(version))
     except MlflowException as exc:
         raise RegistryError(
-            f"cannot set alias {CHAMPION_ALIAS!r} of model {name!r} to version {version} in "
+            f"cannot set alias {alias!r} of model {name!r} to version {version} in "
             f"{tracking_uri}: {exc.message}; train and register that model first"
         ) from exc
 

@@ -35,6 +35,7 @@ from gampen_ml.catalog import SAMPLES_FILE, catalog_from_images
 from gampen_ml.config import (
     PARAMETERS,
     ConfigError,
+    PriorConfig,
     Profile,
     derive_seed,
     dropout_key,
@@ -505,22 +506,83 @@ def training_domain(
     return fwhm_range, sigma_range
 
 
-def catalog_flags(catalog: pl.DataFrame, profile: Profile, root: Path) -> pl.DataFrame:
-    """:func:`gampen_ml.flags.compute_flags` against the stored training domain.
+@dataclass(frozen=True)
+class TrainingDomain:
+    """What a model's training images spanned: the ranges the out-of-domain flags compare against.
 
-    :func:`training_domain` enables ``psf_outside_library`` and the noise criterion of
-    ``out_of_domain`` (each left out when its input is not stored); the priors are the
-    profile's.
+    Attributes
+    ----------
+    psf_fwhm_range_arcsec : (float, float) or None
+        FWHM range of the training PSF library (``psf_outside_library``); None: unknown.
+    noise_sigma_range_nJy : (float, float) or None
+        Sky noise of the training images (``out_of_domain``'s noise criterion); None: unknown.
+    priors : PriorConfig
+        The simulation priors (``out_of_domain``'s flux and Re criteria).
+    """
+
+    psf_fwhm_range_arcsec: tuple[float, float] | None
+    noise_sigma_range_nJy: tuple[float, float] | None
+    priors: PriorConfig
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict (ranges as lists or null)."""
+        return {
+            "psf_fwhm_range_arcsec": _pair(self.psf_fwhm_range_arcsec),
+            "noise_sigma_range_nJy": _pair(self.noise_sigma_range_nJy),
+            "priors": dataclasses.asdict(self.priors),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> TrainingDomain:
+        """Inverse of :meth:`to_dict`; unknown prior fields are an error naming them."""
+        fields = {f.name for f in dataclasses.fields(PriorConfig)}
+        unknown = sorted(set(data["priors"]) - fields)
+        if unknown:
+            raise ValueError(f"TrainingDomain.from_dict: unknown prior fields {unknown}")
+        priors = {k: tuple(v) if isinstance(v, list) else v for k, v in data["priors"].items()}
+        return cls(
+            psf_fwhm_range_arcsec=_pair(data.get("psf_fwhm_range_arcsec")),
+            noise_sigma_range_nJy=_pair(data.get("noise_sigma_range_nJy")),
+            priors=PriorConfig(**priors),
+        )
+
+
+def _pair(value) -> tuple[float, float] | None:
+    return None if value is None else (float(value[0]), float(value[1]))
+
+
+def model_domain(
+    profile: Profile, root: Path, model: PredictionModel | None = None
+) -> TrainingDomain:
+    """The training domain the flags of ``model``'s catalogs compare against.
+
+    A model that carries its own (one read from a ``.gampen`` archive) brings it; otherwise
+    :func:`training_domain` of the storage root and the profile's priors.
+    """
+    if model is not None and model.domain is not None:
+        return model.domain
+    fwhm_range, sigma = training_domain(profile, root)
+    return TrainingDomain(fwhm_range, sigma, profile.simulation.priors)
+
+
+def catalog_flags(
+    catalog: pl.DataFrame, profile: Profile, root: Path, model: PredictionModel | None = None
+) -> pl.DataFrame:
+    """:func:`gampen_ml.flags.compute_flags` against the training domain of the catalog's model.
+
+    :func:`model_domain` (the stored PSF library and noise pool, or the domain an archived
+    ``model`` carries) enables ``psf_outside_library`` and the noise criterion of
+    ``out_of_domain``, each left out when unknown.
     """
     from gampen_ml.flags import compute_flags
 
-    fwhm_range, sigma = training_domain(profile, root)
+    domain = model_domain(profile, root, model)
     return compute_flags(
         catalog,
         profile.flags,
-        psf_fwhm_range=fwhm_range,
-        noise_sigma_nJy=sigma,
-        priors=profile.simulation.priors,
+        psf_fwhm_range=domain.psf_fwhm_range_arcsec,
+        noise_sigma_nJy=domain.noise_sigma_range_nJy,
+        priors=domain.priors,
     )
 
 
@@ -552,6 +614,9 @@ class PredictionModel:
         The validation-fit recalibration of *this* model: set only when the model is the
         one ``calibrated_dropout_rate`` chose (a recalibration fit for another model's
         posteriors would be wrong for it).
+    domain : TrainingDomain or None
+        The model's own training domain (a ``.gampen`` archive carries it); None: the
+        storage root's (:func:`model_domain`).
     """
 
     model_dir: Path
@@ -559,6 +624,7 @@ class PredictionModel:
     model_version: str
     dropout_rate: float
     recalibration: Recalibration | None
+    domain: TrainingDomain | None = None
 
     @property
     def calibrated(self) -> bool:
@@ -596,7 +662,9 @@ def resolve_prediction_model(
         Profile and storage root (the champion is read from ``calibrated_dropout_rate``).
     model : str, optional
         ``None`` or ``"champion"``: the calibrated champion of ``root`` (without a local
-        calibration: the registry's ``champion`` alias). A ``trained_model`` folder, an
+        calibration: the registry's ``champion`` alias). A ``.gampen`` archive
+        (:mod:`gampen_ml.model_archive`): its model, name, version, recalibration and
+        training domain, with neither ``root`` nor MLflow. A ``trained_model`` folder, an
         MLflow version number or alias (needs ``tracking_uri``): that model, recalibrated
         when it is the champion (same folder or registered version) or when its registered
         version carries a recalibration tag (``gampen_ml.registry.RECALIBRATION_TAG``).
@@ -607,6 +675,10 @@ def resolve_prediction_model(
     """
     from gampen_ml.train import load_trained_model
 
+    if model is not None and (str(model).endswith(".gampen") or Path(model).is_file()):
+        from gampen_ml.model_archive import open_model_archive
+
+        return open_model_archive(model).prediction_model(profile, log=log)
     try:
         champion = champion_model(profile, root)
     except FileNotFoundError:
@@ -828,16 +900,17 @@ def shift_suite(
     with_sim_test: bool = False,
     log: Callable[[str], None] = _quiet,
 ) -> tuple[pl.DataFrame, pl.DataFrame, list[str]]:
-    """The shift-robustness suite of ``model`` against the stored training domain, reported.
+    """The shift-robustness suite of ``model`` against its training domain, reported.
 
     :func:`gampen_ml.robustness.evaluate_robustness` with the flags' training domain
-    (:func:`training_domain`) and, by default, the frozen test seed; ``with_sim_test`` puts
+    (:func:`model_domain`) and, by default, the frozen test seed; ``with_sim_test`` puts
     the stored ``sim-test`` catalog's rows first when it exists. Writes the report files
     into ``out_dir``; returns ``(table, binned, missed targets)``.
     """
     from gampen_ml import robustness
 
-    fwhm_range, sigma = training_domain(profile, root)
+    domain = model_domain(profile, root, model)
+    fwhm_range, sigma = domain.psf_fwhm_range_arcsec, domain.noise_sigma_range_nJy
     frozen = seed is None
     seed = robustness.frozen_seed(profile) if frozen else seed
     table, binned = robustness.evaluate_robustness(

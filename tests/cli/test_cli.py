@@ -185,5 +185,21 @@ def test_every_command_has_help(env):
         "validate",
         "sql",
         "lineage",
+        "model",
     ):
         assert "usage: gampen" in gampen(command, "--help", env=env).stdout
+    for action in ("export", "import"):
+        assert f"usage: gampen model {action}" in gampen("model", action, "--help", env=env).stdout
+
+
+def test_a_damaged_model_archive_is_named_not_loaded(env, tmp_path):
+    """``gampen predict --model X.gampen`` on a file that is not an archive: exit 2 and a
+    message naming the file and the problem (export, import and the other damages:
+    ``tests/gampen_ml/test_model_archive.py``)."""
+    broken = tmp_path / "broken.gampen"
+    broken.write_bytes(b"PK\x03\x04 half a zip")
+    out = tmp_path / "c.parquet"
+    result = gampen("predict", str(tmp_path), "--model", str(broken), "--out", str(out),
+                    env=env, check=False)  # fmt: skip
+    assert result.returncode == 2 and not out.exists()
+    assert f"gampen predict: error: model archive {broken}: not a readable zip" in result.stderr
