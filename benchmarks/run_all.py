@@ -7,7 +7,8 @@
 
 Each ``benchmarks/bench_<name>.py`` measures our code against a reference in the same
 process (these machines are noisy, so only ratios are compared). ``simulation``,
-``adaptive`` and ``scale`` write their section ``benchmarks/results/<name>.md`` themselves;
+``adaptive``, ``scale`` and ``sky_catalog`` write their section ``benchmarks/results/<name>.md``
+themselves;
 the sections of ``training``, ``inference``, ``posterior`` (and ``gpu``, measured on a GPU
 machine with ``benchmarks/gpu_check.sh``; ``pipeline``, written by whoever times the quick
 pipeline) are curated by hand from a run. ``RESULTS.md`` holds every section followed by the
@@ -34,6 +35,7 @@ ORDER = [
     "posterior",
     "adaptive",
     "scale",
+    "sky_catalog",
     "gpu",
     "pipeline",
     "validation",
@@ -49,6 +51,7 @@ BUDGET_ARGS: dict[str, list[str]] = {
     "posterior": ["--galaxies", "2000", "--reference", "20"],
     "adaptive": ["--galaxies", "192", "--threads", "1"],
     "scale": ["--sizes", "20000", "100000", "--threads", "1", "--batch", "512"],
+    "sky_catalog": ["--sizes", "100000"],
 }
 
 

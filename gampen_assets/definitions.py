@@ -14,6 +14,10 @@ from __future__ import annotations
 from dagster import AssetSelection, Definitions, ExecutorDefinition, define_asset_job
 
 from gampen_assets.assets import ALL_ASSETS
+from gampen_assets.assets.sky_catalog_assets import (
+    SKY_CATALOG_CHECKS,
+    sky_catalog_automation_sensor,
+)
 from gampen_assets.checks import ALL_CHECKS
 from gampen_assets.lineage import lineage_failure_sensor
 from gampen_assets.resources import GampenSettings
@@ -61,9 +65,9 @@ def build_definitions(executor: ExecutorDefinition | None = None) -> Definitions
     """
     return Definitions(
         assets=ALL_ASSETS,
-        asset_checks=ALL_CHECKS,
+        asset_checks=[*ALL_CHECKS, *SKY_CATALOG_CHECKS],
         resources={"settings": GampenSettings()},
-        sensors=[inbox_sensor, lineage_failure_sensor],
+        sensors=[inbox_sensor, lineage_failure_sensor, sky_catalog_automation_sensor],
         schedules=[reprocess_schedule],
         jobs=JOBS,
         executor=executor,

@@ -8,6 +8,7 @@ from gampen_assets.assets.prediction_assets import (
     qualitative_flags,
     robustness_report,
 )
+from gampen_assets.assets.sky_catalog_assets import sky_catalog
 
 ALL_ASSETS = [
     psf_library,
@@ -19,6 +20,7 @@ ALL_ASSETS = [
     qualitative_flags,
     diagnostic_plots,
     robustness_report,
+    sky_catalog,
 ]
 
 __all__ = [
@@ -31,5 +33,6 @@ __all__ = [
     "qualitative_flags",
     "robustness_report",
     "simulated_galaxies",
+    "sky_catalog",
     "trained_model",
 ]

@@ -23,6 +23,7 @@ ASSETS = {
     "robustness_report",
     "qualitative_flags",
     "diagnostic_plots",
+    "sky_catalog",
 }
 
 
@@ -44,6 +45,7 @@ def test_every_asset_group_owner_description_and_code_version():
     assert groups["psf_library"] == groups["simulated_galaxies"] == "inputs"
     assert groups["trained_model"] == groups["calibrated_dropout_rate"] == "model"
     assert groups["posterior_catalog"] == groups["diagnostic_plots"] == "catalog"
+    assert groups["sky_catalog"] == "catalog"
     assert groups["robustness_report"] == "validation"
 
 
@@ -72,11 +74,18 @@ def test_every_stage_has_a_check_and_upstream_checks_block():
         if spec.blocking
     }
     # Everything that has a downstream must stop it on failure.
-    assert ASSETS - {"qualitative_flags", "diagnostic_plots", "robustness_report"} <= blocking
+    assert (
+        ASSETS - {"qualitative_flags", "diagnostic_plots", "robustness_report", "sky_catalog"}
+        <= blocking
+    )
 
 
 def test_sensors_schedules_jobs():
-    assert {s.name for s in defs.sensors} == {"inbox_sensor", "lineage_failure_sensor"}
+    assert {s.name for s in defs.sensors} == {
+        "inbox_sensor",
+        "lineage_failure_sensor",
+        "sky_catalog_automation",
+    }
     assert {s.name for s in defs.schedules} == {"reprocess_schedule"}
     for job in ("inputs_job", "simulation_job", "training_job", "calibration_job", "catalog_job"):
         assert defs.resolve_job_def(job) is not None
