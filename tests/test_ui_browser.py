@@ -37,6 +37,7 @@ ASSETS = (
     "qualitative_flags",
     "diagnostic_plots",
     "robustness_report",
+    "sky_catalog",
 )
 GROUPS = ("inputs", "model", "catalog", "validation")
 STARTUP_TIMEOUT_S = 240.0
