@@ -40,7 +40,12 @@ SQL_WORDS = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE|CREATE|DROP|FROM|WHERE|V
 ALLOWED_SQL_INTERPOLATIONS = {
     ("gampen_ml/database.py", "', '.join('?' * len(values))"),
     ("gampen_ml/database.py", "view"),
-    ("gampen_ml/database.py", "escaped"),
+    # "VIEW" or "TEMP VIEW", chosen by the code.
+    ("gampen_ml/database.py", "kind"),
+    # Paths of the storage root as quoted SQL literals ('' escaping, database._sql_string):
+    # DuckDB cannot bind parameters in CREATE VIEW.
+    ("gampen_ml/database.py", "_sql_string(glob)"),
+    ("gampen_ml/database.py", "listed"),
     ("gampen_ml/database.py", "columns"),
     ("gampen_ml/database.py", "c.split(' ', 1)[1]"),
     ("gampen_ml/database.py", "c.split(' ', 1)[0]"),
