@@ -78,7 +78,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gampen_ml.catalog import CATALOG_FILE, validate_catalog
-from gampen_ml.io import atomic_partition_dir, partition_dir
+from gampen_ml.io import atomic_partition_dir, file_sha256, partition_dir
 
 #: Storage-root asset folder of the sky catalog (``<root>/sky_catalog/all``).
 SKY_CATALOG_ASSET = "sky_catalog"
@@ -279,11 +279,6 @@ def _read_source(path: Path) -> tuple[str, pl.DataFrame]:
         fh.seek(0)
         df = pl.read_parquet(fh)
     return digest, validate_catalog(df, source=str(path))
-
-
-def _file_sha256(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -587,7 +582,7 @@ def publish_sky_catalog(
         new_entries: dict[str, dict] = {}
         for key, path in sources.items():
             previous = old_datasets.get(key)
-            if previous is not None and previous["sha256"] == _file_sha256(path):
+            if previous is not None and previous["sha256"] == file_sha256(path):
                 update.unchanged.append(key)
                 continue
             digest, catalog = _read_source(path)
