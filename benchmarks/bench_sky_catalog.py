@@ -52,31 +52,33 @@ TILE_DEG = 1.0
 TILES_PER_ROW = 5
 
 
-def tile_catalog(rng: np.random.Generator, index: int, n: int) -> pl.DataFrame:
-    """``n`` schema-valid rows uniform in tile ``index`` (1° x 1°, 5 tiles per row of sky)."""
+def schema_rows(rng: np.random.Generator, n: int, first_id: int = 0) -> pl.DataFrame:
+    """``n`` rows of every catalog column with valid dtypes: random floats, ids from
+    ``first_id``, placeholder text; positions and ``dataset`` are the caller's to set."""
     columns = {}
     for name, dtype in CATALOG_SCHEMA.items():
         if dtype == pl.Float64:
             columns[name] = rng.random(n)
         elif dtype == pl.Int32:
-            columns[name] = np.full(n, 1000, np.int32)
+            columns[name] = np.full(n, 300, np.int32)
         elif dtype == pl.Boolean:
             columns[name] = np.ones(n, bool)
         elif dtype == pl.Int64:
-            columns[name] = np.arange(n) + index * 10_000_000
+            columns[name] = np.arange(n) + first_id
         else:
-            columns[name] = [f"{name}-value"] * n
+            columns[name] = [f"{name}-x"] * n
+    return pl.DataFrame(columns).cast(CATALOG_SCHEMA)
+
+
+def tile_catalog(rng: np.random.Generator, index: int, n: int) -> pl.DataFrame:
+    """``n`` schema-valid rows uniform in tile ``index`` (1° x 1°, 5 tiles per row of sky)."""
     ra0 = 150.0 + TILE_DEG * (index % TILES_PER_ROW)
     dec0 = 1.0 + TILE_DEG * (index // TILES_PER_ROW)
     sin_lo, sin_hi = np.sin(np.radians([dec0, dec0 + TILE_DEG]))
-    return (
-        pl.DataFrame(columns)
-        .cast(CATALOG_SCHEMA)
-        .with_columns(
-            dataset=pl.lit(f"tile-{index:03d}"),
-            ra_deg=pl.Series(rng.uniform(ra0, ra0 + TILE_DEG, n)),
-            dec_deg=pl.Series(np.degrees(np.arcsin(rng.uniform(sin_lo, sin_hi, n)))),
-        )
+    return schema_rows(rng, n, first_id=index * 10_000_000).with_columns(
+        dataset=pl.lit(f"tile-{index:03d}"),
+        ra_deg=pl.Series(rng.uniform(ra0, ra0 + TILE_DEG, n)),
+        dec_deg=pl.Series(np.degrees(np.arcsin(rng.uniform(sin_lo, sin_hi, n)))),
     )
 
 

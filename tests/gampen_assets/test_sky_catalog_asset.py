@@ -13,6 +13,7 @@ from dagster import (
     materialize,
 )
 
+from benchmarks.bench_sky_catalog import schema_rows
 from gampen_assets.assets import ALL_ASSETS
 from gampen_assets.assets.sky_catalog_assets import (
     SKY_CATALOG_CHECKS,
@@ -22,7 +23,7 @@ from gampen_assets.assets.sky_catalog_assets import (
 from gampen_assets.definitions import defs
 from gampen_assets.partitions import datasets
 from gampen_assets.resources import GampenSettings
-from gampen_ml.catalog import CATALOG_SCHEMA, write_catalog
+from gampen_ml.catalog import write_catalog
 from gampen_ml.database import query
 from gampen_ml.sky_catalog import open_sky_catalog
 
@@ -30,19 +31,7 @@ from gampen_ml.sky_catalog import open_sky_catalog
 def catalog_rows(dataset: str, n: int, seed: int, positioned: bool = True) -> pl.DataFrame:
     """``n`` schema-valid catalog rows in a 10° patch of sky (or without positions)."""
     rng = np.random.default_rng(seed)
-    columns = {}
-    for name, dtype in CATALOG_SCHEMA.items():
-        if dtype == pl.Float64:
-            columns[name] = rng.random(n)
-        elif dtype == pl.Int32:
-            columns[name] = np.full(n, 100, np.int32)
-        elif dtype == pl.Boolean:
-            columns[name] = np.zeros(n, bool)
-        elif dtype == pl.Int64:
-            columns[name] = np.arange(n)
-        else:
-            columns[name] = ["x"] * n
-    df = pl.DataFrame(columns).cast(CATALOG_SCHEMA).with_columns(dataset=pl.lit(dataset))
+    df = schema_rows(rng, n).with_columns(dataset=pl.lit(dataset))
     if not positioned:
         return df.with_columns(ra_deg=pl.lit(None, pl.Float64), dec_deg=pl.lit(None, pl.Float64))
     return df.with_columns(

@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 import pytest
 from astropy.coordinates import SkyCoord, angular_separation
 
-from gampen_ml.catalog import CATALOG_SCHEMA, validate_catalog, write_catalog
+from benchmarks.bench_sky_catalog import schema_rows
+from gampen_ml.catalog import validate_catalog, write_catalog
 from gampen_ml.sky_catalog import (
     HEALPIX_COLUMN,
     PRIMARY_NAME,
@@ -50,19 +51,7 @@ def synthetic_catalog(
     rng: np.random.Generator, n: int, dataset: str, ra_range_deg: tuple[float, float] | None
 ) -> pl.DataFrame:
     """``n`` schema-valid catalog rows, uniform on the sphere within an RA range (None: no position)."""
-    columns = {}
-    for name, dtype in CATALOG_SCHEMA.items():
-        if dtype == pl.Float64:
-            columns[name] = rng.random(n)
-        elif dtype == pl.Int32:
-            columns[name] = np.full(n, 300, np.int32)
-        elif dtype == pl.Boolean:
-            columns[name] = np.ones(n, bool)
-        elif dtype == pl.Int64:
-            columns[name] = np.arange(n)
-        else:
-            columns[name] = [f"{name}-x"] * n
-    df = pl.DataFrame(columns).cast(CATALOG_SCHEMA)
+    df = schema_rows(rng, n)
     # Nulls where the schema allows them (real cutouts: no truth, sometimes no PSF or HDU).
     every_third = pl.int_range(0, n) % 3 == 0
     df = df.with_columns(
