@@ -1,10 +1,17 @@
 """Browser tests' rules (used by the ``chromium`` and ``screenshot_dir`` fixtures of
-``tests/conftest.py``): no silent skip under CI, no screenshot in the working tree."""
+``tests/conftest.py``): no silent skip under CI, no screenshot in the working tree; and the
+start and stop of the web servers they open."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -37,3 +44,46 @@ def screenshot_folder(tmp_path: Path, env: Mapping[str, str] = os.environ) -> Pa
     path = Path(folder).resolve()
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_server(
+    url: str, proc: subprocess.Popen, log: Path, what: str, timeout_s: float
+) -> None:
+    """Poll ``url`` until it answers 200; fail with the tail of ``log`` when ``proc`` exits
+    or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(1.0)
+    pytest.fail(f"{what} not up after {timeout_s} s:\n{log.read_text()[-3000:]}")
+
+
+def stop_group(proc: subprocess.Popen, timeout_s: float = 20.0) -> None:
+    """SIGTERM the server's whole process group, SIGKILL what is left at the deadline."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            proc.poll()
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+    proc.wait(timeout=timeout_s)

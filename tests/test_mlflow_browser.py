@@ -14,17 +14,13 @@ Without ``chromium`` the test is skipped, except under ``CI=true`` where it fail
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.browser_helpers import free_port, stop_group, wait_for_server
 
 REPO = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_S = 180.0
@@ -33,12 +29,6 @@ STOP_TIMEOUT_S = 20.0
 VAL_LOSS = 0.8125
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _register_tiny_champion(home: Path) -> tuple[str, str]:
@@ -88,45 +78,12 @@ def _register_tiny_champion(home: Path) -> tuple[str, str]:
     return name, f"{tiny.name}-dropout-0.05"
 
 
-def _wait_for_server(url: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"make mlflow exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(1.0)
-    pytest.fail(f"make mlflow not up after {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's whole process group, SIGKILL what is left at the deadline."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            proc.poll()
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
-    proc.wait(timeout=STOP_TIMEOUT_S)
-
-
 @pytest.fixture
 def mlflow_ui(tmp_path):
     """``make mlflow`` on a temporary embedded store holding a tiny champion."""
     home = tmp_path / "dagster_home"
     name, run_name = _register_tiny_champion(home)
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "mlflow.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
@@ -136,10 +93,12 @@ def mlflow_ui(tmp_path):
             cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:
-        _wait_for_server(f"http://127.0.0.1:{port}/health", proc, log)
+        wait_for_server(
+            f"http://127.0.0.1:{port}/health", proc, log, "make mlflow", STARTUP_TIMEOUT_S
+        )
         yield f"http://127.0.0.1:{port}", name, run_name
     finally:
-        _stop_group(proc)
+        stop_group(proc, STOP_TIMEOUT_S)
 
 
 def test_registry_shows_champion_and_metrics(chromium, screenshot_dir, mlflow_ui):

@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+
+from tests.browser_helpers import free_port, stop_group, wait_for_server
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = (
@@ -45,35 +42,12 @@ STARTUP_TIMEOUT_S = 240.0
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_for_server(url: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(
-                f"dagster-webserver exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
-            )
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(1.0)
-    pytest.fail(f"dagster-webserver not up after {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
-
-
 @pytest.fixture
 def webserver(tmp_path):
     home = tmp_path / "dagster_home"
     home.mkdir()
     shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "DAGSTER_HOME": str(home),
@@ -100,15 +74,16 @@ def webserver(tmp_path):
             start_new_session=True,
         )
     try:
-        _wait_for_server(f"http://127.0.0.1:{port}/server_info", proc, log)
+        wait_for_server(
+            f"http://127.0.0.1:{port}/server_info",
+            proc,
+            log,
+            "dagster-webserver",
+            STARTUP_TIMEOUT_S,
+        )
         yield f"http://127.0.0.1:{port}"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc, timeout_s=30.0)
 
 
 def test_asset_graph_shows_every_asset(chromium, screenshot_dir, webserver):
