@@ -20,6 +20,8 @@ setting                   environment variable       default
 ``inbox``                 ``GAMPEN_INBOX``           ``<dagster_home>/inbox``
 ``quarantine``            (none)                     ``<dagster_home>/quarantine``
 ``inbox_settle_s``        ``GAMPEN_INBOX_SETTLE_S``  ``300``
+``domains``               (none)                     ``<dagster_home>/domains`` (``<name>.toml``)
+``labelled``              (none)                     ``<dagster_home>/labelled`` (``<domain>/``)
 ========================  =========================  ==========================================
 
 ``mlflow_artifact_location`` is ``<dagster_home>/mlartifacts`` (a ``file://`` URI) for the
@@ -65,6 +67,10 @@ class Settings:
     inbox: Path
     quarantine: Path
     inbox_settle_s: float
+    #: Survey domain definitions, one ``<name>.toml`` each (:mod:`gampen_ml.domains`).
+    domains: Path
+    #: Fitter-labelled galaxies to fine-tune on, one folder per domain.
+    labelled: Path
 
     @classmethod
     def resolve(
@@ -119,6 +125,8 @@ class Settings:
             inbox=path(inbox, INBOX_ENV_VAR, home / "inbox"),
             quarantine=home / "quarantine",
             inbox_settle_s=_settle_seconds(env.get(SETTLE_ENV_VAR)),
+            domains=home / "domains",
+            labelled=home / "labelled",
         )
 
     def profile(self) -> Profile:

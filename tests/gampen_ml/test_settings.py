@@ -68,6 +68,8 @@ def test_every_path_follows_flags_then_environment_then_defaults(tmp_path, monke
         inbox=tmp_path / "e-inbox",
         quarantine=tmp_path / "e-home" / "quarantine",
         inbox_settle_s=0.0,
+        domains=tmp_path / "e-home" / "domains",
+        labelled=tmp_path / "e-home" / "labelled",
     )
     assert from_env.profile().name == "tiny"
 
