@@ -22,6 +22,13 @@
   factor fixes a bias. The median offset ``mean - truth`` of the validation galaxies in
   quantile bins of their predicted mean, interpolated, is subtracted from each posterior
   first (a calibration conditional on the prediction, not on the unknown truth).
+- :func:`fit_spread_profile` — the same idea for the *width*: one global factor cannot
+  serve posteriors whose misfit depends on the kind of galaxy (B/T of two-component
+  galaxies under-covered while pure disks and bulges are over-covered; small galaxies
+  under-covered while large ones are over-covered). The 68.27 % quantile of the
+  standardized residual ``|truth - mean| / std`` in quantile bins of the predicted mean,
+  relative to its value over all galaxies, is a relative width factor, interpolated and
+  applied about each galaxy's mean before the global fit.
 - An **error floor** ``f_p`` (scaled units, added in quadrature after the spread factor:
   ``sigma' = sqrt(k^2 sigma^2 + f^2)``): a model error that does not shrink with the
   predicted aleatoric width, which otherwise leaves the sharpest posteriors (bright galaxies)
@@ -56,6 +63,10 @@ EXPONENT_GRID = np.round(np.linspace(0.6, 2.0, 15), 2)
 FLOOR_GRID = np.array([0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12])
 #: Quantile bins of the predicted mean in which :func:`fit_mean_shift` takes the median offset.
 MEAN_SHIFT_BINS = 10
+#: Quantile bins of the predicted mean in which :func:`fit_spread_profile` measures the width.
+SPREAD_BINS = 8
+#: Relative width factors of :func:`fit_spread_profile` are clipped to this range.
+SPREAD_LIMITS = (0.25, 4.0)
 #: Weight of the mean 68.27 % coverage error over ``groups`` in the fit objectives.
 GROUP_WEIGHT = 1.0
 
@@ -229,13 +240,17 @@ class Recalibration:
     floor: tuple[float, float, float] = (0.0, 0.0, 0.0)
     shift_knots: tuple[tuple[float, ...], ...] = ((), (), ())
     shift_values: tuple[tuple[float, ...], ...] = ((), (), ())
+    spread_knots: tuple[tuple[float, ...], ...] = ((), (), ())
+    spread_values: tuple[tuple[float, ...], ...] = ((), (), ())
 
     def apply(self, samples_scaled: np.ndarray) -> np.ndarray:
         """Shift, reshape, stretch and floor ``(N, T, 3)`` scaled samples; float32.
 
         Each galaxy's samples move by ``-shift(mean)`` (:func:`fit_mean_shift`; none when
-        no knots), then are reshaped and stretched about the galaxy's mean with the error
-        floor added in quadrature (:func:`recalibrate_samples`).
+        no knots), are stretched by the relative width of their predicted mean
+        (:func:`fit_spread_profile`; none when no knots), then are reshaped and stretched
+        about the galaxy's mean with the error floor added in quadrature
+        (:func:`recalibrate_samples`).
         """
         samples_scaled = np.asarray(samples_scaled, dtype=np.float32)
         if samples_scaled.ndim != 3 or samples_scaled.shape[2] != 3:
@@ -243,6 +258,7 @@ class Recalibration:
                 f"Recalibration.apply: samples must be (N, T, 3), got {samples_scaled.shape}"
             )
         x = shift_means(samples_scaled, self.shift_knots, self.shift_values)
+        x = stretch_by_mean(x, self.spread_knots, self.spread_values)
         return recalibrate_samples(x, self.exponent, self.scale, self.floor)
 
     def to_dict(self) -> dict:
@@ -257,6 +273,8 @@ class Recalibration:
             "floor": list(self.floor),
             "shift_knots": [list(k) for k in self.shift_knots],
             "shift_values": [list(v) for v in self.shift_values],
+            "spread_knots": [list(k) for k in self.spread_knots],
+            "spread_values": [list(v) for v in self.spread_values],
         }
 
     @classmethod
@@ -285,9 +303,15 @@ class Recalibration:
             floor = tuple(float(v) for v in data.get("floor", [0.0] * 3))
             knots = tuple(tuple(float(v) for v in k) for k in data.get("shift_knots", [[]] * 3))
             values = tuple(tuple(float(v) for v in k) for k in data.get("shift_values", [[]] * 3))
+            spread_knots = tuple(
+                tuple(float(v) for v in k) for k in data.get("spread_knots", [[]] * 3)
+            )
+            spread_values = tuple(
+                tuple(float(v) for v in k) for k in data.get("spread_values", [[]] * 3)
+            )
         except (TypeError, ValueError) as exc:
             raise CalibrationError(
-                f"Recalibration.from_dict: bad field 'floor' or 'shift_*': {exc!r}"
+                f"Recalibration.from_dict: bad field 'floor', 'shift_*' or 'spread_*': {exc!r}"
             ) from exc
         if len(floor) != 3 or min(floor) < 0:
             raise CalibrationError(
@@ -298,12 +322,23 @@ class Recalibration:
                 "Recalibration.from_dict: fields 'shift_knots' and 'shift_values' must be 3 "
                 "lists of equal lengths"
             )
+        if len(spread_knots) != 3 or [len(k) for k in spread_knots] != [
+            len(v) for v in spread_values
+        ]:
+            raise CalibrationError(
+                "Recalibration.from_dict: fields 'spread_knots' and 'spread_values' must be 3 "
+                "lists of equal lengths"
+            )
+        if any(v <= 0 for values_p in spread_values for v in values_p):
+            raise CalibrationError("Recalibration.from_dict: 'spread_values' must be > 0")
         return cls(
             scale=scale,
             exponent=exponent,
             floor=floor,
             shift_knots=knots,
             shift_values=values,
+            spread_knots=spread_knots,
+            spread_values=spread_values,
             error_before=tuple(float(v) for v in data.get("error_before", [float("nan")] * 3)),
             error_after=tuple(float(v) for v in data.get("error_after", [float("nan")] * 3)),
             levels=tuple(float(v) for v in data.get("levels", RECALIBRATION_LEVELS)),
@@ -364,6 +399,74 @@ def shift_means(samples: np.ndarray, knots, values) -> np.ndarray:
             mean = x[:, :, j].mean(axis=1)
             x[:, :, j] -= np.interp(mean, k, v).astype(np.float32)[:, None]
     return x
+
+
+def stretch_by_mean(samples: np.ndarray, knots, values) -> np.ndarray:
+    """Stretch each galaxy's ``(N, T, P)`` samples about its mean by ``interp(mean, knots_p, values_p)``.
+
+    ``knots`` / ``values``: per parameter, increasing predicted means and the relative width
+    factors there (:func:`fit_spread_profile`); an empty pair leaves that parameter alone.
+    Linear interpolation, constant beyond the end knots. float32.
+    """
+    if not any(len(k) for k in knots):  # nothing to stretch: no copy on the catalog's hot path
+        return np.asarray(samples, dtype=np.float32)
+    x = np.array(samples, dtype=np.float32, copy=True)
+    for j, (k, v) in enumerate(zip(knots, values, strict=True)):
+        if len(k):
+            mean = x[:, :, j].mean(axis=1, keepdims=True)
+            factor = np.interp(mean[:, 0], k, v).astype(np.float32)[:, None]
+            x[:, :, j] = mean + factor * (x[:, :, j] - mean)
+    return x
+
+
+def fit_spread_profile(
+    samples_scaled: np.ndarray,
+    truth_scaled: np.ndarray,
+    n_bins: int = SPREAD_BINS,
+    level: float = CREDIBLE_LEVELS[0],
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Relative width factor in quantile bins of the predicted mean (validation only).
+
+    In each bin, the ``level`` quantile of the standardized residual
+    ``|truth - mean| / std`` divided by the same quantile over all galaxies: > 1 where the
+    posteriors are too narrow for their kind of galaxy, < 1 where too wide. The global
+    width stays with :func:`fit_recalibration`; this only redistributes it.
+
+    Parameters
+    ----------
+    samples_scaled : (N, T) array_like
+        One parameter's posterior samples in the scaled space (after :func:`shift_means`).
+    truth_scaled : (N,) array_like
+        The true values in the same space.
+    n_bins : int
+        Quantile bins of the predicted mean (each knot is the median mean of its bin).
+    level : float
+        Quantile of the standardized residual compared.
+
+    Returns
+    -------
+    (knots, values)
+        For :func:`stretch_by_mean`: increasing knots and factors in :data:`SPREAD_LIMITS`;
+        empty when the posteriors have no spread.
+    """
+    x = np.asarray(samples_scaled, dtype=np.float64)
+    truth = np.asarray(truth_scaled, dtype=np.float64)
+    mean = x.mean(axis=1)
+    std = x.std(axis=1)
+    usable = std > 0
+    if usable.sum() < n_bins:
+        return (), ()
+    z = np.abs(truth - mean)[usable] / std[usable]
+    mean = mean[usable]
+    overall = float(np.quantile(z, level))
+    if not overall > 0:
+        return (), ()
+    order = np.argsort(mean, kind="stable")
+    knots, values = [], []
+    for chunk in np.array_split(order, min(n_bins, len(order))):
+        knots.append(float(np.median(mean[chunk])))
+        values.append(float(np.clip(np.quantile(z[chunk], level) / overall, *SPREAD_LIMITS)))
+    return tuple(knots), tuple(values)
 
 
 def calibration_groups(truths: pl.DataFrame) -> list[np.ndarray]:

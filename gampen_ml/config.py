@@ -220,6 +220,9 @@ class CalibrationConfig:
     levels: tuple[float, ...] = CREDIBLE_LEVELS
     #: Fit a post-hoc spread recalibration on the validation split.
     recalibrate: bool = True
+    #: Before the global fit, widen / narrow each parameter's posteriors by a factor that
+    #: depends on its predicted mean (``gampen_ml.calibrate.fit_spread_profile``).
+    spread_profile: bool = False
     #: Largest tolerated |coverage - nominal| (fraction) on validation for the champion.
     coverage_tolerance: float = 0.03
 

@@ -27,9 +27,11 @@ from gampen_ml.calibrate import (
     coverage_table,
     fit_mean_shift,
     fit_recalibration,
+    fit_spread_profile,
     search_physical_recalibration,
     select_dropout_rate,
     shift_means,
+    stretch_by_mean,
 )
 from gampen_ml.catalog import SAMPLES_FILE, catalog_from_images
 from gampen_ml.config import (
@@ -297,7 +299,14 @@ def calibrate_dropout_rates(
         if profile.calibration.recalibrate:
             raw = next(t for t in tables if t["dropout_rate"][0] == rate)
             recalibration, recalibrated = _recalibrate(
-                samples, scalers[rate], truths, raw, levels, rate, log
+                samples,
+                scalers[rate],
+                truths,
+                raw,
+                levels,
+                rate,
+                log,
+                spread_profile=profile.calibration.spread_profile,
             )
             recalibrations[rate] = recalibration
             tables.append(recalibrated)
@@ -338,6 +347,7 @@ def _recalibrate(
     levels: Sequence[float],
     rate: float,
     log: Callable[[str], None],
+    spread_profile: bool = True,
 ) -> tuple[Recalibration, pl.DataFrame]:
     """Fit one model's recalibration on validation; return it and the coverage it gives.
 
@@ -357,6 +367,15 @@ def _recalibrate(
     shifts = [fit_mean_shift(samples[:, :, j], truths_scaled[:, j]) for j in range(len(PARAMETERS))]
     knots, values = tuple(k for k, _ in shifts), tuple(v for _, v in shifts)
     shifted = shift_means(samples, knots, values)
+    spread_knots, spread_values = ((), (), ()), ((), (), ())
+    if spread_profile:
+        profiles = [
+            fit_spread_profile(shifted[:, :, j], truths_scaled[:, j])
+            for j in range(len(PARAMETERS))
+        ]
+        spread_knots = tuple(k for k, _ in profiles)
+        spread_values = tuple(v for _, v in profiles)
+        shifted = stretch_by_mean(shifted, spread_knots, spread_values)
     groups = calibration_groups(truths)
     scaled_fit = fit_recalibration(
         shifted, truths_scaled, RECALIBRATION_LEVELS, floors=FLOOR_GRID, groups=groups
@@ -386,6 +405,8 @@ def _recalibrate(
         floor=scaled_fit.floor,
         shift_knots=knots,
         shift_values=values,
+        spread_knots=spread_knots,
+        spread_values=spread_values,
         error_before=tuple(_coverage_error(raw, p) for p in PARAMETERS),
         levels=tuple(float(v) for v in levels),
     )

@@ -7,6 +7,9 @@ import polars as pl
 import pytest
 
 from gampen_ml.calibrate import (
+    SPREAD_BINS,
+    fit_spread_profile,
+    stretch_by_mean,
     COVERAGE_TABLE_SCHEMA,
     FLOOR_GRID,
     MEAN_SHIFT_BINS,
@@ -283,3 +286,47 @@ def test_error_floor_and_groups_calibrate_the_sharpest_posteriors():
         Recalibration.from_dict({"scale": [1, 1, 1], "floor": [0, -1, 0]})
     with pytest.raises(CalibrationError, match="shift"):
         Recalibration.from_dict({"scale": [1, 1, 1], "shift_knots": [[0.0], [], []]})
+
+
+def _mean_dependent_width_draw(seed: int, n: int = 4000, t: int = 200):
+    """Posteriors N(m, 1) whose truths scatter 0.5 (m < 0) or 2 (m > 0) about m."""
+    rng = np.random.default_rng(seed)
+    mean = rng.uniform(-3, 3, n)
+    sigma = np.where(mean < 0, 0.5, 2.0)
+    truth = mean + sigma * rng.standard_normal(n)
+    samples = mean[:, None] + rng.standard_normal((n, t))
+    return samples.astype(np.float32), truth
+
+
+def test_spread_profile_redistributes_width_by_predicted_mean():
+    samples, truth = _mean_dependent_width_draw(31)
+    knots, values = fit_spread_profile(samples, truth)
+    assert len(knots) == SPREAD_BINS and list(knots) == sorted(knots)
+    # The narrow half needs ~4x less width than the wide half.
+    low = np.asarray(knots) < -0.5
+    high = np.asarray(knots) > 0.5
+    ratio = np.mean(np.asarray(values)[high]) / np.mean(np.asarray(values)[low])
+    assert ratio == pytest.approx(4.0, rel=0.15)
+    # On a fresh draw, the stretched posteriors cover both halves alike (one global factor
+    # then calibrates both, which no single factor could do before).
+    fresh, fresh_truth = _mean_dependent_width_draw(32)
+    stretched = stretch_by_mean(fresh[:, :, None], (knots,), (values,))[:, :, 0]
+    z = np.abs(fresh_truth - stretched.mean(1)) / stretched.std(1)
+    half = fresh.mean(1) < 0
+    q_low, q_high = (np.quantile(z[m], 0.6827) for m in (half, ~half))
+    assert q_low == pytest.approx(q_high, rel=0.15)
+    raw_z = np.abs(fresh_truth - fresh.mean(1)) / fresh.std(1)
+    assert np.quantile(raw_z[~half], 0.6827) > 3 * np.quantile(raw_z[half], 0.6827)
+    # Empty knots leave samples untouched; Recalibration carries the profile.
+    np.testing.assert_array_equal(
+        stretch_by_mean(fresh[:, :, None], ((),), ((),)), fresh[:, :, None]
+    )
+    recal = Recalibration(
+        scale=(1.0, 1.0, 1.0),
+        spread_knots=(knots, (), ()),
+        spread_values=(values, (), ()),
+    )
+    assert Recalibration.from_dict(recal.to_dict()) == recal
+    three = np.repeat(fresh[:, :, None], 3, axis=2)
+    np.testing.assert_allclose(recal.apply(three)[:, :, 0], stretched, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(recal.apply(three)[:, :, 1], three[:, :, 1], atol=1e-5)
