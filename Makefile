@@ -4,6 +4,8 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 PROFILE ?= quick
+# inprocess: every Dagster run in one Python process; dg: a `dg launch` subprocess per run.
+LAUNCHER ?= inprocess
 MLFLOW_PORT ?= 5000
 MLFLOW_HOST ?= 127.0.0.1
 
@@ -20,7 +22,7 @@ MLFLOW_HOST ?= 127.0.0.1
 install: .venv/installed
 
 pipeline: install
-	GAMPEN_PROFILE=$(PROFILE) $(PY) -m gampen_assets.pipeline
+	GAMPEN_PROFILE=$(PROFILE) $(PY) -m gampen_assets.pipeline --launcher $(LAUNCHER)
 
 test: install
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc

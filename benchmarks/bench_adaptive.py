@@ -2,10 +2,10 @@
 
 1. One full MC-dropout run (``--max-passes`` x K draws) on the first ``--galaxies`` test
    galaxies of the simulated shards.
-2. For each tolerance, :func:`gampen_ml.adaptive.stopping_samples` applies the stopping rule
+2. For each tolerance, :func:`benchmarks.adaptive.stopping_samples` applies the stopping rule
    to prefixes of those same samples (rounds of ``--batch-passes``), so coverage with and
    without early stopping is compared on identical draws (no seed noise in the difference).
-3. One real :func:`gampen_ml.adaptive.adaptive_mc_dropout_samples` run at ``--tol`` times
+3. One real :func:`benchmarks.adaptive.adaptive_mc_dropout_samples` run at ``--tol`` times
    the saving end to end.
 
 Coverage: fraction of true values inside the 68.27 / 95.45 / 99.73 % HPD intervals, per
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gampen_ml.adaptive import adaptive_mc_dropout_samples, stopping_samples, summarize_ragged
+from benchmarks.adaptive import adaptive_mc_dropout_samples, stopping_samples, summarize_ragged
 from gampen_ml.config import CREDIBLE_LEVELS, PARAMETERS, dropout_key, get_profile
 from gampen_ml.data.datasets import ShardImages
 from gampen_ml.infer import mc_dropout_samples

@@ -39,8 +39,10 @@ from gampen_assets.assets.prediction_assets import (
 )
 from gampen_assets.partitions import SIM_TEST, datasets
 from gampen_assets.resources import GampenSettings
-from gampen_ml.config import PARAMETERS, Profile, shard_keys
+from gampen_ml.config import shard_keys
 from gampen_ml.io import partition_dir
+from gampen_ml.metrics import coverage_bounds, non_nested_intervals
+from gampen_ml.plots.common import PNG_MAGIC
 
 #: Measured FWHM of a pixelated Moffat may sit a little outside the drawn range.
 FWHM_MARGIN = 0.15
@@ -49,28 +51,6 @@ NOISE_STD_RTOL = 0.10
 #: Splits are drawn with exact counts per shard: each may differ from fraction x N by
 #: rounding only (at most this many galaxies).
 SPLIT_ROUNDING_GALAXIES = 1
-
-LABEL_DTYPES: dict[str, pl.DataType] = {
-    "galaxy_id": pl.Int64,
-    "shard": pl.String,
-    "split": pl.String,
-    "seed": pl.Int64,
-    "psf_id": pl.Int32,
-    "noise_scale": pl.Float64,
-    "component": pl.String,
-    "bt": pl.Float64,
-    "re_arcsec": pl.Float64,
-    "flux_nJy": pl.Float64,
-    "magnitude": pl.Float64,
-    "disk_n": pl.Float64,
-    "disk_re_arcsec": pl.Float64,
-    "disk_q": pl.Float64,
-    "disk_pa_deg": pl.Float64,
-    "bulge_n": pl.Float64,
-    "bulge_re_arcsec": pl.Float64,
-    "bulge_q": pl.Float64,
-    "bulge_pa_deg": pl.Float64,
-}
 
 
 def _failed(problems: list[str]) -> dict:
@@ -147,52 +127,17 @@ def noise_pool_valid(settings: GampenSettings) -> AssetCheckResult:
     )
 
 
-def _range_problems(labels: pl.DataFrame, profile: Profile) -> tuple[list[str], list[dict]]:
-    """Compare each Table-1 parameter with its prior range; return problems and a table."""
-    from gampen_ml.sim.parameters import re_limits_arcsec
-
-    pri = profile.simulation.priors
-    limits = re_limits_arcsec(pri)
-    ranges = {
-        "bt": pri.bt,
-        "flux_nJy": pri.flux_nJy,
-        "disk_n": pri.disk_sersic_n,
-        "bulge_n": pri.bulge_sersic_n,
-        "disk_q": pri.axis_ratio,
-        "bulge_q": pri.axis_ratio,
-        "disk_pa_deg": pri.position_angle_deg,
-        "bulge_pa_deg": pri.position_angle_deg,
-        "disk_re_arcsec": limits.re_arcsec,
-        # Bulges of two-component galaxies use the bulge range, single bulges the disk one.
-        "bulge_re_arcsec": (
-            min(limits.re_arcsec[0], limits.bulge_re_arcsec[0]),
-            max(limits.re_arcsec[1], limits.bulge_re_arcsec[1]),
-        ),
-    }
-    rows, problems = [], []
-    eps = 1e-9
-    for column, (lo, hi) in ranges.items():
-        values = labels[column].drop_nulls().to_numpy()
-        if values.size == 0:
-            continue
-        vmin, vmax = float(values.min()), float(values.max())
-        ok = vmin >= lo - eps * max(1, abs(lo)) and vmax <= hi + eps * max(1, abs(hi))
-        rows.append({"parameter": column, "min": vmin, "max": vmax, "prior": f"[{lo:g}, {hi:g}]"})
-        if not ok:
-            problems.append(f"{column} in [{vmin:.4g}, {vmax:.4g}] outside prior [{lo:g}, {hi:g}]")
-    return problems, rows
-
-
 def check_shard(settings: GampenSettings, key: str) -> AssetCheckResult:
     """The body of ``simulated_galaxies_valid`` for partition ``key``, callable without Dagster."""
-    from gampen_ml.sim.shards import open_shard
+    from gampen_ml.sim.parameters import prior_range_report
+    from gampen_ml.sim.shards import LABEL_SCHEMA, open_shard
 
     profile = settings.profile()
     images, labels = open_shard(partition_dir(settings.root(), "simulated_galaxies", key))
     problems: list[str] = []
     wrong = {
         c: str(labels.schema.get(c))
-        for c, dtype in LABEL_DTYPES.items()
+        for c, dtype in LABEL_SCHEMA.items()
         if labels.schema.get(c) != dtype
     }
     if wrong:
@@ -216,7 +161,7 @@ def check_shard(settings: GampenSettings, key: str) -> AssetCheckResult:
         problems.append(f"NaN/inf/null truths: {bad_labels}")
     range_problems, range_rows = ([], [])
     if not wrong:
-        range_problems, range_rows = _range_problems(labels, profile)
+        range_problems, range_rows = prior_range_report(labels, profile.simulation.priors)
     problems += range_problems
     n = labels.height
     fractions = {}
@@ -272,30 +217,6 @@ def check_model(settings: GampenSettings, key: str) -> AssetCheckResult:
             **_failed(problems),
         },
     )
-
-
-#: Two-sided false-alarm probability of the coverage check (3 sigma).
-COVERAGE_FALSE_ALARM = 0.0027
-
-
-def coverage_bounds(level: float, n: int, tolerance: float) -> tuple[float, float]:
-    """Range of empirical coverage on ``n`` galaxies consistent with ``level +- tolerance``.
-
-    A calibrated model covers each galaxy with probability ``c`` in
-    ``[level - tolerance, level + tolerance]``; the number covered is then
-    Binomial(n, c). The bounds are the central ``1 - COVERAGE_FALSE_ALARM`` range of
-    that count at the two extremes of ``c``, divided by ``n``. For thousands of galaxies
-    they approach ``level +- tolerance``; for a tiny validation split they widen so that
-    counting noise alone does not fail the check.
-    """
-    from scipy.stats import binom
-
-    n = max(int(n), 1)
-    tail = COVERAGE_FALSE_ALARM / 2
-    c_lo, c_hi = max(level - tolerance, 0.0), min(level + tolerance, 1.0)
-    k_lo = binom.ppf(tail, n, c_lo)
-    k_hi = binom.isf(tail, n, c_hi) if c_hi < 1.0 else n
-    return float(k_lo) / n, float(k_hi) / n
 
 
 @asset_check(
@@ -423,16 +344,7 @@ def check_catalog(settings: GampenSettings, key: str) -> AssetCheckResult:
         problems.append(f"NaN/inf in {nonfinite}")
     nested = 0
     if not problems:
-        for p in PARAMETERS:
-            lo68, hi68 = df[f"{p}_hpd68_lo"], df[f"{p}_hpd68_hi"]
-            lo99, hi99 = df[f"{p}_hpd99_lo"], df[f"{p}_hpd99_hi"]
-            nested += int(
-                (
-                    (lo68 > hi68)
-                    | (lo99 > lo68 + 1e-9 * lo68.abs())
-                    | (hi68 > hi99 + 1e-9 * hi99.abs())
-                ).sum()
-            )
+        nested = non_nested_intervals(df)
         if nested:
             problems.append(
                 f"{nested} HPD intervals are inverted or not nested (68 % inside 99.73 %)"
@@ -486,9 +398,6 @@ def check_flags(settings: GampenSettings, key: str) -> AssetCheckResult:
         severity=AssetCheckSeverity.ERROR,
         metadata={"n_rows": float(flags.height), **_failed(problems)},
     )
-
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def check_plots(settings: GampenSettings, key: str) -> AssetCheckResult:

@@ -18,6 +18,7 @@ from gampen_assets.assets.sky_catalog_assets import (
     SKY_CATALOG_CHECKS,
     sky_catalog_automation_sensor,
 )
+from gampen_assets.assets.transfer_assets import TRANSFER_ASSETS, TRANSFER_CHECKS
 from gampen_assets.checks import ALL_CHECKS
 from gampen_assets.lineage import lineage_failure_sensor
 from gampen_assets.resources import GampenSettings
@@ -52,7 +53,14 @@ catalog_job = define_asset_job(
     description="Posterior catalog, flags and plots of one dataset partition.",
 )
 
-JOBS = [inputs_job, simulation_job, training_job, calibration_job, catalog_job]
+transfer_job = define_asset_job(
+    "transfer_job",
+    selection=AssetSelection.assets("labelled_set", "finetuned_model"),
+    description="A survey domain's labelled set, then the champion fine-tuned on it (one "
+    "domains partition; not part of the pipeline).",
+)
+
+JOBS = [inputs_job, simulation_job, training_job, calibration_job, catalog_job, transfer_job]
 
 
 def build_definitions(executor: ExecutorDefinition | None = None) -> Definitions:
@@ -64,8 +72,8 @@ def build_definitions(executor: ExecutorDefinition | None = None) -> Definitions
         Default: Dagster's multiprocess executor (one process per step, local machine).
     """
     return Definitions(
-        assets=ALL_ASSETS,
-        asset_checks=[*ALL_CHECKS, *SKY_CATALOG_CHECKS],
+        assets=[*ALL_ASSETS, *TRANSFER_ASSETS],
+        asset_checks=[*ALL_CHECKS, *SKY_CATALOG_CHECKS, *TRANSFER_CHECKS],
         resources={"settings": GampenSettings()},
         sensors=[inbox_sensor, lineage_failure_sensor, sky_catalog_automation_sensor],
         schedules=[reprocess_schedule],

@@ -9,6 +9,8 @@ first step ingests it (validation, storage, quarantine: :func:`gampen_ml.inbox.i
 The cursor records the keys requested (each batch is requested once) and the batches
 that could not be claimed (reported once, retried when they change). A claimed or stored
 batch never requested (a tick interrupted after its rename) is requested by the next tick.
+A batch that declares a domain in its ``batch.toml`` gets the run tag ``gampen/domain``
+(the name as written; the catalog run checks it against the declared domains).
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ from gampen_ml.inbox import (
     MANIFEST,
     PROCESSING,
     STORED_BATCHES,
+    BatchFileError,
     claim_batch,
     claimed_keys,
+    read_batch_file,
     ready_batches,
     sanitize_batch_name,
     unique_key,
@@ -54,10 +58,12 @@ __all__ = [
 CATALOG_ASSETS = ("posterior_catalog", "qualitative_flags", "diagnostic_plots")
 
 
-def _catalog_run(key: str, inbox_name: str | None = None) -> RunRequest:
+def _catalog_run(key: str, inbox_name: str | None = None, domain: str | None = None) -> RunRequest:
     tags = {"gampen/source": "inbox", "gampen/batch": key}
     if inbox_name is not None:
         tags["gampen/inbox_name"] = display_name(inbox_name)[:200]
+    if domain is not None:
+        tags["gampen/domain"] = domain[:63]
     return RunRequest(
         run_key=f"inbox-{key}",
         partition_key=key,
@@ -103,7 +109,7 @@ def inbox_sensor(context: SensorEvaluationContext) -> SensorResult:
     for batch in ready_batches(inbox, settings.inbox_settle_s):
         key = unique_key(sanitize_batch_name(batch.name), taken)
         try:
-            claim_batch(batch, key, inbox)
+            claimed_dir = claim_batch(batch, key, inbox)
         except OSError as exc:
             mtime = batch.path.lstat().st_mtime
             if unclaimable.get(batch.name) != mtime:
@@ -114,8 +120,13 @@ def inbox_sensor(context: SensorEvaluationContext) -> SensorResult:
             still_unclaimable[batch.name] = mtime
             continue
         taken.add(key)
-        context.log.info(f"inbox batch {display_name(batch.name)!r} claimed as {key!r}")
-        requests.append(_catalog_run(key, batch.name))
+        try:
+            domain = read_batch_file(claimed_dir)
+        except BatchFileError:
+            domain = None  # the catalog run quarantines the batch with the reason
+        where = f" (domain {domain})" if domain else ""
+        context.log.info(f"inbox batch {display_name(batch.name)!r} claimed as {key!r}{where}")
+        requests.append(_catalog_run(key, batch.name, domain))
     # Self-healing: a claimed or stored batch never requested (a tick interrupted after
     # its rename, or before the run request was recorded).
     requested = {r.partition_key for r in requests}

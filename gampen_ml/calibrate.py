@@ -242,6 +242,7 @@ class Recalibration:
     shift_values: tuple[tuple[float, ...], ...] = ((), (), ())
     spread_knots: tuple[tuple[float, ...], ...] = ((), (), ())
     spread_values: tuple[tuple[float, ...], ...] = ((), (), ())
+    spread_drivers: tuple[int, int, int] = (0, 1, 2)
 
     def apply(self, samples_scaled: np.ndarray) -> np.ndarray:
         """Shift, reshape, stretch and floor ``(N, T, 3)`` scaled samples; float32.
@@ -258,7 +259,7 @@ class Recalibration:
                 f"Recalibration.apply: samples must be (N, T, 3), got {samples_scaled.shape}"
             )
         x = shift_means(samples_scaled, self.shift_knots, self.shift_values)
-        x = stretch_by_mean(x, self.spread_knots, self.spread_values)
+        x = stretch_by_mean(x, self.spread_knots, self.spread_values, self.spread_drivers)
         return recalibrate_samples(x, self.exponent, self.scale, self.floor)
 
     def to_dict(self) -> dict:
@@ -275,6 +276,7 @@ class Recalibration:
             "shift_values": [list(v) for v in self.shift_values],
             "spread_knots": [list(k) for k in self.spread_knots],
             "spread_values": [list(v) for v in self.spread_values],
+            "spread_drivers": list(self.spread_drivers),
         }
 
     @classmethod
@@ -331,6 +333,13 @@ class Recalibration:
             )
         if any(v <= 0 for values_p in spread_values for v in values_p):
             raise CalibrationError("Recalibration.from_dict: 'spread_values' must be > 0")
+        drivers = data.get("spread_drivers", [0, 1, 2])
+        if not (
+            isinstance(drivers, list) and len(drivers) == 3 and all(d in (0, 1, 2) for d in drivers)
+        ):
+            raise CalibrationError(
+                f"Recalibration.from_dict: 'spread_drivers' must be 3 of 0, 1, 2; got {drivers!r}"
+            )
         return cls(
             scale=scale,
             exponent=exponent,
@@ -339,6 +348,7 @@ class Recalibration:
             shift_values=values,
             spread_knots=spread_knots,
             spread_values=spread_values,
+            spread_drivers=tuple(int(d) for d in drivers),
             error_before=tuple(float(v) for v in data.get("error_before", [float("nan")] * 3)),
             error_after=tuple(float(v) for v in data.get("error_after", [float("nan")] * 3)),
             levels=tuple(float(v) for v in data.get("levels", RECALIBRATION_LEVELS)),
@@ -401,9 +411,11 @@ def shift_means(samples: np.ndarray, knots, values) -> np.ndarray:
     return x
 
 
-def stretch_by_mean(samples: np.ndarray, knots, values) -> np.ndarray:
-    """Stretch each galaxy's ``(N, T, P)`` samples about its mean by ``interp(mean, knots_p, values_p)``.
+def stretch_by_mean(samples: np.ndarray, knots, values, drivers=None) -> np.ndarray:
+    """Stretch each galaxy's ``(N, T, P)`` samples about its mean by a factor of a predicted mean.
 
+    Parameter ``p`` is stretched by ``interp(mean_d, knots_p, values_p)`` where ``mean_d`` is
+    the galaxy's predicted mean of parameter ``d = drivers[p]`` (default: ``p`` itself).
     ``knots`` / ``values``: per parameter, increasing predicted means and the relative width
     factors there (:func:`fit_spread_profile`); an empty pair leaves that parameter alone.
     Linear interpolation, constant beyond the end knots. float32.
@@ -411,11 +423,12 @@ def stretch_by_mean(samples: np.ndarray, knots, values) -> np.ndarray:
     if not any(len(k) for k in knots):  # nothing to stretch: no copy on the catalog's hot path
         return np.asarray(samples, dtype=np.float32)
     x = np.array(samples, dtype=np.float32, copy=True)
-    for j, (k, v) in enumerate(zip(knots, values, strict=True)):
+    means = x.mean(axis=1)  # before any stretch: stretching keeps the means anyway
+    drivers = range(x.shape[2]) if drivers is None else drivers
+    for j, (k, v, d) in enumerate(zip(knots, values, drivers, strict=True)):
         if len(k):
-            mean = x[:, :, j].mean(axis=1, keepdims=True)
-            factor = np.interp(mean[:, 0], k, v).astype(np.float32)[:, None]
-            x[:, :, j] = mean + factor * (x[:, :, j] - mean)
+            factor = np.interp(means[:, d], k, v).astype(np.float32)[:, None]
+            x[:, :, j] = means[:, j, None] + factor * (x[:, :, j] - means[:, j, None])
     return x
 
 
@@ -424,6 +437,7 @@ def fit_spread_profile(
     truth_scaled: np.ndarray,
     n_bins: int = SPREAD_BINS,
     level: float = CREDIBLE_LEVELS[0],
+    driver: np.ndarray | None = None,
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Relative width factor in quantile bins of the predicted mean (validation only).
 
@@ -442,6 +456,9 @@ def fit_spread_profile(
         Quantile bins of the predicted mean (each knot is the median mean of its bin).
     level : float
         Quantile of the standardized residual compared.
+    driver : (N,) array_like, optional
+        The predicted quantity whose quantile bins are used (another parameter's predicted
+        mean, see :func:`stretch_by_mean`'s ``drivers``); default this parameter's mean.
 
     Returns
     -------
@@ -457,7 +474,7 @@ def fit_spread_profile(
     if usable.sum() < n_bins:
         return (), ()
     z = np.abs(truth - mean)[usable] / std[usable]
-    mean = mean[usable]
+    mean = (mean if driver is None else np.asarray(driver, dtype=np.float64))[usable]
     overall = float(np.quantile(z, level))
     if not overall > 0:
         return (), ()
@@ -473,7 +490,8 @@ def calibration_groups(truths: pl.DataFrame) -> list[np.ndarray]:
     """Masks of validation galaxies per bin of true Re and true magnitude (``groups``).
 
     ``truths`` has ``re_arcsec`` and ``flux_nJy``; bins of :data:`RE_BINS_ARCSEC` and
-    :data:`MAGNITUDE_BINS` with at least :data:`MIN_GROUP_SIZE` galaxies.
+    :data:`MAGNITUDE_BINS` with at least :data:`MIN_GROUP_SIZE` galaxies; with a
+    ``component`` column also the two-component (bulge+disk) galaxies.
     """
     from gampen_ml.catalog import magnitude_ab
 
@@ -485,6 +503,10 @@ def calibration_groups(truths: pl.DataFrame) -> list[np.ndarray]:
     for edges, v in values.items():
         index = np.searchsorted(edges, v, side="right") - 1
         masks += [index == b for b in range(len(edges) - 1)]
+    if "component" in truths.columns:
+        # Two-component galaxies: their B/T lies inside (0, 1), where a single-component
+        # galaxy's point mass at 0 or 1 is covered almost always; watched on their own.
+        masks.append(truths["component"].to_numpy() == "bulge+disk")
     return [m for m in masks if m.sum() >= MIN_GROUP_SIZE]
 
 

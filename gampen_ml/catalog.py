@@ -79,8 +79,10 @@ def _catalog_schema() -> dict[str, pl.DataType]:
             "asymmetry": pl.Float64(),
             **{name: pl.Float64() for name in IMAGE_STATISTICS},
             "psf_fwhm_arcsec": pl.Float64(),
+            "pixel_scale_arcsec": pl.Float64(),
             "model_name": pl.String(),
             "model_version": pl.String(),
+            "domain": pl.String(),
             "dropout_rate": pl.Float64(),
             "n_passes": pl.Int32(),
             "recalibrated": pl.Boolean(),
@@ -177,13 +179,25 @@ def _catalog_column_info() -> dict[str, ColumnInfo]:
             ),
             **{name: IMAGE_STATISTICS_INFO[name] for name in IMAGE_STATISTICS},
             "psf_fwhm_arcsec": ColumnInfo(
-                "PSF FWHM of the cutout from its FITS file (null when it carries none, and "
-                "for sim-test)",
+                "PSF FWHM of the cutout from its FITS file (null when it carries none; for "
+                "sim-test the library PSF's)",
                 "arcsec",
                 "phys.angSize;instr.det.psf",
             ),
+            "pixel_scale_arcsec": ColumnInfo(
+                "pixel scale of the cutout (its header or its survey domain; for sim-test the "
+                "profile's); null when unknown",
+                "arcsec",
+                "instr.scale;instr.pixel",
+            ),
             "model_name": ColumnInfo("MLflow registered model", None, "meta.id;meta.software"),
             "model_version": ColumnInfo("MLflow model version", None, "meta.version;meta.software"),
+            "domain": ColumnInfo(
+                "survey domain the cutouts were read as (batch.toml or --domain; null for "
+                "sim-test and batches without one)",
+                None,
+                "meta.id;instr.setup",
+            ),
             "dropout_rate": ColumnInfo(
                 "dropout rate of the model", None, "stat.param;meta.software"
             ),
@@ -212,7 +226,16 @@ CATALOG_SCHEMA: dict[str, pl.DataType] = _catalog_schema()
 CATALOG_COLUMN_INFO: dict[str, ColumnInfo] = _catalog_column_info()
 #: Columns that may hold nulls (real cutouts have no truth; simulations no FITS origin).
 NULLABLE_COLUMNS: frozenset[str] = frozenset(
-    {"source_file", "hdu", "ra_deg", "dec_deg", "component_true", "psf_fwhm_arcsec"}
+    {
+        "source_file",
+        "hdu",
+        "ra_deg",
+        "dec_deg",
+        "component_true",
+        "psf_fwhm_arcsec",
+        "pixel_scale_arcsec",
+        "domain",
+    }
     | {f"{p}_true" for p in PARAMETERS}
     | set(SAMPLE_STATISTICS)
 )
@@ -224,9 +247,18 @@ LATER_COLUMNS: tuple[str, ...] = (
     "bt_prob_bulge",
     "bt_prob_disk",
     *IMAGE_STATISTICS,
+    "domain",
+    "pixel_scale_arcsec",
 )
 #: Optional per-galaxy metadata columns taken from ``meta`` when present.
-META_COLUMNS = ("source_file", "hdu", "ra_deg", "dec_deg", "psf_fwhm_arcsec")
+META_COLUMNS = (
+    "source_file",
+    "hdu",
+    "ra_deg",
+    "dec_deg",
+    "psf_fwhm_arcsec",
+    "pixel_scale_arcsec",
+)
 
 
 class CatalogSchemaError(ValueError):
@@ -295,6 +327,7 @@ def build_catalog(
     n_passes: int,
     recalibrated: bool,
     dataset: str,
+    domain: str | None = None,
 ) -> pl.DataFrame:
     """Assemble a schema-conforming catalog from a posterior summary and per-galaxy metadata.
 
@@ -304,12 +337,15 @@ def build_catalog(
         :func:`gampen_ml.posterior.summarize` output, ``N`` rows.
     meta : pl.DataFrame
         ``N`` rows with ``galaxy_id`` and optionally ``source_file``, ``hdu``, ``ra_deg``,
-        ``dec_deg``, ``psf_fwhm_arcsec`` (missing ones become null).
+        ``dec_deg``, ``psf_fwhm_arcsec``, ``pixel_scale_arcsec`` (missing ones become null).
     truths : pl.DataFrame or None
         ``N`` rows with ``bt``, ``re_arcsec``, ``flux_nJy`` and optionally ``component``
         (e.g. the simulation labels); ``None`` for real cutouts.
     model_name, model_version, dropout_rate, n_passes, recalibrated, dataset
         Provenance copied into every row.
+    domain : str, optional
+        The survey domain the cutouts were read as (:mod:`gampen_ml.domains`); null when
+        None.
 
     Returns
     -------
@@ -354,6 +390,7 @@ def build_catalog(
         {
             "model_name": pl.repeat(model_name, n, eager=True),
             "model_version": pl.repeat(str(model_version), n, eager=True),
+            "domain": pl.repeat(domain, n, eager=True, dtype=pl.String),
             "dropout_rate": pl.repeat(float(dropout_rate), n, eager=True),
             "n_passes": pl.repeat(int(n_passes), n, eager=True),
             "recalibrated": pl.repeat(bool(recalibrated), n, eager=True),
@@ -430,6 +467,7 @@ def catalog_from_images(
     device: str | torch.device | None = None,
     draws_per_pass: int = 1,
     flags: FlagConfig | None = None,
+    domain: str | None = None,
 ) -> pl.DataFrame:
     """Stream images through MC dropout into a posterior catalog.
 
@@ -469,6 +507,8 @@ def catalog_from_images(
     flags : FlagConfig, optional
         B/T class thresholds of ``bt_prob_bulge`` / ``bt_prob_disk``
         (:func:`gampen_ml.flags.bt_class_probabilities`); default ``FlagConfig()``.
+    domain : str, optional
+        Survey domain of the images (the catalog's ``domain`` column).
 
     Returns
     -------
@@ -555,4 +595,5 @@ def catalog_from_images(
         n_passes=n_passes,
         recalibrated=recalibration is not None,
         dataset=dataset,
+        domain=domain,
     )

@@ -128,29 +128,45 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
 def cmd_catalog(args: argparse.Namespace) -> None:
     from gampen_ml import stages
+    from gampen_ml.inbox import stored_batch_domain
 
     profile = get_profile(args.profile)
+    root = Path(args.root)
+    domain = None
+    if args.dataset != stages.SIM_TEST:
+        domain = stored_batch_domain(root, args.dataset, _settings(args).domains)
+    model = stages.resolve_prediction_model(profile, root, domain=domain and domain.name, log=print)
     catalog = stages.catalog_and_publish(
         profile,
-        Path(args.root),
+        root,
         args.dataset,
         device=args.device,
         progress=_Progress("MC dropout"),
         log=print,
+        model=model,
+        domain=domain,
     )
     print(f"{catalog.height} galaxies in posterior_catalog[{args.dataset}]")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
     from gampen_ml import stages
+    from gampen_ml.domains import find_domain
+    from gampen_ml.inbox import batch_domain
 
     profile = get_profile(args.profile)
+    domains = _settings(args).domains
+    if args.domain:
+        domain = find_domain(domains, args.domain)
+    else:  # a batch folder's own batch.toml, as the inbox reads it
+        domain = batch_domain(Path(args.path), domains) if Path(args.path).is_dir() else None
     model = stages.resolve_prediction_model(
         profile,
         Path(args.root),
         args.model,
         tracking_uri=_tracking_uri(args),
         log=lambda line: print(f"warning: {line}", file=sys.stderr),
+        domain=domain and domain.name,
     )
     result = stages.predict_cutouts(
         profile,
@@ -160,13 +176,15 @@ def cmd_predict(args: argparse.Namespace) -> None:
         n_passes=args.passes,
         device=args.device,
         progress=_Progress("MC dropout"),
+        domain=domain,
     )
     for rejection in result.rejections:
         print(f"skipped {rejection.file}: {rejection.reason}", file=sys.stderr)
     state = "recalibrated" if model.calibrated else "NOT recalibrated"
+    read_as = f", read as domain {domain.name}" if domain else ""
     print(
         f"{result.catalog.height} galaxies written to {args.out} with {model.model_name} "
-        f"v{model.model_version} ({state}); {len(result.rejections)} file(s) skipped"
+        f"v{model.model_version} ({state}{read_as}); {len(result.rejections)} file(s) skipped"
     )
     if args.flags:
         from gampen_ml.io import atomic_file
@@ -416,6 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--passes", type=int, default=None, help="MC passes per galaxy (default: profile)"
+    )
+    p.add_argument(
+        "--domain",
+        default=None,
+        help="survey domain declared in <dagster_home>/domains/NAME.toml: read the files as "
+        "that survey delivers them and predict with its fine-tuned model when there is one "
+        "(default: the folder's batch.toml, else none)",
     )
     p.add_argument(
         "--flags",

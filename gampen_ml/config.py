@@ -188,7 +188,6 @@ class TrainingConfig:
     mean_warmup_fraction: float = 0.0
     #: Random flips and 90-degree rotations (preserve B/T, Re and flux).
     augment: bool = True
-    num_workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -220,9 +219,12 @@ class CalibrationConfig:
     levels: tuple[float, ...] = CREDIBLE_LEVELS
     #: Fit a post-hoc spread recalibration on the validation split.
     recalibrate: bool = True
-    #: Before the global fit, widen / narrow each parameter's posteriors by a factor that
-    #: depends on its predicted mean (``gampen_ml.calibrate.fit_spread_profile``).
-    spread_profile: bool = False
+    #: Before the global fit, widen / narrow each parameter's posteriors (``bt``,
+    #: ``re_arcsec``, ``flux_nJy``) by a factor that depends on the predicted mean of the
+    #: parameter named here for it (``gampen_ml.calibrate.fit_spread_profile``); None: off.
+    #: Default: B/T by its own predicted B/T, Re and flux by the predicted Re (the misfit of
+    #: both follows the galaxy's size: unresolved ones are under-covered, large ones over).
+    spread_drivers: tuple[str, str, str] | None = ("bt", "re_arcsec", "re_arcsec")
     #: Largest tolerated |coverage - nominal| (fraction) on validation for the champion.
     coverage_tolerance: float = 0.03
 
@@ -287,6 +289,10 @@ class FlagConfig:
     #: ``psf_fwhm_arcsec``, from the FITS file) lies more than this fraction outside the
     #: FWHM range of the PSF library the model was trained with.
     psf_fwhm_tolerance: float = 0.05
+    #: ``out_of_domain`` "consistent with a point source": the cutout's adaptive-moment size
+    #: (``image_sigma_px``) is within this fraction of its PSF's (from ``psf_fwhm_arcsec``),
+    #: i.e. the object is unresolved (a star, or nothing like the training galaxies).
+    point_source_tolerance: float = 0.06
 
 
 @dataclass(frozen=True)
@@ -445,7 +451,9 @@ QUICK = Profile(
         # ~9.4 kB per galaxy (docs/catalog.md): ~19 MB for the 2,000 sim-test galaxies.
         sample_table=True,
     ),
-    calibration=CalibrationConfig(dropout_rates=(0.0, 0.01, 0.05)),
+    # Two candidates: each costs a training and a validation pass on the 15-minute budget;
+    # 0.01 was the least sharp once recalibrated (docs/validation.md) and never chosen.
+    calibration=CalibrationConfig(dropout_rates=(0.0, 0.05)),
     # Its B/T posteriors are broad: label where the class has posterior probability >= 0.95
     # (FlagConfig.bt_estimate; the mode would label every galaxy).
     flags=FlagConfig(bt_estimate="probability"),

@@ -42,6 +42,30 @@ Validation and repairs (each repair is written to the ``repairs`` column)
   every plane, or 3-D, one PSF per plane), measured with
   :func:`gampen_ml.sim.psf.measure_fwhm_arcsec`. Null when the file carries none; a
   value that is not a positive number rejects the file.
+
+Another survey's files (``domain=``, a :class:`~gampen_ml.domains.Domain`)
+---------------------------------------------------------------------------
+With a domain the rules above hold, read the domain's way:
+
+* the image is the HDU its ``[image]`` selector picks (else the rule above), its pixels
+  multiplied by :attr:`Domain.flux_to_njy` (nanomaggies -> nJy: x 3631);
+* the pixel scale is checked against the domain's ``pixel_scale_arcsec``, not the
+  profile's;
+* the ``[weight]`` HDU (inverse variance, same shape as the image), when declared, must
+  exist: converted to nJy^-2, cropped/padded like the image (padding and non-finite
+  pixels weigh 0) and returned as :attr:`CutoutBatch.weights` for a profile fitter (the
+  network does not use it); a negative weight rejects the file;
+* the PSF comes from the ``[psf]`` source (the cutout's own HDU, or a sibling file such
+  as ``psf_{suffix}.fits``), its FWHM measured at the domain's pixel scale into
+  ``psf_fwhm_arcsec``; a declared PSF that is missing rejects the cutout. Sibling PSF
+  files are not cutouts: a folder scan lists them in :attr:`CutoutBatch.psf_files` when
+  an accepted cutout uses them, and rejects them with their cutout otherwise;
+* the stamp size is still ``imaging.stamp_size_px``: the caller passes the size of the
+  network that will see the cutouts (``domain.imaging(profile.imaging)`` for the domain's
+  own ``stamp_size_px``).
+
+A folder's top-level :data:`BATCH_FILE` (``batch.toml``, the inbox's declaration of a
+batch's domain, :mod:`gampen_ml.inbox`) is not input: the scan skips it.
 """
 
 from __future__ import annotations
@@ -61,6 +85,7 @@ from astropy.wcs import WCS
 from astropy.wcs.utils import proj_plane_pixel_scales
 
 from gampen_ml.config import ImagingConfig, InputLimits
+from gampen_ml.domains import Domain, HduSelectionError, HduSelector
 from gampen_ml.sim.errors import InputFileError
 
 #: Largest fraction of non-finite pixels that is repaired (set to 0) instead of rejected.
@@ -71,6 +96,9 @@ PIXEL_SCALE_TOLERANCE = 0.05
 FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fts.gz", ".fits.fz", ".fz")
 #: Names starting with these are reserved (markers, manifests, hidden uploads): skipped.
 RESERVED_PREFIXES = ("_", ".")
+#: A batch folder's declaration of its domain (``domain = "<name>"``, :mod:`gampen_ml.inbox`):
+#: at the top of a folder it is not input, and the scan skips it.
+BATCH_FILE = "batch.toml"
 
 TABLE_SCHEMA = {
     "galaxy_id": pl.Int64,
@@ -126,6 +154,13 @@ class CutoutBatch:
         Accepted files relative to ``root``.
     root : Path
         Batch root (the folder, or the parent of a single file).
+    weights : np.ndarray or None
+        ``(N, S, S)`` float32 inverse variance in nJy^-2 (0 = no information: padding,
+        repaired pixels), aligned with ``images``; only when read with a domain that
+        declares a ``[weight]`` HDU (and, like ``images``, not by :func:`validate_cutouts`).
+    psf_files : list[str]
+        Sibling PSF files (relative to ``root``) of the accepted cutouts, read with a domain
+        whose PSF is a separate file: they belong with the batch but are not cutouts.
     """
 
     images: np.ndarray | None
@@ -133,11 +168,13 @@ class CutoutBatch:
     rejections: list[Rejection] = field(default_factory=list)
     accepted_files: list[str] = field(default_factory=list)
     root: Path = Path(".")
+    weights: np.ndarray | None = None
+    psf_files: list[str] = field(default_factory=list)
 
     @property
     def n_files_in(self) -> int:
-        """Files examined: always ``len(accepted_files) + len(rejections)``."""
-        return len(self.accepted_files) + len(self.rejections)
+        """Files examined: ``len(accepted_files) + len(rejections) + len(psf_files)``."""
+        return len(self.accepted_files) + len(self.rejections) + len(self.psf_files)
 
 
 def is_fits_name(name: str) -> bool:
@@ -279,6 +316,106 @@ def _psf_fwhm_arcsec(
     return fwhm
 
 
+def _select_hdu(hdul: fits.HDUList, selector: HduSelector, what: str, path: Path) -> int:
+    try:
+        return selector.select(hdul)
+    except HduSelectionError as exc:
+        raise CutoutError(path, f"{what}: {exc}") from exc
+
+
+def _open_psf_file(cutout: Path, domain: Domain, limits: InputLimits | None) -> Path:
+    """The sibling PSF file of ``cutout`` under ``domain``, checked like a cutout file."""
+    psf_path = domain.psf.path_for(cutout)
+    where = f"PSF file {psf_path.name} (domain {domain.name} [psf] file)"
+    if psf_path.is_symlink():
+        raise CutoutError(cutout, f"{where} is a symbolic link: not accepted")
+    if not psf_path.is_file():
+        raise CutoutError(cutout, f"{where} not found beside the cutout")
+    if limits is not None:
+        check_input_limits(psf_path, limits)
+    return psf_path
+
+
+def _domain_psf(
+    hdul: fits.HDUList, path: Path, domain: Domain, limits: InputLimits | None = None
+) -> np.ndarray:
+    """The PSF image(s) of the cutout ``path`` (open as ``hdul``) from the domain's source."""
+    if domain.psf.file is None:
+        index = _select_hdu(hdul, domain.psf.hdu, f"domain {domain.name} [psf]", path)
+        return np.asarray(hdul[index].data, dtype=np.float64)
+    psf_path = _open_psf_file(path, domain, limits)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AstropyWarning)
+            with fits.open(psf_path, memmap=False, lazy_load_hdus=False) as psf_hdul:
+                what = f"PSF file {psf_path.name}, domain {domain.name} [psf]"
+                index = _select_hdu(psf_hdul, domain.psf.hdu, what, path)
+                return np.asarray(psf_hdul[index].data, dtype=np.float64)
+    except CutoutError:
+        raise
+    except Exception as exc:  # astropy signals bad/truncated files with many types
+        raise CutoutError(
+            path, f"PSF file {psf_path.name} is not a readable FITS file ({type(exc).__name__})"
+        ) from exc
+
+
+def _domain_psf_fwhm(psf: np.ndarray, n_planes: int, domain: Domain, path: Path) -> np.ndarray:
+    """``(n_planes,)`` FWHM (arcsec) of a domain PSF: 2-D shared, or 3-D one per plane."""
+    from gampen_ml.sim.psf import measure_fwhm_arcsec
+
+    if psf.ndim not in (2, 3) or (psf.ndim == 3 and len(psf) != n_planes):
+        raise CutoutError(
+            path, f"domain {domain.name} PSF has shape {psf.shape}; expected 2-D or "
+            f"({n_planes}, ny, nx)",
+        )  # fmt: skip
+    planes = psf if psf.ndim == 3 else psf[None]
+    if not (np.all(np.isfinite(planes)) and np.all(planes.sum(axis=(1, 2)) > 0)):
+        raise CutoutError(path, f"domain {domain.name} PSF has non-finite or no positive flux")
+    measured = np.array([measure_fwhm_arcsec(p, domain.pixel_scale_arcsec) for p in planes])
+    if not (np.all(np.isfinite(measured)) and np.all(measured > 0)):
+        raise CutoutError(path, f"domain {domain.name} PSF: FWHM not measurable ({measured})")
+    return measured if psf.ndim == 3 else np.full(n_planes, measured[0])
+
+
+def read_psf_image(path: Path | str, domain: Domain | None = None) -> np.ndarray | None:
+    """The PSF image of a cutout file, for a profile fitter.
+
+    Parameters
+    ----------
+    path : Path or str
+        The cutout FITS file.
+    domain : Domain, optional
+        Read the PSF from the domain's ``[psf]`` source; without one (or a domain without
+        ``[psf]``), from an HDU named ``PSF`` in the file.
+
+    Returns
+    -------
+    np.ndarray or None
+        ``(ny, nx)`` (or ``(n_planes, ny, nx)``) float64 as stored (the survey's PSFs are
+        unit-sum); None when the file has no ``PSF`` HDU and no domain PSF is declared.
+
+    Raises
+    ------
+    CutoutError
+        When a declared PSF is missing or unreadable.
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AstropyWarning)
+            with fits.open(path, memmap=False, lazy_load_hdus=False) as hdul:
+                if domain is not None and domain.psf is not None:
+                    return _domain_psf(hdul, path, domain)
+                names = [h.name.upper() for h in hdul]
+                if "PSF" not in names or hdul[names.index("PSF")].data is None:
+                    return None
+                return np.asarray(hdul[names.index("PSF")].data, dtype=np.float64)
+    except CutoutError:
+        raise
+    except Exception as exc:  # astropy signals bad/truncated files with many types
+        raise CutoutError(path, f"not a readable FITS file ({type(exc).__name__}: {exc})") from exc
+
+
 def fit_to_stamp(image: np.ndarray, stamp_px: int) -> np.ndarray:
     """Crop or zero-pad the last two axes of ``image`` about their centre to ``stamp_px``.
 
@@ -413,6 +550,8 @@ def load_cutout_file(
     imaging: ImagingConfig,
     root: Path | str | None = None,
     limits: InputLimits | None = None,
+    *,
+    domain: Domain | None = None,
 ) -> tuple[np.ndarray, pl.DataFrame]:
     """Read and validate every cutout of one FITS file.
 
@@ -421,16 +560,20 @@ def load_cutout_file(
     path : Path or str
         A FITS file (2-D image or 3-D cube).
     imaging : ImagingConfig
-        Stamp size and pixel scale the network expects.
+        Stamp size and pixel scale the network expects (with a domain, only the stamp
+        size: the pixel scale is the domain's).
     root : Path or str, optional
         Folder that ``source_file`` is made relative to (default: the file's folder).
     limits : InputLimits, optional
         Checked from the headers before the pixels are read (:func:`check_input_limits`).
+    domain : Domain, optional
+        Read the file as the survey ``domain`` delivers it (module docstring): its image
+        HDU, flux unit, pixel scale and PSF source. Its weights: :func:`load_cutouts`.
 
     Returns
     -------
     images : np.ndarray
-        ``(n, S, S)`` float32 with ``S = imaging.stamp_size_px``.
+        ``(n, S, S)`` float32 in nJy with ``S = imaging.stamp_size_px``.
     table : pl.DataFrame
         ``n`` rows, :data:`TABLE_SCHEMA` with ``galaxy_id`` 0..n-1.
 
@@ -440,6 +583,23 @@ def load_cutout_file(
         If the file or any of its cutouts is unusable; the message names the file, the
         HDU/plane and the problem.
     """
+    images, table, _ = _read_cutout_file(path, imaging, root, limits, domain)
+    return images, table
+
+
+def _read_cutout_file(
+    path: Path | str,
+    imaging: ImagingConfig,
+    root: Path | str | None,
+    limits: InputLimits | None,
+    domain: Domain | None,
+    psf_limits: InputLimits | None = None,
+) -> tuple[np.ndarray, pl.DataFrame, np.ndarray | None]:
+    """:func:`load_cutout_file` plus the ``(n, S, S)`` weights (None unless declared).
+
+    ``psf_limits`` (default ``limits``) are checked on a sibling PSF file.
+    """
+    psf_limits = psf_limits or limits
     path = Path(path)
     root = Path(root) if root is not None else path.parent
     relative = path.relative_to(root).as_posix() if path != root else path.name
@@ -454,7 +614,11 @@ def load_cutout_file(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", AstropyWarning)
             with fits.open(path, memmap=False, lazy_load_hdus=False) as hdul:
-                index, hdu = _image_hdu(hdul, path)
+                if domain is not None and domain.image is not None:
+                    index = _select_hdu(hdul, domain.image, f"domain {domain.name} [image]", path)
+                    hdu = hdul[index]
+                else:
+                    index, hdu = _image_hdu(hdul, path)
                 data = np.asarray(hdu.data)
                 header = hdu.header.copy()
                 n_planes = data.shape[0] if data.ndim == 3 else 1
@@ -462,14 +626,24 @@ def load_cutout_file(
                     _plane_columns(hdul, n_planes, ("RA", "DEC")) if data.ndim == 3 else None
                 )
                 scale = _pixel_scale_arcsec(header, path)
-                psf_fwhm = _psf_fwhm_arcsec(
-                    hdul,
-                    header,
-                    n_planes,
-                    data.ndim == 3,
-                    scale or imaging.pixel_scale_arcsec,
-                    path,
-                )
+                weight = None
+                if domain is not None and domain.weight is not None:
+                    w_index = _select_hdu(
+                        hdul, domain.weight, f"domain {domain.name} [weight]", path
+                    )
+                    weight = np.asarray(hdul[w_index].data)
+                if domain is not None and domain.psf is not None:
+                    psf = _domain_psf(hdul, path, domain, psf_limits)
+                    psf_fwhm = _domain_psf_fwhm(psf, n_planes, domain, path)
+                else:
+                    psf_fwhm = _psf_fwhm_arcsec(
+                        hdul,
+                        header,
+                        n_planes,
+                        data.ndim == 3,
+                        scale or (domain or imaging).pixel_scale_arcsec,
+                        path,
+                    )
     except CutoutError:
         raise
     except Exception as exc:  # astropy signals bad/truncated files with many types
@@ -489,6 +663,8 @@ def load_cutout_file(
     if data.dtype.kind in "iu" or data.dtype.itemsize != 4:
         repairs.append(f"{data.dtype.str}->float32")
     planes = data.astype(np.float32) if data.ndim == 3 else data.astype(np.float32)[None]
+    if domain is not None and domain.flux_to_njy != 1.0:
+        planes *= np.float32(domain.flux_to_njy)
     ny, nx = planes.shape[1:]
     if min(ny, nx) < stamp_px / 2:
         raise CutoutError(
@@ -499,13 +675,15 @@ def load_cutout_file(
         repairs.append(f"{ny}x{nx}->{stamp_px}x{stamp_px} centred crop/pad")
 
     if scale is not None:
-        expected = imaging.pixel_scale_arcsec
+        expected = (domain or imaging).pixel_scale_arcsec
+        whose = "the survey's" if domain is None else f"domain {domain.name}'s"
         if not np.isfinite(scale) or abs(scale / expected - 1.0) > PIXEL_SCALE_TOLERANCE:
             raise CutoutError(
                 path,
-                f"pixel scale {scale:.4g} arcsec/px (header) differs from the survey's "
+                f"pixel scale {scale:.4g} arcsec/px (header) differs from {whose} "
                 f"{expected} arcsec/px by more than {PIXEL_SCALE_TOLERANCE:.0%}",
             )
+    weights = None if weight is None else _weights(weight, data, planes, domain, path)
 
     n = planes.shape[0]
     ra = np.full(n, np.nan)
@@ -529,6 +707,8 @@ def load_cutout_file(
         more = f" (and {len(bad) - 5} more planes)" if len(bad) > 5 else ""
         raise CutoutError(path, shown + more)
 
+    if weights is not None:
+        weights = fit_to_stamp(weights, stamp_px)
     repair_text = ["; ".join(repairs + ([r] if r else [])) for r in plane_repairs]
     table = pl.DataFrame(
         {
@@ -539,7 +719,11 @@ def load_cutout_file(
             else np.arange(n, dtype=np.int32),
             "ra_deg": ra,
             "dec_deg": dec,
-            "pixel_scale_arcsec": [scale] * n,
+            # A domain declares its scale: a header without one is read at the domain's.
+            "pixel_scale_arcsec": [
+                scale if scale is not None or domain is None else domain.pixel_scale_arcsec
+            ]
+            * n,
             "psf_fwhm_arcsec": psf_fwhm,
             "repairs": repair_text,
         },
@@ -549,11 +733,42 @@ def load_cutout_file(
         pl.col("dec_deg").fill_nan(None),
         pl.col("psf_fwhm_arcsec").fill_nan(None),
     )
-    return stamps, table
+    return stamps, table, weights
+
+
+def _weights(
+    weight: np.ndarray, data: np.ndarray, planes: np.ndarray, domain: Domain, path: Path
+) -> np.ndarray:
+    """``(n, ny, nx)`` float32 inverse variance in nJy^-2 of the image ``planes``.
+
+    Non-finite weights and the weights of non-finite image pixels become 0 (no
+    information); a negative weight, or a map of another shape than the image, rejects the
+    file.
+    """
+    if weight.shape != data.shape:
+        raise CutoutError(
+            path,
+            f"domain {domain.name} [weight] HDU has shape {weight.shape}, the image {data.shape}",
+        )
+    if weight.dtype.kind not in "iuf":
+        raise CutoutError(path, f"domain {domain.name} [weight] HDU has dtype {weight.dtype}")
+    weight = weight.astype(np.float64).reshape(planes.shape)
+    finite = np.isfinite(weight)
+    if np.any(weight[finite] < 0):
+        raise CutoutError(
+            path, f"domain {domain.name} [weight] HDU has {int((weight[finite] < 0).sum())} "
+            "negative inverse variances",
+        )  # fmt: skip
+    weight = np.where(finite & np.isfinite(planes), weight, 0.0) / domain.flux_to_njy**2
+    return weight.astype(np.float32)
 
 
 def load_cutouts(
-    path: Path | str, imaging: ImagingConfig, limits: InputLimits | None = None
+    path: Path | str,
+    imaging: ImagingConfig,
+    limits: InputLimits | None = None,
+    *,
+    domain: Domain | None = None,
 ) -> CutoutBatch:
     """Load every valid cutout of a FITS file or of a folder of FITS files.
 
@@ -568,20 +783,24 @@ def load_cutouts(
     limits : InputLimits, optional
         Size limits checked from each file's headers before its pixels are read; files
         beyond ``max_batch_bytes`` of the batch (in sorted order) are rejected.
+    domain : Domain, optional
+        Read the files as that survey delivers them (module docstring); with a declared
+        ``[weight]`` HDU the batch carries ``weights``.
 
     Returns
     -------
     CutoutBatch
         Images ``(N, S, S)`` float32, the provenance table, rejections; files are read in
         sorted order and ``galaxy_id`` runs 0..N-1 over the batch. Never raises for a bad
-        input file: ``n_files_in == len(accepted_files) + len(rejections)``.
+        input file: ``n_files_in == len(accepted_files) + len(rejections) +
+        len(psf_files)``.
 
     Raises
     ------
     CutoutError
         Only if ``path`` itself does not exist.
     """
-    return _scan(path, imaging, keep_images=True, limits=limits)
+    return _scan(path, imaging, keep_images=True, limits=limits, domain=domain)
 
 
 def validate_cutouts(
@@ -589,6 +808,8 @@ def validate_cutouts(
     imaging: ImagingConfig,
     limits: InputLimits | None = None,
     reject_reserved: bool = False,
+    *,
+    domain: Domain | None = None,
 ) -> CutoutBatch:
     """Like :func:`load_cutouts` but keeps no pixels (``images`` is None): memory stays
     at one file's worth however large the batch, for the inbox.
@@ -596,7 +817,7 @@ def validate_cutouts(
     With ``reject_reserved`` the files named ``_*``/``.*`` are listed and rejected with a
     reason instead of skipped.
     """
-    return _scan(path, imaging, False, limits, reject_reserved)
+    return _scan(path, imaging, False, limits, reject_reserved, domain=domain)
 
 
 def _name_problem(relative: str, name: str, reject_reserved: bool) -> str | None:
@@ -616,12 +837,32 @@ def _name_problem(relative: str, name: str, reject_reserved: bool) -> str | None
     return None
 
 
+def _psf_siblings(files: list[Path], domain: Domain | None) -> dict[Path, Path]:
+    """Cutout -> its sibling PSF file, for the files of a scan whose PSF file is among them.
+
+    A file that is another file's PSF is not a cutout (``psf_<ra>_<dec>.fits`` beside
+    ``cutout_<ra>_<dec>.fits``); a file whose pattern names itself is not anyone's PSF.
+    """
+    if domain is None or domain.psf is None or domain.psf.file is None:
+        return {}
+    present = set(files)
+    siblings = {}
+    for file in files:
+        if is_fits_name(file.name) and not is_reserved_name(file.name):
+            psf_path = domain.psf.path_for(file)
+            if psf_path != file and psf_path in present:
+                siblings[file] = psf_path
+    return siblings
+
+
 def _scan(
     path: Path | str,
     imaging: ImagingConfig,
     keep_images: bool,
     limits: InputLimits | None = None,
     reject_reserved: bool = False,
+    *,
+    domain: Domain | None = None,
 ) -> CutoutBatch:
     path = Path(path)
     if not path.exists() and not path.is_symlink():
@@ -629,11 +870,22 @@ def _scan(
     root = path if path.is_dir() and not path.is_symlink() else path.parent
     stamp_px = imaging.stamp_size_px
     images: list[np.ndarray] = []
+    weights: list[np.ndarray] = []
     tables: list[pl.DataFrame] = []
     accepted: list[str] = []
     rejections: list[Rejection] = []
     batch_bytes = 0
-    for file in batch_files(path, include_reserved=reject_reserved):
+    files = [
+        f
+        for f in batch_files(path, include_reserved=reject_reserved)
+        if not (path.is_dir() and f == path / BATCH_FILE)
+    ]
+    siblings = _psf_siblings(files, domain)
+    sibling_psfs = set(siblings.values())
+    psf_of_accepted: set[Path] = set()
+    for file in files:
+        if file in sibling_psfs:
+            continue  # a PSF file: stored or rejected with its cutouts below
         relative = file.relative_to(root).as_posix()
         problem = _name_problem(relative, file.name, reject_reserved)
         if problem is not None:
@@ -650,22 +902,46 @@ def _scan(
                         f"{limits.max_batch_bytes:,} bytes per batch (max_batch_bytes) with "
                         f"this file's {size:,}; resubmit it in another batch",
                     )
-            stamps, table = load_cutout_file(file, imaging, root=root)
+            stamps, table, weight = _read_cutout_file(
+                file, imaging, root, None, domain, psf_limits=limits
+            )
         except CutoutError as exc:
             rejections.append(Rejection(relative, exc.problem))
             continue
         batch_bytes += size
         if keep_images:
             images.append(stamps)
+            if weight is not None:
+                weights.append(weight)
         tables.append(table)
         accepted.append(relative)
+        if file in siblings:
+            psf_of_accepted.add(siblings[file])
+    psf_files = []
+    for psf_path in sorted(sibling_psfs):
+        relative = psf_path.relative_to(root).as_posix()
+        if psf_path in psf_of_accepted:
+            psf_files.append(relative)
+        else:
+            users = sorted(
+                f.relative_to(root).as_posix() for f, p in siblings.items() if p == psf_path
+            )
+            rejections.append(
+                Rejection(relative, f"PSF file of rejected cutout(s) {', '.join(users)}")
+            )
     if tables:
         table = pl.concat(tables).with_columns(galaxy_id=pl.int_range(pl.len(), dtype=pl.Int64))
         stack = np.concatenate(images, axis=0) if keep_images else None
     else:
         table = pl.DataFrame(schema=TABLE_SCHEMA)
         stack = np.zeros((0, stamp_px, stamp_px), dtype=np.float32) if keep_images else None
-    return CutoutBatch(stack, table, rejections, accepted, root)
+    declared = domain is not None and domain.weight is not None and keep_images
+    weight_stack = None
+    if declared:
+        weight_stack = (
+            np.concatenate(weights, axis=0) if weights else np.zeros_like(stack, dtype=np.float32)
+        )
+    return CutoutBatch(stack, table, rejections, accepted, root, weight_stack, psf_files)
 
 
 def _contained(path: Path, folder: Path) -> bool:

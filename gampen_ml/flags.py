@@ -21,9 +21,10 @@ catch it; the cutout's PSF FWHM (from its FITS file) can.
 
 ``out_of_domain`` with a reason (``ood_reason``), from the image statistics of
 :func:`image_statistics` (catalog columns ``image_flux_nJy``, ``image_peak_snr``,
-``noise_sigma_nJy``) and the prediction: nothing detected at the centre, total flux beyond
-the training prior by a margin, sky noise unlike the training noise pool's by more than a
-factor, or a predicted Re / flux outside the prior by a margin. ``unreliable`` is the union
+``noise_sigma_nJy``, ``image_sigma_px``) and the prediction: nothing detected at the centre,
+total flux beyond the training prior by a margin, sky noise unlike the training noise pool's
+by more than a factor, an object no larger than its PSF (a star: the network would still
+report a galaxy of Re ~ 0.2-1"), or a predicted Re / flux outside the prior by a margin. ``unreliable`` is the union
 of every detector of "outside what the network was trained on": ``out_of_domain``,
 ``asymmetric`` and ``psf_outside_library``. A wide posterior is not a reason: calibrated
 posteriors are as wide as the data allow.
@@ -31,6 +32,7 @@ posteriors are as wide as the data allow.
 
 from __future__ import annotations
 
+import galsim
 import numpy as np
 import polars as pl
 from scipy.ndimage import gaussian_filter
@@ -52,7 +54,16 @@ FLAGS_SCHEMA: dict[str, pl.DataType] = {
 #: File of a ``qualitative_flags`` partition.
 FLAGS_FILE = "flags.parquet"
 #: Catalog columns of :func:`image_statistics`.
-IMAGE_STATISTICS = ("image_flux_nJy", "image_peak_snr", "noise_sigma_nJy")
+IMAGE_STATISTICS = ("image_flux_nJy", "image_peak_snr", "noise_sigma_nJy", "image_sigma_px")
+#: Largest relative difference between a cutout's pixel scale and the training images'.
+PIXEL_SCALE_TOLERANCE = 0.05
+#: Side (px) of the central box whose light :func:`moment_sigma_px` measures: larger than
+#: any PSF-sized object, small enough to stay fast (the criterion only concerns small sizes).
+MOMENT_BOX_PX = 64
+#: Adaptive-moment sigma / FWHM of a Moffat beta = 3.5 PSF (the middle of the training
+#: library's beta range; 0.499 at beta 2.5, 0.464 at 4.5, 0.452 Kolmogorov): turns a cutout's
+#: PSF FWHM into the size a point source would have.
+PSF_SIGMA_PER_FWHM = 0.4755
 #: Unit, UCD and description of each :data:`IMAGE_STATISTICS` column (``docs/catalog.md``).
 IMAGE_STATISTICS_INFO: dict[str, ColumnInfo] = {
     "image_flux_nJy": ColumnInfo(
@@ -68,6 +79,12 @@ IMAGE_STATISTICS_INFO: dict[str, ColumnInfo] = {
         "sky noise per pixel of the cutout, from neighbouring-pixel differences in its 8-px frame",
         "nJy",
         "stat.stdev;instr.background",
+    ),
+    "image_sigma_px": ColumnInfo(
+        "adaptive-moment (HSM) Gaussian sigma of the light in the central "
+        f"{MOMENT_BOX_PX} x {MOMENT_BOX_PX} px, in pixels (null when the moments fail)",
+        "pix",
+        "phys.angSize;src",
     ),
 }
 _DEFAULT_FLAGS = FlagConfig()
@@ -151,6 +168,7 @@ def compute_flags(
     *,
     noise_sigma_nJy: float | tuple[float, float] | None = None,
     priors: PriorConfig | None = None,
+    pixel_scale_arcsec: float | None = None,
 ) -> pl.DataFrame:
     """Qualitative flags per galaxy.
 
@@ -174,6 +192,10 @@ def compute_flags(
     priors : PriorConfig, optional
         Simulation priors (default ``PriorConfig()``): the flux and Re ranges the
         ``out_of_domain`` criteria compare with.
+    pixel_scale_arcsec : float, optional
+        Pixel scale of the training images: a catalog ``pixel_scale_arcsec`` unlike it is
+        out of domain, and it converts ``image_sigma_px`` of cutouts without a scale for the
+        point-source criterion (with ``psf_fwhm_arcsec``).
 
     Returns
     -------
@@ -214,7 +236,13 @@ def compute_flags(
             fwhm > hi * (1.0 + cfg.psf_fwhm_tolerance)
         )
         optional.append(outside.fill_null(False).alias("psf_outside_library"))
-    reasons = out_of_domain_reasons(catalog, cfg, noise_sigma_nJy=noise_sigma_nJy, priors=priors)
+    reasons = out_of_domain_reasons(
+        catalog,
+        cfg,
+        noise_sigma_nJy=noise_sigma_nJy,
+        priors=priors,
+        pixel_scale_arcsec=pixel_scale_arcsec,
+    )
     flags = catalog.select(
         pl.col("galaxy_id").cast(pl.Int64),
         pl.col("dataset").cast(pl.String),
@@ -237,6 +265,7 @@ def out_of_domain_reasons(
     *,
     noise_sigma_nJy: float | tuple[float, float] | None = None,
     priors: PriorConfig | None = None,
+    pixel_scale_arcsec: float | None = None,
 ) -> pl.Expr:
     """Polars expression: why each galaxy lies outside the training domain (null: it does not).
 
@@ -248,6 +277,14 @@ def out_of_domain_reasons(
     * ``sky noise unlike training``: the catalog's ``noise_sigma_nJy`` lies more than
       ``cfg.noise_sigma_factor`` beyond the training noise (``noise_sigma_nJy``: one value,
       or the ``(lo, hi)`` range of a profile that varies the depth) either way;
+    * ``pixel scale unlike training``: the cutout's ``pixel_scale_arcsec`` differs from the
+      training images' (``pixel_scale_arcsec``) by more than :data:`PIXEL_SCALE_TOLERANCE`
+      (a survey domain predicted by a model never trained at its scale);
+    * ``consistent with a point source``: the cutout's ``image_sigma_px`` (in arcsec with
+      the catalog's ``pixel_scale_arcsec``, else ``pixel_scale_arcsec``) is below
+      ``(1 + cfg.point_source_tolerance)`` x the size of its PSF
+      (:data:`PSF_SIGMA_PER_FWHM` x ``psf_fwhm_arcsec``), for a detected object; only where
+      the PSF FWHM is known;
     * ``predicted Re outside the prior`` / ``predicted flux outside the prior``: the mode
       below ``(1 - cfg.prior_margin)`` x the prior's lower limit or above
       ``(1 + cfg.prior_margin)`` x its upper limit.
@@ -292,9 +329,35 @@ def out_of_domain_reasons(
                 "sky noise unlike training",
             )
         )
+    if pixel_scale_arcsec is not None and "pixel_scale_arcsec" in catalog.columns:
+        ratio = pl.col("pixel_scale_arcsec") / pixel_scale_arcsec
+        checks.append(
+            (
+                (ratio - 1).abs() > PIXEL_SCALE_TOLERANCE,
+                "pixel scale unlike training",
+            )
+        )
+    point_source = _point_source(catalog, cfg, pixel_scale_arcsec)
+    if point_source is not None:
+        checks.append((point_source, "consistent with a point source"))
     parts = [pl.when(cond.fill_null(False)).then(pl.lit(reason)) for cond, reason in checks]
     joined = pl.concat_str(parts, separator="; ", ignore_nulls=True)
     return pl.when(joined != "").then(joined)
+
+
+def _point_source(
+    catalog: pl.DataFrame, cfg: FlagConfig, pixel_scale_arcsec: float | None
+) -> pl.Expr | None:
+    """Polars condition "no larger than its PSF", or None when the inputs are missing."""
+    if not {"image_sigma_px", "psf_fwhm_arcsec", "image_peak_snr"} <= set(catalog.columns):
+        return None
+    scale = pl.lit(pixel_scale_arcsec, dtype=pl.Float64)
+    if "pixel_scale_arcsec" in catalog.columns:
+        scale = pl.coalesce(pl.col("pixel_scale_arcsec"), scale)
+    psf_sigma = PSF_SIGMA_PER_FWHM * pl.col("psf_fwhm_arcsec")
+    return (pl.col("image_sigma_px") * scale < (1 + cfg.point_source_tolerance) * psf_sigma) & (
+        pl.col("image_peak_snr") >= cfg.min_peak_snr
+    )
 
 
 def image_statistics(
@@ -325,7 +388,7 @@ def image_statistics(
     if len(images.shape) != 3:
         raise ValueError(f"image_statistics: images must be (N, S, S), got {images.shape}")
     n, s = images.shape[0], images.shape[1]
-    flux, sigma, snr = (np.empty(n) for _ in range(3))
+    flux, sigma, snr, size = (np.empty(n) for _ in range(4))
     b, c, h = BORDER_PX, s // 2, CENTRE_BOX_PX // 2
     kernel_noise = 1.0 / (2.0 * np.sqrt(np.pi) * smooth_px)  # smoothed white-noise sigma
     for start in range(0, n, chunk):
@@ -342,6 +405,7 @@ def image_statistics(
             axis=1,
         )
         sigma[k] = noise_sigma_from_differences(frame)
+        size[k] = moment_sigma_px(x)
         r = h + 3 * int(np.ceil(smooth_px))  # the filter's reach around the box
         centre = x[:, c - r : c + r + 1, c - r : c + r + 1]
         smooth = gaussian_filter(centre, sigma=(0, smooth_px, smooth_px))
@@ -351,9 +415,36 @@ def image_statistics(
                 sigma[k] > 0, peak / (sigma[k] * kernel_noise), np.inf * np.sign(peak)
             )
     return pl.DataFrame(
-        {"image_flux_nJy": flux, "image_peak_snr": snr, "noise_sigma_nJy": sigma},
+        {
+            "image_flux_nJy": flux,
+            "image_peak_snr": snr,
+            "noise_sigma_nJy": sigma,
+            "image_sigma_px": size,
+        },
         schema={name: pl.Float64 for name in IMAGE_STATISTICS},
-    )
+    ).with_columns(pl.col("image_sigma_px").fill_nan(None))
+
+
+def moment_sigma_px(images: np.ndarray, box_px: int = MOMENT_BOX_PX) -> np.ndarray:
+    """Adaptive-moment Gaussian sigma (px) of the light in each stamp's central box.
+
+    GalSim's HSM ``FindAdaptiveMom`` (elliptical Gaussian weight iterated to the object's
+    own moments; ``moments_sigma`` = ``det(M)^(1/4)``), which a PSF-convolved point source
+    shares with its PSF. ``(N, S, S)`` -> ``(N,)`` float64, NaN where the moments fail
+    (blank or negative stamps).
+    """
+    x = np.asarray(images, dtype=np.float64)
+    s = x.shape[1]
+    lo = max(s // 2 - box_px // 2, 0)
+    box = x[:, lo : lo + box_px, lo : lo + box_px]
+    out = np.full(len(x), np.nan)
+    for i, stamp in enumerate(box):
+        try:
+            moments = galsim.hsm.FindAdaptiveMom(galsim.Image(np.ascontiguousarray(stamp)))
+        except galsim.GalSimError:
+            continue
+        out[i] = moments.moments_sigma
+    return out
 
 
 def noise_sigma_from_differences(x: np.ndarray) -> np.ndarray:

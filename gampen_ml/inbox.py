@@ -6,6 +6,10 @@ Layout (the inbox folder is ``$GAMPEN_INBOX``, else ``$DAGSTER_HOME/inbox``)::
       hsc-2024-05-01/          a batch: a folder of FITS cutouts (sub-folders allowed)
         a.fits  b.fits.gz ...
         _READY                 marker: the upload is complete
+      decals-0591m305/         a batch of another survey's files ...
+        cutout_59.1_-30.5.fits psf_59.1_-30.5.fits ...
+        batch.toml             ... declaring its domain: domain = "decals-r"
+        _READY
       cube7.fits               a batch: one FITS cube (one cutout per plane) ...
       cube7.fits._READY        ... and its marker
       _processing/<key>/       claimed batches (written by the platform only)
@@ -30,6 +34,16 @@ Two steps, each safe to interrupt at any point:
 So every file ends in exactly one place: stored, or quarantined with its reason. Files the
 platform cannot remove from ``_processing/<key>/`` (immutable, permissions) stay there,
 are logged by name, and are never ingested twice.
+
+**Domains.** A folder batch may hold a ``batch.toml`` (:data:`BATCH_FILE`) at its top,
+``domain = "<name>"``: its files are then read as that survey delivers them
+(:class:`gampen_ml.domains.Domain`, declared in ``<dagster_home>/domains/<name>.toml``;
+:mod:`gampen_ml.fits_input`), the sibling PSF files of its accepted cutouts are stored
+with them, and ``_manifest.json`` records the domain, which the catalog run reads
+(:func:`stored_batch_domain`) to pick the domain's fine-tuned model. A single-file batch
+has no domain. A ``batch.toml`` that cannot be used (not TOML, an unknown key, a domain
+that is not declared) quarantines the whole batch, each file with that reason, the
+``batch.toml`` last; :attr:`IngestResult.problem` says what was wrong.
 """
 
 from __future__ import annotations
@@ -39,20 +53,26 @@ import os
 import re
 import shutil
 import time
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gampen_ml.config import Profile
+from gampen_ml.config import ConfigError, Profile
+from gampen_ml.domains import Domain, find_domain
 from gampen_ml.fits_input import (
+    BATCH_FILE,
     FITS_SUFFIXES,
+    Rejection,
+    batch_files,
     display_name,
     is_fits_name,
     is_reserved_name,
     quarantine,
     validate_cutouts,
 )
-from gampen_ml.io import atomic_partition_dir
+from gampen_ml.io import atomic_partition_dir, partition_dir
+from gampen_ml.sim.errors import InputFileError
 
 READY_MARKER = "_READY"
 #: Inbox sub-folder holding the claimed batches, one folder per partition key.
@@ -207,6 +227,88 @@ class IngestResult:
     stored_dir: Path | None
     #: Files of the claimed batch that could not be removed after ingestion (by name).
     left_behind: tuple[str, ...] = ()
+    #: The batch's domain (``batch.toml``), None without one.
+    domain: str | None = None
+    #: Why the whole batch was quarantined without being read (an unusable ``batch.toml``).
+    problem: str | None = None
+
+
+class BatchFileError(InputFileError):
+    """A batch's ``batch.toml`` cannot be used; the message names the file and the problem."""
+
+
+def read_batch_file(folder: Path) -> str | None:
+    """The domain name a batch folder declares in its ``batch.toml``; None without the file.
+
+    The file holds one key, ``domain = "<name>"``.
+
+    Raises
+    ------
+    BatchFileError
+        When the file is not TOML, has another key, or the domain is not a string.
+    """
+    path = Path(folder) / BATCH_FILE
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise BatchFileError(path, "not a regular file")
+    if not path.is_file():
+        return None
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise BatchFileError(path, f"not a readable TOML file ({exc})") from exc
+    unknown = sorted(set(data) - {"domain"})
+    if unknown:
+        raise BatchFileError(path, f"unknown key(s) {unknown}; the only key is domain")
+    domain = data.get("domain")
+    if domain is None:
+        return None
+    if not isinstance(domain, str):
+        raise BatchFileError(path, f"domain must be a string, got {domain!r}")
+    return domain
+
+
+def batch_domain(folder: Path, domains: Path | None) -> Domain | None:
+    """The :class:`Domain` a batch folder declares, looked up in the ``domains`` folder.
+
+    Raises
+    ------
+    BatchFileError
+        Naming the ``batch.toml`` and, for an undeclared domain, the declared ones.
+    """
+    name = read_batch_file(folder)
+    if name is None:
+        return None
+    if domains is None:
+        raise BatchFileError(Path(folder) / BATCH_FILE, f"domain {name!r}: no domains folder")
+    try:
+        return find_domain(domains, name)
+    except ConfigError as exc:
+        raise BatchFileError(Path(folder) / BATCH_FILE, str(exc)) from exc
+
+
+def stored_batch_domain(storage_root: Path, key: str, domains: Path | None) -> Domain | None:
+    """The domain recorded in the manifest of the stored batch ``key`` (None: none).
+
+    Read again from the ``domains`` folder (:func:`gampen_ml.domains.find_domain`), so a
+    catalog run reads the batch the way it was ingested.
+
+    Raises
+    ------
+    InputFileError
+        When the recorded domain is no longer declared (naming the manifest).
+    """
+    manifest_path = partition_dir(storage_root, STORED_BATCHES, key) / MANIFEST
+    if not manifest_path.is_file():
+        return None
+    name = json.loads(manifest_path.read_text()).get("domain")
+    if name is None:
+        return None
+    if domains is None:
+        raise InputFileError(manifest_path, f"its batch's domain {name!r}: no domains folder")
+    try:
+        return find_domain(domains, name)
+    except ConfigError as exc:
+        raise InputFileError(manifest_path, f"its batch's domain: {exc}") from exc
 
 
 def ingest_claimed(
@@ -216,8 +318,14 @@ def ingest_claimed(
     storage_root: Path,
     quarantine_root: Path,
     checkpoint: Callable[[str], None] | None = None,
+    *,
+    domains: Path | None = None,
 ) -> IngestResult:
     """Validate, store, quarantine and release one claimed batch; idempotent.
+
+    ``domains`` is the folder of declared domains (:attr:`Settings.domains`) that a
+    ``batch.toml`` names one of; without a ``batch.toml`` the batch is read with the
+    profile's imaging.
 
     Steps, each safe to interrupt (``checkpoint`` is called after each, for fault tests):
     ``validated`` -> ``stored`` (atomic partition with its manifest; skipped when the
@@ -226,12 +334,23 @@ def ingest_claimed(
     """
     step = checkpoint or (lambda _: None)
     (claimed / READY_MARKER).unlink(missing_ok=True)
-    scan = validate_cutouts(claimed, profile.imaging, profile.limits, reject_reserved=True)
-    step("validated")
     stored = storage_root / STORED_BATCHES / key
+    try:
+        # A rerun after the batch was stored reads it the way it was stored, even if its
+        # batch.toml is gone already.
+        domain = (
+            stored_batch_domain(storage_root, key, domains)
+            if (stored / MANIFEST).is_file()
+            else batch_domain(claimed, domains)
+        )
+    except InputFileError as exc:
+        return _quarantine_whole_batch(claimed, key, quarantine_root, str(exc), checkpoint)
+    imaging = profile.imaging if domain is None else domain.imaging(profile.imaging)
+    scan = validate_cutouts(claimed, imaging, profile.limits, reject_reserved=True, domain=domain)
+    step("validated")
     if scan.accepted_files and not (stored / MANIFEST).is_file():
         with atomic_partition_dir(stored) as tmp:
-            for relative in scan.accepted_files:
+            for relative in scan.accepted_files + scan.psf_files:
                 target = tmp / relative
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(scan.root / relative, target)
@@ -239,8 +358,10 @@ def ingest_claimed(
                 json.dumps(
                     {
                         "batch": key,
+                        "domain": None if domain is None else domain.name,
                         "files_in": scan.n_files_in,
                         "files_accepted": scan.accepted_files,
+                        "psf_files": scan.psf_files,
                         "files_quarantined": {r.file: r.reason for r in scan.rejections},
                         "cutouts": scan.table.height,
                     },
@@ -251,7 +372,7 @@ def ingest_claimed(
     quarantined = quarantine(
         scan.rejections, claimed, quarantine_root, batch_name=key, checkpoint=checkpoint
     )
-    left = _release(claimed, scan.accepted_files)
+    left = _release(claimed, [*scan.accepted_files, *scan.psf_files, BATCH_FILE])
     step("released")
     return IngestResult(
         key=key,
@@ -261,6 +382,44 @@ def ingest_claimed(
         n_cutouts=scan.table.height,
         stored_dir=stored if stored.is_dir() else None,
         left_behind=left,
+        domain=None if domain is None else domain.name,
+    )
+
+
+def _quarantine_whole_batch(
+    claimed: Path,
+    key: str,
+    quarantine_root: Path,
+    problem: str,
+    checkpoint: Callable[[str], None] | None,
+) -> IngestResult:
+    """Quarantine every file of ``claimed`` with ``problem``; ``batch.toml`` moves last, so
+    a rerun after a crash still finds the reason."""
+    files = [
+        p.relative_to(claimed).as_posix()
+        for p in batch_files(claimed, include_reserved=True)
+        if p != claimed / BATCH_FILE
+    ]
+    if (claimed / BATCH_FILE).exists() or (claimed / BATCH_FILE).is_symlink():
+        files.append(BATCH_FILE)
+    reason = f"batch not read: {problem}"
+    quarantined = quarantine(
+        [Rejection(f, reason) for f in files],
+        claimed,
+        quarantine_root,
+        batch_name=key,
+        checkpoint=checkpoint,
+    )
+    left = _release(claimed, [])
+    return IngestResult(
+        key=key,
+        n_files_in=len(files),
+        n_files_accepted=0,
+        n_files_quarantined=len(quarantined),
+        n_cutouts=0,
+        stored_dir=None,
+        left_behind=left,
+        problem=problem,
     )
 
 

@@ -36,7 +36,6 @@ import polars as pl
 from gampen_ml.calibrate import Recalibration
 from gampen_ml.catalog import catalog_from_images
 from gampen_ml.config import (
-    AB_ZEROPOINT_NJY,
     CREDIBLE_LEVELS,
     PARAMETERS,
     ImagingConfig,
@@ -45,8 +44,7 @@ from gampen_ml.config import (
 )
 from gampen_ml.flags import compute_flags, pool_noise_sigma
 from gampen_ml.io import atomic_file
-from gampen_ml.plots import residuals
-from gampen_ml.posterior import covered, level_tag
+from gampen_ml.metrics import LEVEL_TAGS, ab_flux_nJy, covered, residuals
 from gampen_ml.sim.misspecified import VARIANTS, render_misspecified
 from gampen_ml.sim.noise import NoisePool, draw_noise, read_noise_pool
 from gampen_ml.sim.parameters import quantize_sersic_n, sample_parameters
@@ -56,7 +54,7 @@ from gampen_ml.sim.render import SERSIC_N_STEP
 #: Flags that mark a posterior as not to be trusted, when the flag table has them.
 RELIABILITY_FLAGS: tuple[str, ...] = ("unreliable", "asymmetric", "psf_outside_library")
 #: Level tags in the order of :data:`CREDIBLE_LEVELS` (``68``, ``95``, ``99``).
-TAGS: tuple[str, ...] = tuple(level_tag(lv).removeprefix("hpd") for lv in CREDIBLE_LEVELS)
+TAGS: tuple[str, ...] = tuple(LEVEL_TAGS.values())
 
 #: Columns of :func:`evaluate_misspecification`'s table, in order.
 TABLE_SCHEMA: dict[str, pl.DataType] = {
@@ -436,7 +434,7 @@ def real_galaxy_stamps(
     dx, s = imaging.pixel_scale_arcsec, imaging.stamp_size_px
     psf = galsim.InterpolatedImage(galsim.Image(np.asarray(psf_image, dtype=np.float64), scale=dx))
     mags = np.asarray(rgc.mag, dtype=np.float64)
-    flux = 10.0 ** ((AB_ZEROPOINT_NJY - (mags - brighten_mag)) / 2.5)
+    flux = ab_flux_nJy(mags - brighten_mag)
     rng = np.random.default_rng(seed)
     images = np.empty((rgc.nobjects, s, s), dtype=np.float32)
     from scipy.ndimage import gaussian_filter

@@ -59,6 +59,11 @@ def registered_model_name(profile_name: str) -> str:
     return f"gampen-{profile_name}"
 
 
+def domain_model_name(profile_name: str, domain: str) -> str:
+    """Registered model name of a domain's fine-tuned model: ``gampen-<profile>-<domain>``."""
+    return f"{registered_model_name(profile_name)}-{domain}"
+
+
 def _client(tracking_uri: str | None):
     from mlflow import MlflowClient
 

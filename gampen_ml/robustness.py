@@ -32,10 +32,8 @@ import numpy as np
 import polars as pl
 
 from gampen_ml.calibrate import MAGNITUDE_BINS, RE_BINS_ARCSEC
-from gampen_ml.catalog import magnitude_ab
 from gampen_ml.config import CREDIBLE_LEVELS, PARAMETERS, Profile, derive_seed
-from gampen_ml.plots import residuals
-from gampen_ml.posterior import covered, level_tag
+from gampen_ml.metrics import LEVEL_TAGS, ab_magnitude, covered, residuals
 
 #: Targets of a calibrated platform (points of coverage; fraction for the bias).
 TARGETS = {
@@ -45,7 +43,7 @@ TARGETS = {
     "median_bias": 0.01,
 }
 #: Level tags in the order of :data:`CREDIBLE_LEVELS`.
-TAGS = tuple(level_tag(level).removeprefix("hpd") for level in CREDIBLE_LEVELS)
+TAGS = tuple(LEVEL_TAGS.values())
 
 TABLE_FILE = "robustness.parquet"
 BINNED_FILE = "robustness_binned.parquet"
@@ -103,7 +101,7 @@ def conditional_coverage(catalog: pl.DataFrame, name: str) -> pl.DataFrame:
         ``set``, ``parameter``, ``by`` (``re_arcsec_true``, ``magnitude_true``,
         ``component_true``), ``bin`` (label), ``n``, ``coverage_68``.
     """
-    magnitude = magnitude_ab(catalog["flux_nJy_true"].to_numpy())
+    magnitude = ab_magnitude(catalog["flux_nJy_true"].to_numpy())
     bins = {
         "re_arcsec_true": (catalog["re_arcsec_true"].to_numpy(), RE_BINS_ARCSEC),
         "magnitude_true": (magnitude, MAGNITUDE_BINS),

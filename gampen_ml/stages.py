@@ -52,6 +52,8 @@ from gampen_ml.registry import registered_model_name
 from gampen_ml.sim import noise, psf
 
 if TYPE_CHECKING:
+    from gampen_ml.config import ImagingConfig
+    from gampen_ml.domains import Domain
     from gampen_ml.sim.shards import ShardSummary
 
 #: Dataset key of the simulated test split.
@@ -207,9 +209,10 @@ class SplitImages:
 def split_inputs(
     shard_dirs: Sequence[Path | str], split: str
 ) -> tuple[SplitImages, pl.DataFrame, pl.DataFrame]:
-    """Images, ``galaxy_id`` meta and truths of one split of the simulated shards."""
+    """Images, meta (``galaxy_id``, ``psf_id``) and truths of one split of the simulated shards."""
     data = ShardImages(shard_dirs, split)
-    return SplitImages(data), data.labels.select("galaxy_id"), data.labels.select(TRUTH_COLUMNS)
+    meta = data.labels.select("galaxy_id", "psf_id")
+    return SplitImages(data), meta, data.labels.select(TRUTH_COLUMNS)
 
 
 @dataclass
@@ -298,7 +301,7 @@ def calibrate_dropout_rates(
         recalibrations[rate] = None
         if profile.calibration.recalibrate:
             raw = next(t for t in tables if t["dropout_rate"][0] == rate)
-            recalibration, recalibrated = _recalibrate(
+            recalibration, recalibrated = recalibrate_on_validation(
                 samples,
                 scalers[rate],
                 truths,
@@ -306,7 +309,7 @@ def calibrate_dropout_rates(
                 levels,
                 rate,
                 log,
-                spread_profile=profile.calibration.spread_profile,
+                spread_drivers=profile.calibration.spread_drivers,
             )
             recalibrations[rate] = recalibration
             tables.append(recalibrated)
@@ -339,7 +342,7 @@ def calibrate_dropout_rates(
     return CalibrationResult(chosen, coverage, recalibration, len(images))
 
 
-def _recalibrate(
+def recalibrate_on_validation(
     samples: np.ndarray,
     scaler: LabelScaler,
     truths: pl.DataFrame,
@@ -347,12 +350,14 @@ def _recalibrate(
     levels: Sequence[float],
     rate: float,
     log: Callable[[str], None],
-    spread_profile: bool = True,
+    spread_drivers: Sequence[str] | None = None,
 ) -> tuple[Recalibration, pl.DataFrame]:
     """Fit one model's recalibration on validation; return it and the coverage it gives.
 
     First the mean shift (:func:`gampen_ml.calibrate.fit_mean_shift`: the validation bias
-    as a function of the predicted mean), then, per parameter, the exact scaled-space fit of
+    as a function of the predicted mean), with ``spread_drivers`` (parameter names, one per
+    parameter) a relative width profile over the predicted mean of the named parameter
+    (:func:`gampen_ml.calibrate.fit_spread_profile`), then, per parameter, the exact scaled-space fit of
     tail exponent, spread factor and error floor (:func:`gampen_ml.calibrate.fit_recalibration`,
     judged also on the 68.27 % coverage in bins of true size and magnitude,
     :func:`gampen_ml.calibrate.calibration_groups`) is the starting candidate of a search on
@@ -368,14 +373,16 @@ def _recalibrate(
     knots, values = tuple(k for k, _ in shifts), tuple(v for _, v in shifts)
     shifted = shift_means(samples, knots, values)
     spread_knots, spread_values = ((), (), ()), ((), (), ())
-    if spread_profile:
+    drivers = tuple(PARAMETERS.index(p) for p in spread_drivers or PARAMETERS)
+    if spread_drivers:
+        means = shifted.mean(axis=1)
         profiles = [
-            fit_spread_profile(shifted[:, :, j], truths_scaled[:, j])
+            fit_spread_profile(shifted[:, :, j], truths_scaled[:, j], driver=means[:, drivers[j]])
             for j in range(len(PARAMETERS))
         ]
         spread_knots = tuple(k for k, _ in profiles)
         spread_values = tuple(v for _, v in profiles)
-        shifted = stretch_by_mean(shifted, spread_knots, spread_values)
+        shifted = stretch_by_mean(shifted, spread_knots, spread_values, drivers)
     groups = calibration_groups(truths)
     scaled_fit = fit_recalibration(
         shifted, truths_scaled, RECALIBRATION_LEVELS, floors=FLOOR_GRID, groups=groups
@@ -407,6 +414,7 @@ def _recalibrate(
         shift_values=values,
         spread_knots=spread_knots,
         spread_values=spread_values,
+        spread_drivers=drivers,
         error_before=tuple(_coverage_error(raw, p) for p in PARAMETERS),
         levels=tuple(float(v) for v in levels),
     )
@@ -428,21 +436,62 @@ def _coverage_error(table: pl.DataFrame, parameter: str) -> float:
 
 
 def dataset_inputs(
-    profile: Profile, root: Path, shard_dirs: Sequence[Path | str], dataset: str, sim_key: str
+    profile: Profile,
+    root: Path,
+    shard_dirs: Sequence[Path | str],
+    dataset: str,
+    sim_key: str,
+    *,
+    domain: Domain | None = None,
+    imaging: ImagingConfig | None = None,
 ) -> tuple[object, pl.DataFrame, pl.DataFrame | None]:
     """Images, per-galaxy meta and truths (None for real data) of one dataset partition.
 
     ``sim_key`` (``sim-test``) is the test split of every shard; any other key is an inbox
-    batch stored at ``<root>/inbox_batches/<dataset>/`` by the inbox sensor.
+    batch stored at ``<root>/inbox_batches/<dataset>/`` by the inbox sensor, read with
+    ``imaging`` (default the profile's) and as survey ``domain`` when given.
     """
     if dataset == sim_key:
-        return split_inputs(shard_dirs, "test")
+        images, meta, truths = split_inputs(shard_dirs, "test")
+        meta = _library_psf_fwhm(root, meta).with_columns(
+            pixel_scale_arcsec=pl.lit(profile.imaging.pixel_scale_arcsec, dtype=pl.Float64)
+        )
+        return images, meta, truths
     from gampen_ml.fits_input import load_cutouts
 
     batch = load_cutouts(
-        partition_dir(root, "inbox_batches", dataset), profile.imaging, profile.limits
+        partition_dir(root, "inbox_batches", dataset),
+        imaging or profile.imaging,
+        profile.limits,
+        domain=domain,
     )
     return batch.images, batch.table, None
+
+
+def cutout_imaging(
+    profile: Profile, model: PredictionModel, domain: Domain | None = None
+) -> ImagingConfig:
+    """How to read real cutouts for ``model``: the profile's imaging, or with a survey
+    domain its pixel scale and the model's own image size (cutouts are cropped / zero-padded
+    about their centre to the network's input, never resampled)."""
+    if domain is None:
+        return profile.imaging
+    return dataclasses.replace(domain.imaging(profile.imaging), stamp_size_px=model.image_px)
+
+
+def _library_psf_fwhm(root: Path, meta: pl.DataFrame) -> pl.DataFrame:
+    """``galaxy_id`` and ``psf_fwhm_arcsec`` (the library PSF each simulated galaxy was drawn with).
+
+    Simulated galaxies then carry what a real cutout's header gives, so their flags are
+    judged as a survey's are (``psf_outside_library``, the point-source criterion).
+    """
+    table = pl.read_parquet(
+        partition_dir(root, "psf_library") / psf.PSF_TABLE_FILE,
+        columns=["psf_id", "measured_fwhm_arcsec"],
+    )
+    return meta.join(table, on="psf_id", how="left").select(
+        "galaxy_id", pl.col("measured_fwhm_arcsec").alias("psf_fwhm_arcsec")
+    )
 
 
 def model_registry_info(model_dir: Path) -> dict:
@@ -539,11 +588,15 @@ class TrainingDomain:
         Sky noise of the training images (``out_of_domain``'s noise criterion); None: unknown.
     priors : PriorConfig
         The simulation priors (``out_of_domain``'s flux and Re criteria).
+    pixel_scale_arcsec : float or None
+        Pixel scale of the training images (``out_of_domain``'s pixel-scale criterion);
+        None: the profile's.
     """
 
     psf_fwhm_range_arcsec: tuple[float, float] | None
     noise_sigma_range_nJy: tuple[float, float] | None
     priors: PriorConfig
+    pixel_scale_arcsec: float | None = None
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict (ranges as lists or null)."""
@@ -551,6 +604,7 @@ class TrainingDomain:
             "psf_fwhm_range_arcsec": _pair(self.psf_fwhm_range_arcsec),
             "noise_sigma_range_nJy": _pair(self.noise_sigma_range_nJy),
             "priors": dataclasses.asdict(self.priors),
+            "pixel_scale_arcsec": self.pixel_scale_arcsec,
         }
 
     @classmethod
@@ -561,10 +615,13 @@ class TrainingDomain:
         if unknown:
             raise ValueError(f"TrainingDomain.from_dict: unknown prior fields {unknown}")
         priors = {k: tuple(v) if isinstance(v, list) else v for k, v in data["priors"].items()}
+        # An archive's domain.json written before the field carries the training imaging.
+        scale = data.get("pixel_scale_arcsec", data.get("imaging", {}).get("pixel_scale_arcsec"))
         return cls(
             psf_fwhm_range_arcsec=_pair(data.get("psf_fwhm_range_arcsec")),
             noise_sigma_range_nJy=_pair(data.get("noise_sigma_range_nJy")),
             priors=PriorConfig(**priors),
+            pixel_scale_arcsec=None if scale is None else float(scale),
         )
 
 
@@ -583,7 +640,9 @@ def model_domain(
     if model is not None and model.domain is not None:
         return model.domain
     fwhm_range, sigma = training_domain(profile, root)
-    return TrainingDomain(fwhm_range, sigma, profile.simulation.priors)
+    return TrainingDomain(
+        fwhm_range, sigma, profile.simulation.priors, profile.imaging.pixel_scale_arcsec
+    )
 
 
 def catalog_flags(
@@ -604,6 +663,7 @@ def catalog_flags(
         psf_fwhm_range=domain.psf_fwhm_range_arcsec,
         noise_sigma_nJy=domain.noise_sigma_range_nJy,
         priors=domain.priors,
+        pixel_scale_arcsec=domain.pixel_scale_arcsec or profile.imaging.pixel_scale_arcsec,
     )
 
 
@@ -638,6 +698,9 @@ class PredictionModel:
     domain : TrainingDomain or None
         The model's own training domain (a ``.gampen`` archive carries it); None: the
         storage root's (:func:`model_domain`).
+    finetuned_for : str or None
+        The survey domain this model was fine-tuned for (``finetuned_model/<domain>/``,
+        :func:`finetuned_model`); None for the champion and other base models.
     """
 
     model_dir: Path
@@ -646,11 +709,57 @@ class PredictionModel:
     dropout_rate: float
     recalibration: Recalibration | None
     domain: TrainingDomain | None = None
+    finetuned_for: str | None = None
 
     @property
     def calibrated(self) -> bool:
         """Whether the posteriors will be recalibrated."""
         return self.recalibration is not None
+
+    @property
+    def image_px(self) -> int:
+        """Side of the images the network takes (``model.json``)."""
+        return int(json.loads((Path(self.model_dir) / "model.json").read_text())["image_px"])
+
+
+#: File of a ``finetuned_model/<domain>/`` partition naming the model and its calibration.
+FINETUNED_CALIBRATION = "calibration.json"
+
+
+def finetuned_model(profile: Profile, root: Path, domain: str) -> PredictionModel | None:
+    """The fine-tuned model of survey ``domain`` (``<root>/finetuned_model/<domain>/``), if any.
+
+    The partition holds a ``trained_model``'s files plus ``calibration.json``
+    (``model_name``, ``model_version``, ``dropout_rate``, ``recalibration``, optional
+    ``training_domain`` = :meth:`TrainingDomain.to_dict`). Without ``training_domain`` its
+    flags compare against no PSF or noise range (the model saw the domain's galaxies, not
+    the simulations' range) and against the profile's priors.
+
+    Returns
+    -------
+    PredictionModel or None
+        None when the domain has no published fine-tuned model.
+    """
+    folder = partition_dir(root, "finetuned_model", domain)
+    path = folder / FINETUNED_CALIBRATION
+    if not (path.is_file() and (folder / "model.json").is_file()):
+        return None
+    calibration = json.loads(path.read_text())
+    recal = calibration.get("recalibration")
+    trained_on = calibration.get("training_domain")
+    return PredictionModel(
+        model_dir=folder,
+        model_name=str(calibration["model_name"]),
+        model_version=str(calibration["model_version"]),
+        dropout_rate=float(calibration["dropout_rate"]),
+        recalibration=Recalibration.from_dict(recal) if recal else None,
+        domain=(
+            TrainingDomain.from_dict(trained_on)
+            if trained_on
+            else TrainingDomain(None, None, profile.simulation.priors)
+        ),
+        finetuned_for=domain,
+    )
 
 
 def champion_model(profile: Profile, root: Path) -> PredictionModel:
@@ -674,6 +783,7 @@ def resolve_prediction_model(
     *,
     tracking_uri: str | None = None,
     log: Callable[[str], None] = _quiet,
+    domain: str | None = None,
 ) -> PredictionModel:
     """The model a catalog is made with, and *its* calibration, from one reference.
 
@@ -692,10 +802,24 @@ def resolve_prediction_model(
     tracking_uri : str, optional
         MLflow tracking URI for versions and aliases.
     log : callable(str)
-        Receives a warning when the model is used without recalibration.
+        Receives a warning when the model is used without recalibration, and which model
+        a ``domain`` gets.
+    domain : str, optional
+        Survey domain of the cutouts: with ``model`` None or ``"champion"``, the domain's
+        fine-tuned model (:func:`finetuned_model`) when it exists, else the champion (and
+        ``log`` says so). An explicit ``model`` is used as given.
     """
     from gampen_ml.train import load_trained_model
 
+    if domain is not None and model in (None, "champion"):
+        tuned = finetuned_model(profile, root, domain)
+        if tuned is not None:
+            log(f"domain {domain}: its fine-tuned model {tuned.model_name} v{tuned.model_version}")
+            return tuned
+        log(
+            f"domain {domain}: no fine-tuned model at "
+            f"{partition_dir(root, 'finetuned_model', domain)}; the champion is used"
+        )
     if model is not None and (str(model).endswith(".gampen") or Path(model).is_file()):
         from gampen_ml.model_archive import open_model_archive
 
@@ -774,12 +898,14 @@ def predict_catalog(
     out_dir: Path | None = None,
     device: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    domain: str | None = None,
 ) -> pl.DataFrame:
     """The one prediction path: posterior catalog of ``images`` with ``model`` and its calibration.
 
     Every catalog of the platform (``sim-test``, inbox batches, ``gampen predict``) is made
     here, so they differ only in their inputs. ``images`` is ``(N, S, S)`` float32 (any
-    sliceable, e.g. :class:`SplitImages`); ``meta`` has ``N`` rows with ``galaxy_id``.
+    sliceable, e.g. :class:`SplitImages`); ``meta`` has ``N`` rows with ``galaxy_id``;
+    ``domain`` is the survey domain the images were read as (the ``domain`` column).
     """
     from gampen_ml.train import load_trained_model
 
@@ -806,6 +932,7 @@ def predict_catalog(
         galaxies_per_batch=inference.galaxies_per_batch,
         flags=profile.flags,
         device=device,
+        domain=domain,
     )
 
 
@@ -817,20 +944,25 @@ def catalog_and_publish(
     device: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     log: Callable[[str], None] = _quiet,
+    model: PredictionModel | None = None,
+    domain: Domain | None = None,
 ) -> pl.DataFrame:
     """Posterior catalog of one dataset with the champion model, at ``posterior_catalog/<dataset>``.
 
     ``sim-test`` is the simulated test split (with truths); any other key is an inbox
     batch stored at ``<root>/inbox_batches/<dataset>/``. Made by :func:`predict_catalog`
-    with the calibrated champion. With ``profile.inference.sample_table`` the partition
-    also holds ``samples.parquet`` (the posterior samples in physical units).
+    with ``model`` (default the calibrated champion; a batch with a survey ``domain`` gets
+    its model from :func:`resolve_prediction_model`) and the batch read as ``domain``.
+    With ``profile.inference.sample_table`` the partition also holds ``samples.parquet``
+    (the posterior samples in physical units).
     """
     from gampen_ml.catalog import write_catalog
 
-    model = champion_model(profile, root)
+    model = model or champion_model(profile, root)
     images, meta, truths = dataset_inputs(
-        profile, root, shard_dirs(profile, root), dataset, SIM_TEST
-    )
+        profile, root, shard_dirs(profile, root), dataset, SIM_TEST,
+        domain=domain, imaging=cutout_imaging(profile, model, domain),
+    )  # fmt: skip
     inference = profile.inference
     log(
         f"{dataset}: {len(images)} galaxies x {inference.n_passes} MC passes "
@@ -856,6 +988,7 @@ def catalog_and_publish(
             out_dir=tmp,
             device=device,
             progress=progress,
+            domain=None if domain is None else domain.name,
         )
         write_catalog(tmp, catalog)
     return catalog
@@ -878,18 +1011,22 @@ def predict_cutouts(
     n_passes: int | None = None,
     device: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    domain: Domain | None = None,
 ) -> PredictResult:
     """Posterior catalog of real FITS cutouts (a file, a cube or a folder) -> ``out_file``.
 
     The same path as an inbox batch (:func:`predict_catalog`, :func:`cutout_seed`): the
     same files give the same rows. Bad files are skipped with a reason
-    (``PredictResult.rejections``); the rest go on.
+    (``PredictResult.rejections``); the rest go on. With a survey ``domain`` the files are
+    read as that survey delivers them (:mod:`gampen_ml.fits_input`).
     """
     from gampen_ml.catalog import validate_catalog
     from gampen_ml.fits_input import load_cutouts
     from gampen_ml.io import atomic_file
 
-    batch = load_cutouts(path, profile.imaging, profile.limits)
+    batch = load_cutouts(
+        path, cutout_imaging(profile, model, domain), profile.limits, domain=domain
+    )
     catalog = predict_catalog(
         profile,
         model,
@@ -900,6 +1037,7 @@ def predict_cutouts(
         n_passes=n_passes,
         device=device,
         progress=progress,
+        domain=None if domain is None else domain.name,
     )
     validate_catalog(catalog, str(out_file))
     with atomic_file(out_file) as tmp:

@@ -24,10 +24,19 @@ import numpy as np
 import polars as pl
 from astropy.stats import sigma_clipped_stats
 
-from gampen_ml.config import AB_ZEROPOINT_NJY, CREDIBLE_LEVELS, PARAMETERS, FlagConfig
+from gampen_ml.config import CREDIBLE_LEVELS, PARAMETERS, FlagConfig
 from gampen_ml.flags import bt_point_estimate, describe_bt_labels
 from gampen_ml.io import atomic_file
-from gampen_ml.plots import LEVEL_TAGS, flag_arrays, has_truths, residuals
+from gampen_ml.metrics import (
+    AB_MAG_1_NJY,
+    LEVEL_TAGS,
+    ab_magnitude,
+    covered,
+    flag_arrays,
+    float_column,
+    has_truths,
+    residuals,
+)
 
 #: The paper's reference numbers (Ghosh et al. 2022), keyed like :func:`validation_metrics`.
 PAPER_REFERENCE: dict[str, float] = {
@@ -92,7 +101,7 @@ METRIC_NOTES: dict[str, str] = {
     "sigma_re_arcsec_not_small": 'galaxies not labelled small (Re mode >= 1")',
     "sigma_flux_nJy": "std of mode - true",
     "typical_flux_fractional_pct": "median |mode - true| / true; the paper does not define 'typical'",
-    "sigma_magnitude": f"std of m(mode) - m(true), m = {AB_ZEROPOINT_NJY} - 2.5 log10 F/nJy",
+    "sigma_magnitude": f"std of m(mode) - m(true), m = {AB_MAG_1_NJY} - 2.5 log10 F/nJy",
     "r2_magnitude": "eq. 17 on AB magnitudes",
     "r2_re_arcsec": "eq. 17 on Re",
     "re_ratio_mean": "3-sigma-clipped mean of Re mode / Re true (astropy)",
@@ -143,10 +152,6 @@ def _precision(flagged: np.ndarray, correct: np.ndarray) -> float:
     return _pct(float((flagged & correct).sum()) / n) if n else math.nan
 
 
-def _col(df: pl.DataFrame, col: str) -> np.ndarray:
-    return df[col].cast(pl.Float64).fill_null(np.nan).to_numpy()
-
-
 def _metrics_of(cat: pl.DataFrame, f: dict[str, np.ndarray], cfg: FlagConfig) -> dict[str, float]:
     """All metrics of a catalog subset (rows with truths) with aligned flag arrays."""
     m: dict[str, float] = {"n_galaxies": float(cat.height)}
@@ -155,8 +160,7 @@ def _metrics_of(cat: pl.DataFrame, f: dict[str, np.ndarray], cfg: FlagConfig) ->
         tag = LEVEL_TAGS[level]
         per_param = []
         for p in PARAMETERS:
-            t = _col(cat, f"{p}_true")
-            inside = (_col(cat, f"{p}_hpd{tag}_lo") <= t) & (t <= _col(cat, f"{p}_hpd{tag}_hi"))
+            inside = covered(cat, p, level)
             m[f"coverage_{tag}_{p}_pct"] = _pct(float(inside.mean())) if cat.height else math.nan
             per_param.append(m[f"coverage_{tag}_{p}_pct"])
         m[f"coverage_{tag}_mean_pct"] = float(np.mean(per_param))
@@ -170,15 +174,14 @@ def _metrics_of(cat: pl.DataFrame, f: dict[str, np.ndarray], cfg: FlagConfig) ->
             float(np.percentile(np.abs(res[p]), 68)) if res[p].size else math.nan
         )
 
-    bt_true = _col(cat, "bt_true")
+    bt_true = float_column(cat, "bt_true")
     if "component_true" in cat.columns and cat["component_true"].null_count() < cat.height:
         double = (cat["component_true"].fill_null("") == "bulge+disk").to_numpy()
     else:
         double = ~((bt_true == 0.0) | (bt_true == 1.0))
     m["sigma_bt_single"] = _std(res["bt"][~double])
     m["sigma_bt_double"] = _std(res["bt"][double])
-    t = bt_true
-    inside = (_col(cat, "bt_hpd68_lo") <= t) & (t <= _col(cat, "bt_hpd68_hi"))
+    inside = covered(cat, "bt", CREDIBLE_LEVELS[0])
     m["coverage_68_bt_single_pct"] = (
         _pct(float(inside[~double].mean())) if (~double).any() else math.nan
     )
@@ -191,7 +194,7 @@ def _metrics_of(cat: pl.DataFrame, f: dict[str, np.ndarray], cfg: FlagConfig) ->
     m["sigma_bt_unlabelled"] = _std(residuals(cat, "bt", estimate=estimate)[~labelled_bt])
     m["sigma_bt_posterior_mean"] = _std(residuals(cat, "bt", estimate="mean"))
 
-    re_true, re_mode = _col(cat, "re_arcsec_true"), _col(cat, "re_arcsec_mode")
+    re_true, re_mode = float_column(cat, "re_arcsec_true"), float_column(cat, "re_arcsec_mode")
     m["sigma_re_arcsec_not_small"] = _std(res["re_arcsec"][~f["small"]])
     m["typical_re_fractional_pct"] = _pct(
         _median(np.abs(residuals(cat, "re_arcsec", fractional=True)))
@@ -202,13 +205,12 @@ def _metrics_of(cat: pl.DataFrame, f: dict[str, np.ndarray], cfg: FlagConfig) ->
     m["r2_re_arcsec"] = _r2(re_true, re_mode)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = re_mode / re_true
-        flux_true = _col(cat, "flux_nJy_true")
-        mag_true = AB_ZEROPOINT_NJY - 2.5 * np.log10(flux_true)
-        mag_mode = (
-            _col(cat, "magnitude_mode")
-            if "magnitude_mode" in cat.columns
-            else AB_ZEROPOINT_NJY - 2.5 * np.log10(_col(cat, "flux_nJy_mode"))
-        )
+    mag_true = ab_magnitude(float_column(cat, "flux_nJy_true"))
+    mag_mode = (
+        float_column(cat, "magnitude_mode")
+        if "magnitude_mode" in cat.columns
+        else ab_magnitude(float_column(cat, "flux_nJy_mode"))
+    )
     ratio = ratio[np.isfinite(ratio)]
     if ratio.size:
         mean, _, std = sigma_clipped_stats(ratio, sigma=3.0)
@@ -291,7 +293,7 @@ def validation_metrics(
     f_all = flag_arrays(catalog, flags, cfg)
     keep = np.ones(catalog.height, dtype=bool)
     for p in PARAMETERS:
-        keep &= np.isfinite(_col(catalog, f"{p}_true"))
+        keep &= np.isfinite(float_column(catalog, f"{p}_true"))
     cat = catalog.filter(pl.Series(keep))
     f = {k: v[keep] for k, v in f_all.items()}
     metrics = _metrics_of(cat, f, cfg)
@@ -300,6 +302,10 @@ def validation_metrics(
     sub = _metrics_of(cat.filter(pl.Series(good)), {k: v[good] for k, v in f.items()}, cfg)
     metrics |= {f"well_constrained.{k}": v for k, v in sub.items()}
     return metrics
+
+
+#: Credible level of each short tag (``"68" -> 0.6827``).
+_LEVEL_OF_TAG = {tag: level for level, tag in LEVEL_TAGS.items()}
 
 
 def _fmt(key: str, value: float | None) -> str:
@@ -360,7 +366,7 @@ def _table(metrics: dict[str, float], prefix: str = "") -> list[str]:
         ref = PAPER_REFERENCE.get(key)
         note = METRIC_NOTES.get(key, "")
         if key.startswith("coverage_") and key not in METRIC_NOTES:
-            level = {"68": 68.27, "95": 95.45, "99": 99.73}[key.split("_")[1]]
+            level = round(100 * _LEVEL_OF_TAG[key.split("_")[1]], 2)  # 99.73, not 99.72999...
             n = metrics.get(prefix + "n_galaxies") or 0
             # Binomial standard error of a calibrated model's coverage on n galaxies: the
             # scatter to expect from the test split alone.

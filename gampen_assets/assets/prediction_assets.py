@@ -2,7 +2,10 @@
 
 A dataset is a ``datasets`` dynamic partition: ``sim-test`` (the test split of every
 simulation shard, with truths) or one batch of real cutouts that the inbox sensor stored
-at ``<root>/inbox_batches/<batch>/``.
+at ``<root>/inbox_batches/<batch>/``. A batch that declares a survey domain
+(``batch.toml``, :mod:`gampen_ml.inbox`) is read as that survey delivers it and
+catalogued by the domain's fine-tuned model (``finetuned_model/<domain>/``) when there
+is one, else by the champion; the metadata says which.
 """
 
 import dataclasses
@@ -76,7 +79,13 @@ def _ingest_claimed_batch(
     claimed = resolved.inbox / PROCESSING / key
     if key == SIM_TEST or not claimed.is_dir():
         return {}
-    result = ingest_claimed(claimed, key, profile, root, quarantine)
+    result = ingest_claimed(claimed, key, profile, root, quarantine, domains=resolved.domains)
+    if result.problem is not None:
+        raise InputFileError(
+            quarantine / key,
+            f"inbox batch {key!r} quarantined whole ({result.n_files_quarantined} files, "
+            f"each with a .reason.txt): {result.problem}",
+        )
     context.log.info(
         f"ingested inbox batch {key!r}: {result.n_files_in} files in, "
         f"{result.n_files_accepted} stored ({result.n_cutouts} cutouts), "
@@ -99,6 +108,18 @@ def _ingest_claimed_batch(
         "inbox_files_quarantined": result.n_files_quarantined,
         "quarantine": MetadataValue.path(str(quarantine / key)),
     }
+
+
+def _catalog_model(profile, root, catalog: pl.DataFrame) -> stages.PredictionModel | None:
+    """The fine-tuned model that made ``catalog`` (its flags compare against that model's
+    training domain), or None: the champion's, the storage root's simulations."""
+    domains = catalog["domain"].drop_nulls().unique().to_list() if catalog.height else []
+    if len(domains) != 1:
+        return None
+    tuned = stages.finetuned_model(profile, root, domains[0])
+    if tuned is None or tuned.model_name not in set(catalog["model_name"].unique()):
+        return None
+    return tuned
 
 
 def _column_schema(
@@ -144,7 +165,8 @@ class CatalogExportConfig(Config):
     retry_policy=TRANSIENT_RETRY,
     description=(
         "Bayesian posteriors of B/T, Re (arcsec) and flux (nJy) per galaxy from T MC-dropout "
-        "passes of the champion model (recalibrated when calibration fit a spread factor): "
+        "passes of the champion model, or for a batch whose batch.toml names a survey domain "
+        "its fine-tuned model when there is one (recalibrated when calibration fit one): "
         "mode, mean, median, std and HPD bounds at 68.27/95.45/99.73 %. catalog.parquet, "
         "schema in docs/catalog.md; queryable as the DuckDB view posterior_catalog. Run "
         "config formats (fits, votable, ecsv) adds catalog.fits/.vot/.ecsv with units, UCDs "
@@ -156,6 +178,7 @@ def posterior_catalog(
 ) -> MaterializeResult:
     from gampen_ml.calibrate import coverage_table
     from gampen_ml.catalog import CATALOG_COLUMN_INFO, NULLABLE_COLUMNS
+    from gampen_ml.inbox import stored_batch_domain
 
     started_at = datetime.now(UTC)
     profile = settings.profile()
@@ -170,24 +193,37 @@ def posterior_catalog(
             context.log.info(f"{done}/{total} galaxies")
 
     with fail_fast_on_bad_input():
-        ingested = _ingest_claimed_batch(context, profile, settings.settings(), key)
-        calibration = stages.read_calibration(root)
-        catalog = stages.catalog_and_publish(
-            profile, root, key, device=device, progress=progress, log=context.log.info
+        resolved = settings.settings()
+        ingested = _ingest_claimed_batch(context, profile, resolved, key)
+        domain = None if key == SIM_TEST else stored_batch_domain(root, key, resolved.domains)
+        model = stages.resolve_prediction_model(
+            profile, root, domain=domain and domain.name, log=context.log.info
         )
-    rate = float(calibration["chosen_dropout_rate"])
-    model_dir = partition_dir(root, "trained_model", dropout_key(rate))
+        catalog = stages.catalog_and_publish(
+            profile, root, key, device=device, progress=progress, log=context.log.info,
+            model=model, domain=domain,
+        )  # fmt: skip
+    rate = model.dropout_rate
+    model_dir = model.model_dir
     passes = profile.inference.n_passes
-    recalibrated = calibration["recalibration"] is not None
     out = partition_dir(root, "posterior_catalog", key)
     version = folder_version(out)
+    if model.finetuned_for is not None:
+        source = f"finetuned_model[{model.finetuned_for}]"
+    elif domain is not None:
+        source = f"champion (domain {domain.name} has no fine-tuned model)"
+    else:
+        source = "champion"
     metadata: dict = {
         "dagster/row_count": catalog.height,
         "n_galaxies": float(catalog.height),
         "n_passes": float(passes),
         "dropout_rate": float(rate),
-        "model_version": str(calibration["model_version"]),
-        "recalibrated": recalibrated,
+        "model_name": model.model_name,
+        "model_version": str(model.model_version),
+        "model_source": source,
+        "domain": domain.name if domain is not None else "none",
+        "recalibrated": model.calibrated,
         "path": MetadataValue.path(str(out / "catalog.parquet")),
         "dagster/column_schema": _column_schema(catalog, CATALOG_COLUMN_INFO, NULLABLE_COLUMNS),
         **ingested,
@@ -215,10 +251,13 @@ def posterior_catalog(
                 row["coverage"]
             )
         metadata["bt_mode_mae"] = float((catalog["bt_mode"] - catalog["bt_true"]).abs().mean())
-    upstream = [
-        upstream_version(context, root, "calibrated_dropout_rate"),
-        upstream_version(context, root, "trained_model", dropout_key(rate)),
-    ]
+    if model.finetuned_for is not None:
+        upstream = [upstream_version(context, root, "finetuned_model", model.finetuned_for)]
+    else:
+        upstream = [
+            upstream_version(context, root, "calibrated_dropout_rate"),
+            upstream_version(context, root, "trained_model", dropout_key(rate)),
+        ]
     if key == SIM_TEST:
         upstream += [
             upstream_version(context, root, "simulated_galaxies", s) for s in shard_keys(profile)
@@ -235,7 +274,7 @@ def posterior_catalog(
         input_paths=[*inputs, model_dir],
         row_count=catalog.height,
         started_at=started_at,
-        model_version=str(calibration["model_version"]),
+        model_version=str(model.model_version),
     )
     return MaterializeResult(metadata=metadata, data_version=DataVersion(version))
 
@@ -273,7 +312,7 @@ def qualitative_flags(
     catalog = read_catalog(catalog_dir)
     out = partition_dir(root, "qualitative_flags", key)
     with fail_fast_on_bad_input(), atomic_partition_dir(out) as tmp:
-        flags = stages.catalog_flags(catalog, profile, root)
+        flags = stages.catalog_flags(catalog, profile, root, _catalog_model(profile, root, catalog))
         flags.write_parquet(tmp / "flags.parquet")
     version = folder_version(out)
     counts = {c: int(flags[c].sum()) for c in (*FLAG_COLUMNS, *OPTIONAL_FLAG_COLUMNS) if c in flags}

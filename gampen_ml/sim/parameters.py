@@ -41,7 +41,8 @@ from astropy.cosmology import Planck18
 from scipy.optimize import elementwise
 from scipy.special import gammainc, gammaincinv
 
-from gampen_ml.config import AB_ZEROPOINT_NJY, PriorConfig
+from gampen_ml.config import PriorConfig
+from gampen_ml.metrics import ab_magnitude
 
 #: Component labels, in the order of the population fractions.
 COMPONENTS: tuple[str, str, str] = ("bulge+disk", "disk", "bulge")
@@ -109,9 +110,67 @@ def re_limits_arcsec(priors: PriorConfig) -> ReLimits:
     )
 
 
+def prior_ranges(priors: PriorConfig) -> dict[str, tuple[float, float]]:
+    """Allowed ``(low, high)`` of every numeric label column that ``priors`` draws.
+
+    Re columns use :func:`re_limits_arcsec`; bulges of two-component galaxies take the bulge
+    range and single bulges the single-component one, so ``bulge_re_arcsec`` spans both.
+    ``re_arcsec`` (the composite radius) and ``magnitude`` are derived, not drawn.
+    """
+    limits = re_limits_arcsec(priors)
+    return {
+        "bt": priors.bt,
+        "flux_nJy": priors.flux_nJy,
+        "disk_n": priors.disk_sersic_n,
+        "bulge_n": priors.bulge_sersic_n,
+        "disk_q": priors.axis_ratio,
+        "bulge_q": priors.axis_ratio,
+        "disk_pa_deg": priors.position_angle_deg,
+        "bulge_pa_deg": priors.position_angle_deg,
+        "disk_re_arcsec": limits.re_arcsec,
+        "bulge_re_arcsec": (
+            min(limits.re_arcsec[0], limits.bulge_re_arcsec[0]),
+            max(limits.re_arcsec[1], limits.bulge_re_arcsec[1]),
+        ),
+    }
+
+
+def prior_range_report(
+    labels: pl.DataFrame, priors: PriorConfig, rtol: float = 1e-9
+) -> tuple[list[str], list[dict]]:
+    """Compare each drawn parameter of ``labels`` with its prior range (:func:`prior_ranges`).
+
+    Parameters
+    ----------
+    labels : pl.DataFrame
+        A labels table (``docs/architecture.md``); null values (absent components) are
+        ignored, and so is a column with no values.
+    rtol : float
+        Relative slack on each bound (float rounding of values drawn at the bound).
+
+    Returns
+    -------
+    problems : list of str
+        One line per column outside its range, with the range found and the prior.
+    rows : list of dict
+        ``parameter``, ``min``, ``max``, ``prior`` per column checked.
+    """
+    rows, problems = [], []
+    for column, (lo, hi) in prior_ranges(priors).items():
+        values = labels[column].drop_nulls().to_numpy()
+        if values.size == 0:
+            continue
+        vmin, vmax = float(values.min()), float(values.max())
+        ok = vmin >= lo - rtol * max(1, abs(lo)) and vmax <= hi + rtol * max(1, abs(hi))
+        rows.append({"parameter": column, "min": vmin, "max": vmax, "prior": f"[{lo:g}, {hi:g}]"})
+        if not ok:
+            problems.append(f"{column} in [{vmin:.4g}, {vmax:.4g}] outside prior [{lo:g}, {hi:g}]")
+    return problems, rows
+
+
 def flux_to_magnitude(flux_nJy: np.ndarray) -> np.ndarray:
-    """AB magnitude of a flux in nJy: ``31.4 - 2.5 log10(flux_nJy)``."""
-    return AB_ZEROPOINT_NJY - 2.5 * np.log10(np.asarray(flux_nJy, dtype=np.float64))
+    """AB magnitude of a flux in nJy (:func:`gampen_ml.metrics.ab_magnitude`)."""
+    return ab_magnitude(flux_nJy)
 
 
 def sersic_b(n: np.ndarray) -> np.ndarray:

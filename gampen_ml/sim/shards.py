@@ -43,6 +43,16 @@ from gampen_ml.sim.render import SERSIC_N_STEP, FastRenderer
 ASSET_NAME = "simulated_galaxies"
 IMAGES_FILE = "images.npy"
 LABELS_FILE = "labels.parquet"
+#: Columns and dtypes of ``labels.parquet``, in order (what :func:`shard_labels` builds).
+LABEL_SCHEMA: dict[str, pl.DataType] = {
+    "galaxy_id": pl.Int64(),
+    "shard": pl.String(),
+    "split": pl.String(),
+    "seed": pl.Int64(),
+    "psf_id": pl.Int32(),
+    "noise_scale": pl.Float64(),
+    **{c: pl.String() if c == "component" else pl.Float64() for c in PARAMETER_COLUMNS},
+}
 SPLITS: tuple[str, str, str] = ("train", "val", "test")
 #: Galaxies per task handed to a worker process.
 CHUNK_GALAXIES = 64

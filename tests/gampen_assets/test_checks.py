@@ -17,13 +17,13 @@ from gampen_assets.checks import (
     check_flags,
     check_model,
     check_shard,
-    coverage_bounds,
     noise_pool_valid,
     psf_library_valid,
 )
 from gampen_assets.resources import GampenSettings
 from gampen_ml.config import CREDIBLE_LEVELS, PARAMETERS, get_profile
 from gampen_ml.io import save_npy
+from gampen_ml.metrics import coverage_bounds
 
 TINY = get_profile("tiny")
 

@@ -24,6 +24,8 @@ ASSETS = {
     "qualitative_flags",
     "diagnostic_plots",
     "sky_catalog",
+    "labelled_set",
+    "finetuned_model",
 }
 
 

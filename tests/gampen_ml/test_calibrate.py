@@ -7,22 +7,22 @@ import polars as pl
 import pytest
 
 from gampen_ml.calibrate import (
-    SPREAD_BINS,
-    fit_spread_profile,
-    stretch_by_mean,
     COVERAGE_TABLE_SCHEMA,
     FLOOR_GRID,
     MEAN_SHIFT_BINS,
     RECALIBRATION_LEVELS,
+    SPREAD_BINS,
     CalibrationError,
     Recalibration,
     coverage_table,
     fit_mean_shift,
     fit_recalibration,
+    fit_spread_profile,
     reshape_tails,
     search_physical_recalibration,
     select_dropout_rate,
     shift_means,
+    stretch_by_mean,
 )
 from gampen_ml.config import CREDIBLE_LEVELS
 from gampen_ml.posterior import expected_coverage_curve, hpd_intervals, summarize

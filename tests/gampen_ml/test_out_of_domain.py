@@ -11,6 +11,7 @@ import pytest
 from gampen_ml import stages
 from gampen_ml.config import FlagConfig, SimulationConfig, get_profile
 from gampen_ml.flags import (
+    PSF_SIGMA_PER_FWHM,
     compute_flags,
     image_statistics,
     noise_sigma_from_differences,
@@ -18,6 +19,7 @@ from gampen_ml.flags import (
 )
 from gampen_ml.io import load_npy_mmap, partition_dir
 from gampen_ml.sim.noise import read_noise_pool
+from gampen_ml.sim.psf import read_psf_library
 
 SIGMA = 2.3
 
@@ -63,15 +65,29 @@ def nominal(tmp_path_factory):
     images = load_npy_mmap(shard / "images.npy")
     labels = pl.read_parquet(shard / "labels.parquet")
     sigma = pool_noise_sigma(read_noise_pool(partition_dir(root, "noise_pool")))
-    return images, labels, sigma
+    cube, table = read_psf_library(partition_dir(root, "psf_library"))
+    fwhm = table["measured_fwhm_arcsec"].to_numpy()[labels["psf_id"].to_numpy()]
+    return images, labels.with_columns(psf_fwhm_arcsec=fwhm), sigma, (cube, table)
 
 
-def _catalog(images, modes: pl.DataFrame) -> pl.DataFrame:
-    """Flag inputs of ``images`` with the given predicted modes."""
+SCALE = get_profile("tiny").imaging.pixel_scale_arcsec
+
+
+def _catalog(images, modes: pl.DataFrame, psf_fwhm=None) -> pl.DataFrame:
+    """Flag inputs of ``images`` with the given predicted modes (and PSF FWHMs)."""
     n = len(images)
     return pl.concat(
         [
-            pl.DataFrame({"galaxy_id": np.arange(n), "dataset": ["t"] * n, "bt_mode": [0.5] * n}),
+            pl.DataFrame(
+                {
+                    "galaxy_id": np.arange(n),
+                    "dataset": ["t"] * n,
+                    "bt_mode": [0.5] * n,
+                    "psf_fwhm_arcsec": pl.Series(psf_fwhm, dtype=pl.Float64)
+                    if psf_fwhm is not None
+                    else pl.repeat(None, n, eager=True, dtype=pl.Float64),
+                }
+            ),
             modes,
             image_statistics(images),
         ],
@@ -80,31 +96,45 @@ def _catalog(images, modes: pl.DataFrame) -> pl.DataFrame:
 
 
 def test_the_training_noise_is_what_a_cutout_measures(nominal):
-    images, _, sigma = nominal
+    images, _, sigma, _ = nominal
     measured = image_statistics(images[:100])["noise_sigma_nJy"].to_numpy()
     assert np.median(measured) == pytest.approx(sigma, rel=0.03)
 
 
 def test_nominal_galaxies_are_in_the_domain(nominal):
-    images, labels, sigma = nominal
+    images, labels, sigma, _ = nominal
     modes = labels.select(re_arcsec_mode="re_arcsec", flux_nJy_mode="flux_nJy")
-    flags = compute_flags(_catalog(images, modes), FlagConfig(), noise_sigma_nJy=sigma)
+    catalog = _catalog(images, modes, labels["psf_fwhm_arcsec"])
+    flags = compute_flags(catalog, FlagConfig(), noise_sigma_nJy=sigma, pixel_scale_arcsec=SCALE)
     assert flags["out_of_domain"].mean() < 0.01, flags.filter("out_of_domain")["ood_reason"]
+    # Every galaxy is larger than its PSF, the smallest (Re ~ 0.1") by a few per cent.
+    ratio = catalog["image_sigma_px"] * SCALE / (PSF_SIGMA_PER_FWHM * labels["psf_fwhm_arcsec"])
+    assert ratio.null_count() == 0 and ratio.min() > 1.0
 
 
 def test_absurd_images_are_out_of_domain(nominal):
-    images, labels, sigma = nominal
+    images, labels, sigma, (cube, table) = nominal
     rng = np.random.default_rng(7)
-    galaxy = np.asarray(images[int(np.argmax(labels["flux_nJy"].to_numpy() > 1e5))])
+    i = int(np.argmax(labels["flux_nJy"].to_numpy() > 1e5))
+    galaxy = np.asarray(images[i])
+    # A star: the galaxy's own PSF (library image) at 2e4 nJy, on the training noise.
+    s, h = galaxy.shape[0], cube.shape[1] // 2
+    star = rng.normal(0, SIGMA, galaxy.shape)
+    star[s // 2 - h : s // 2 + h + 1, s // 2 - h : s // 2 + h + 1] += (
+        2e4 * cube[labels["psf_id"][i]]
+    )
     cases = {
         "huge": np.full((239, 239), 1e30),
         "noisy": galaxy + rng.normal(0, 9 * SIGMA, galaxy.shape),
         "negative": -galaxy,
         "blank": rng.normal(0, SIGMA, galaxy.shape),
+        "star": star,
     }
     stack = np.stack(list(cases.values())).astype(np.float32)
-    modes = pl.DataFrame({"re_arcsec_mode": [1.0] * 4, "flux_nJy_mode": [1e5] * 4})
-    flags = compute_flags(_catalog(stack, modes), FlagConfig(), noise_sigma_nJy=sigma)
+    n = len(cases)
+    modes = pl.DataFrame({"re_arcsec_mode": [1.0] * n, "flux_nJy_mode": [1e5] * n})
+    catalog = _catalog(stack, modes, [labels["psf_fwhm_arcsec"][i]] * n)
+    flags = compute_flags(catalog, FlagConfig(), noise_sigma_nJy=sigma, pixel_scale_arcsec=SCALE)
     reasons = dict(zip(cases, flags["ood_reason"].to_list(), strict=True))
     assert flags["out_of_domain"].all() and flags["unreliable"].all(), reasons
     assert "image flux beyond the training range" in reasons["huge"]
@@ -112,3 +142,12 @@ def test_absurd_images_are_out_of_domain(nominal):
     assert reasons["noisy"] == "sky noise unlike training"
     assert reasons["negative"] == "not detected"
     assert reasons["blank"] == "not detected"
+    assert reasons["star"] == "consistent with a point source"
+    # The galaxy itself, on the same PSF, is not.
+    alone = compute_flags(
+        _catalog(galaxy[None], modes[:1], [labels["psf_fwhm_arcsec"][i]]),
+        FlagConfig(),
+        noise_sigma_nJy=sigma,
+        pixel_scale_arcsec=SCALE,
+    )
+    assert not alone["out_of_domain"][0], alone["ood_reason"][0]

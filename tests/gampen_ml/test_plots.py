@@ -12,6 +12,8 @@ from matplotlib.image import imread
 
 from gampen_ml import plots
 from gampen_ml.config import PARAMETERS, get_profile
+from gampen_ml.flags import FLAG_COLUMNS
+from gampen_ml.metrics import flag_arrays
 
 Z = {"68": 1.0, "95": 2.0, "99": 3.0}
 
@@ -68,7 +70,7 @@ def coverage_table() -> pl.DataFrame:
 
 
 def flags_table(cat: pl.DataFrame) -> pl.DataFrame:
-    f = plots.flag_arrays(cat)
+    f = flag_arrays(cat)
     return pl.DataFrame({"galaxy_id": cat["galaxy_id"], "dataset": cat["dataset"], **f})
 
 
@@ -154,7 +156,7 @@ def test_confusion_counts_and_flag_arrays(sim_catalog):
     assert counts[0, 0] == np.sum((bt_t <= 0.1) & (bt_m <= 0.1))
     assert counts[2, 2] == np.sum((bt_t >= 0.85) & (bt_m >= 0.85))
     # A flags table overrides the modes: flag nobody and the label columns empty.
-    none = flags_table(sim_catalog).with_columns(pl.lit(False).alias(c) for c in plots.FLAG_COLUMNS)
+    none = flags_table(sim_catalog).with_columns(pl.lit(False).alias(c) for c in FLAG_COLUMNS)
     counts = plots.bt_confusion_counts(sim_catalog, none)
     assert counts[:, [0, 2]].sum() == 0 and counts[:, 1].sum() == sim_catalog.height
 

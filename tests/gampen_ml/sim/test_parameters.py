@@ -146,3 +146,22 @@ def test_quantize_sersic_n_recomputes_re(params):
         q["bulge_re_arcsec"].to_numpy(),
     )
     np.testing.assert_allclose(q["re_arcsec"], expect)
+
+
+def test_prior_range_report_accepts_draws_and_names_a_value_outside():
+    import polars as pl
+
+    from gampen_ml.sim.parameters import prior_range_report, prior_ranges, sample_parameters
+
+    labels = sample_parameters(PRIORS, 400, np.random.default_rng(5))
+    problems, rows = prior_range_report(labels, PRIORS)
+    assert problems == []
+    assert {r["parameter"] for r in rows} == set(prior_ranges(PRIORS))
+    lo, hi = prior_ranges(PRIORS)["flux_nJy"]
+    bad = labels.with_columns(pl.col("flux_nJy").clip(upper_bound=hi) * 1.01)
+    problems, _ = prior_range_report(bad, PRIORS)
+    assert len(problems) == 1 and problems[0].startswith("flux_nJy in [")
+    assert f"[{lo:g}, {hi:g}]" in problems[0]
+    # A value within float rounding of a bound passes.
+    at_bound = labels.with_columns(pl.lit(hi * (1 + 1e-12)).alias("flux_nJy"))
+    assert prior_range_report(at_bound, PRIORS)[0] == []

@@ -10,7 +10,7 @@ from gampen_ml.config import derive_seed
 from gampen_ml.io import atomic_partition_dir, file_sha256
 from gampen_ml.sim.noise import synthetic_noise_pool, write_noise_pool
 from gampen_ml.sim.psf import synthetic_psf_library, write_psf_library
-from gampen_ml.sim.shards import open_shard, shard_labels, simulate_shard
+from gampen_ml.sim.shards import LABEL_SCHEMA, open_shard, shard_labels, simulate_shard
 
 SCHEMA = {
     "galaxy_id": pl.Int64,
@@ -59,6 +59,8 @@ def test_labels_schema_splits_and_ids(inputs):
     a = shard_labels(profile, "shard-000", 4)
     b = shard_labels(profile, "shard-001", 4)
     assert dict(a.schema) == SCHEMA
+    # The schema the asset check compares shards with is the one the writer produces, in order.
+    assert list(a.schema.items()) == list(LABEL_SCHEMA.items())
     assert a.height == b.height == 24
     ids = np.r_[a["galaxy_id"].to_numpy(), b["galaxy_id"].to_numpy()]
     np.testing.assert_array_equal(np.sort(ids), np.arange(48))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from gampen_ml.adaptive import (
+from benchmarks.adaptive import (
     adaptive_mc_dropout_samples,
     bounds_converged,
     hpd_bounds,

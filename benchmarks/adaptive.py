@@ -11,6 +11,11 @@ go on, up to ``max_passes``.
 :func:`stopping_samples` is the criterion alone (applied to samples already drawn, e.g.
 to evaluate a tolerance on a full run); :func:`adaptive_mc_dropout_samples` draws only the
 passes it needs; :func:`summarize_ragged` summarizes galaxies with different sample counts.
+
+Kept beside its benchmark (``benchmarks/bench_adaptive.py``), not in ``gampen_ml``: no
+stage uses it: on the CPU the per-round HPD check costs about what the skipped passes save
+(``benchmarks/results/adaptive.md``). Wiring it in means an ``InferenceConfig`` switch read
+by ``gampen_ml.stages.predict_catalog``.
 """
 
 from __future__ import annotations

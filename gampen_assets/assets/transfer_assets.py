@@ -1,0 +1,341 @@
+"""Transfer learning to a survey domain: its labelled set and its fine-tuned model.
+
+Both assets are partitioned by ``domains`` (:data:`gampen_assets.partitions.domains`), a
+dynamic partitioning whose keys are the names of the domains declared in
+``<dagster_home>/domains/<name>.toml``. The flow in the UI needs no sensor: declare the
+domain, put its labelled cutouts and labels table in ``<dagster_home>/labelled/<name>/``,
+then *Materialize* ``labelled_set`` and ``finetuned_model`` (the ``transfer_job``), adding
+the partition ``<name>`` in the dialog the first time (``docs/transfer.md``). A key without
+a domain file fails at once, listing the declared domains.
+"""
+
+from datetime import UTC, datetime
+
+import numpy as np
+import polars as pl
+from dagster import (
+    AssetCheckExecutionContext,
+    AssetCheckResult,
+    AssetDep,
+    AssetExecutionContext,
+    Config,
+    DataVersion,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+    asset_check,
+)
+
+from gampen_assets import lineage
+from gampen_assets.assets._common import (
+    OWNERS,
+    TRANSIENT_RETRY,
+    fail_fast_on_bad_input,
+    folder_version,
+    md_table,
+    upstream_version,
+)
+from gampen_assets.assets._common import level_suffix as _level
+from gampen_assets.assets.model_assets import GPU_K8S_TAGS
+from gampen_assets.partitions import domains
+from gampen_assets.resources import GampenSettings
+from gampen_ml import finetune, labelled, plots
+from gampen_ml.config import PARAMETERS, dropout_key
+from gampen_ml.domains import find_domain
+from gampen_ml.io import partition_dir
+
+GROUP = "transfer"
+
+
+class FinetuneRunConfig(Config):
+    """Run configuration of ``finetuned_model`` (:class:`gampen_ml.finetune.FinetuneConfig`)."""
+
+    #: ``convolutions`` (STN + convolutions frozen, the head trains), ``stn``, or ``none``.
+    freeze: str = "convolutions"
+    #: Learning rate = lr_factor x the profile's; None: 1 for ``convolutions``, else 0.1.
+    lr_factor: float | None = None
+    max_epochs: int = 30
+    #: Epochs without a lower validation loss before stopping.
+    patience: int = 5
+    min_delta: float = 0.0
+    #: None: the profile's batch size.
+    batch_size: int | None = None
+    grad_clip_norm: float | None = 1.0
+
+    def finetune_config(self) -> finetune.FinetuneConfig:
+        """The science-side configuration (``ConfigError`` on a bad value)."""
+        return finetune.FinetuneConfig(**self.model_dump())
+
+
+@asset(
+    name=finetune.LABELLED_ASSET,
+    group_name=GROUP,
+    owners=OWNERS,
+    code_version="1",
+    kinds={"parquet"},
+    partitions_def=domains,
+    retry_policy=TRANSIENT_RETRY,
+    description=(
+        "A survey domain's fitter-labelled galaxies: <dagster_home>/labelled/<domain>/ (FITS "
+        "cutouts + labels.parquet or labels.csv: file, hdu, bt, re_arcsec, flux_nJy, optional "
+        "*_sigma and split) read with the domain's definition and validated like the inbox. "
+        "Bad files are quarantined with reasons, bad rows left out with reasons; missing "
+        "splits come from a hash of the file name (70/15/15). Stores images.npy (nJy), "
+        "labels.parquet and manifest.json with the set's SHA-256."
+    ),
+)
+def labelled_set(context: AssetExecutionContext, settings: GampenSettings) -> MaterializeResult:
+    started_at = datetime.now(UTC)
+    profile, resolved = settings.profile(), settings.settings()
+    root = resolved.storage_root
+    key = context.partition_key
+    out = partition_dir(root, finetune.LABELLED_ASSET, key)
+    with fail_fast_on_bad_input():
+        domain = find_domain(resolved.domains, key)
+        source = resolved.labelled / domain.name
+        result = labelled.publish_labelled_set(
+            profile,
+            domain,
+            source,
+            out,
+            resolved.quarantine / labelled.QUARANTINE_FOLDER,
+            log=context.log.info,
+        )
+    manifest = result.manifest
+    version = folder_version(out)
+    rejected = [{"file": f, "reason": r} for f, r in manifest["files_quarantined"].items()] + [
+        {"file": r["file"], "reason": r["reason"]} for r in manifest["rows_rejected"]
+    ]
+    metadata = {
+        "domain": key,
+        "n_galaxies": float(result.n_galaxies),
+        **{f"n_{split}": float(n) for split, n in result.split_counts.items()},
+        "split_from_hash": float(manifest["split_from_hash"]),
+        "files_in": float(manifest["files_in"]),
+        "files_quarantined": float(len(manifest["files_quarantined"])),
+        "rows_rejected": float(len(manifest["rows_rejected"])),
+        "unlabelled_files": float(len(manifest["unlabelled_files"])),
+        "label_set_sha256": result.label_set_sha256,
+        "rejected": md_table(rejected),
+        "quarantine": MetadataValue.path(
+            str(resolved.quarantine / labelled.QUARANTINE_FOLDER / key)
+        ),
+        "path": MetadataValue.path(str(out)),
+    }
+    lineage.record_materialization(
+        context,
+        asset=finetune.LABELLED_ASSET,
+        partition=key,
+        data_version=version,
+        upstream=[],
+        input_paths=[source, resolved.domains / f"{key}.toml"],
+        row_count=result.n_galaxies,
+        started_at=started_at,
+    )
+    return MaterializeResult(metadata=metadata, data_version=DataVersion(version))
+
+
+@asset(
+    name=finetune.FINETUNED_ASSET,
+    group_name=GROUP,
+    owners=OWNERS,
+    code_version="1",
+    kinds={"pytorch", "mlflow"},
+    partitions_def=domains,
+    deps=[AssetDep(finetune.LABELLED_ASSET), AssetDep("calibrated_dropout_rate")],
+    pool="gpu",
+    op_tags=GPU_K8S_TAGS,
+    retry_policy=TRANSIENT_RETRY,
+    description=(
+        "The champion fine-tuned on a domain's labelled set (freezing per run config: STN + "
+        "convolutions by default), early-stopped on its val split, its posteriors "
+        "recalibrated there with the champion's method. Registered in MLflow as "
+        "gampen-<profile>-<domain> (alias champion) with tags gampen.base_model_version, "
+        "gampen.label_set_sha256, gampen.domain. Metadata: val loss before/after, val "
+        "coverage, test-split residuals against the champion."
+    ),
+)
+def finetuned_model(
+    context: AssetExecutionContext, config: FinetuneRunConfig, settings: GampenSettings
+) -> MaterializeResult:
+    started_at = datetime.now(UTC)
+    profile, resolved = settings.profile(), settings.settings()
+    root = resolved.storage_root
+    key = context.partition_key
+    out = partition_dir(root, finetune.FINETUNED_ASSET, key)
+    with fail_fast_on_bad_input():
+        find_domain(resolved.domains, key)
+        result = finetune.finetune_and_publish(
+            profile,
+            root,
+            key,
+            config=config.finetune_config(),
+            device=settings.torch_device(),
+            log=context.log.info,
+            mlflow_tracking_uri=resolved.mlflow_tracking_uri,
+            mlflow_artifact_location=resolved.mlflow_artifact_location,
+        )
+    calibration, metrics, training = result.calibration, result.metrics, result.training
+    version = folder_version(out)
+    coverage = {
+        f"val_coverage_{r['parameter']}_{_level(r['level'])}": float(r["coverage"])
+        for r in metrics["val_coverage"]
+    }
+    test_sigma = {
+        f"test_sigma_{r['parameter']}_{r['model']}": float(r["sigma"]) for r in result.test_summary
+    }
+    metadata = {
+        "domain": key,
+        "model_name": calibration["model_name"],
+        "model_version": str(calibration["model_version"]),
+        "base_model": f"{calibration['base_model_name']} v{calibration['base_model_version']}",
+        "label_set_sha256": result.label_set_sha256,
+        "freeze": metrics["freeze"],
+        "learning_rate": float(metrics["learning_rate"]),
+        "trainable_parameters": float(metrics["trainable_parameters"]),
+        "val_loss_before": float(training.val_loss_before),
+        "val_loss_after": float(training.val_loss_after),
+        "best_epoch": float(training.best_epoch),
+        "epochs_run": float(len(training.history)),
+        "n_train": float(training.n_train),
+        "n_val": float(training.n_val),
+        "n_test": float(metrics["n_test"]),
+        "recalibrated": result.recalibration is not None,
+        **coverage,
+        **test_sigma,
+        "test_residuals": md_table(result.test_summary),
+        "val_coverage": md_table(metrics["val_coverage"]),
+        "loss_curve": MetadataValue.md(
+            plots.png_markdown(out / finetune.LOSS_CURVE_FILE, max_px=700, title="loss curve")
+        ),
+        "mlflow_run_id": result.mlflow_run_id or "",
+        "path": MetadataValue.path(str(out)),
+    }
+    base_key = dropout_key(float(calibration["dropout_rate"]))
+    lineage.record_materialization(
+        context,
+        asset=finetune.FINETUNED_ASSET,
+        partition=key,
+        data_version=version,
+        upstream=[
+            upstream_version(context, root, finetune.LABELLED_ASSET, key),
+            upstream_version(context, root, "calibrated_dropout_rate"),
+            upstream_version(context, root, "trained_model", base_key),
+        ],
+        input_paths=[
+            partition_dir(root, finetune.LABELLED_ASSET, key),
+            partition_dir(root, "trained_model", base_key),
+        ],
+        row_count=training.n_train,
+        started_at=started_at,
+        mlflow_run_id=result.mlflow_run_id,
+        model_version=result.model_version,
+    )
+    return MaterializeResult(metadata=metadata, data_version=DataVersion(version))
+
+
+def check_labelled_set(settings: GampenSettings, key: str) -> AssetCheckResult:
+    """The body of ``labelled_set_valid`` for partition ``key``, callable without Dagster."""
+    from gampen_ml.io import load_npy_mmap
+
+    folder = partition_dir(settings.root(), finetune.LABELLED_ASSET, key)
+    images = load_npy_mmap(folder / "images.npy")
+    labels = pl.read_parquet(folder / "labels.parquet")
+    manifest = labelled.read_manifest(folder)
+    problems: list[str] = []
+    if images.ndim != 3 or images.dtype != np.float32 or len(images) != labels.height:
+        problems.append(f"images {images.dtype} {images.shape} for {labels.height} label rows")
+    elif not np.isfinite(images).all():
+        problems.append("images hold NaN/inf pixels")
+    values = labels.select(PARAMETERS).to_numpy()
+    if not np.isfinite(values).all():
+        problems.append("non-finite labels")
+    if ((labels["bt"] < 0) | (labels["bt"] > 1)).any() or (values[:, 1:] <= 0).any():
+        problems.append("labels outside their ranges")
+    counts = {s: int((labels["split"] == s).sum()) for s in ("train", "val", "test")}
+    if not (counts["train"] and counts["val"]):
+        problems.append(f"fine-tuning needs train and val galaxies, has {counts}")
+    if labelled.label_set_sha256(folder) != manifest["label_set_sha256"]:
+        problems.append("content differs from the manifest's SHA-256")
+    return AssetCheckResult(
+        passed=not problems,
+        metadata={
+            "n_galaxies": float(labels.height),
+            **{f"n_{s}": float(n) for s, n in counts.items()},
+            "problems": "; ".join(problems) or "none",
+        },
+    )
+
+
+def check_finetuned_model(settings: GampenSettings, key: str) -> AssetCheckResult:
+    """The body of ``finetuned_model_valid`` for partition ``key``, callable without Dagster."""
+    import json
+
+    from gampen_ml.train import load_trained_model
+
+    folder = partition_dir(settings.root(), finetune.FINETUNED_ASSET, key)
+    problems: list[str] = []
+    try:
+        load_trained_model(folder)
+    except Exception as exc:  # any failure to load is the finding
+        problems.append(f"model does not load: {exc}")
+    calibration = json.loads((folder / finetune.CALIBRATION_FILE).read_text())
+    required = ("model_name", "model_version", "dropout_rate", "recalibration", "base_model_name",
+                "base_model_version", "label_set_sha256", "domain", "coverage")  # fmt: skip
+    missing = [k for k in required if k not in calibration]
+    if missing:
+        problems.append(f"calibration.json lacks {missing}")
+    if calibration.get("domain") != key:
+        problems.append(f"calibration.json is for domain {calibration.get('domain')!r}")
+    metrics = json.loads((folder / finetune.METRICS_FILE).read_text())
+    if not metrics["val_loss_after"] <= metrics["val_loss_before"]:
+        problems.append("validation loss rose (early stopping keeps the best epoch)")
+    bad = [r for r in calibration.get("coverage", []) if not 0.0 <= r["coverage"] <= 1.0]
+    if bad:
+        problems.append(f"{len(bad)} coverage values outside [0, 1]")
+    return AssetCheckResult(
+        passed=not problems,
+        metadata={
+            "val_loss_before": float(metrics["val_loss_before"]),
+            "val_loss_after": float(metrics["val_loss_after"]),
+            "problems": "; ".join(problems) or "none",
+        },
+    )
+
+
+@asset_check(
+    asset=labelled_set,
+    blocking=True,
+    partitions_def=domains,
+    description="Images finite and aligned with the labels; labels in range; train and val "
+    "galaxies present; content matches the manifest's SHA-256",
+)
+def labelled_set_valid(
+    context: AssetCheckExecutionContext, settings: GampenSettings
+) -> AssetCheckResult:
+    return check_labelled_set(settings, context.partition_key)
+
+
+@asset_check(
+    asset=finetuned_model,
+    blocking=True,
+    partitions_def=domains,
+    description="Model loads; calibration.json complete and for this domain; validation "
+    "loss not above the champion's; coverages in [0, 1]",
+)
+def finetuned_model_valid(
+    context: AssetCheckExecutionContext, settings: GampenSettings
+) -> AssetCheckResult:
+    return check_finetuned_model(settings, context.partition_key)
+
+
+TRANSFER_ASSETS = [labelled_set, finetuned_model]
+TRANSFER_CHECKS = [labelled_set_valid, finetuned_model_valid]
+
+__all__ = [
+    "TRANSFER_ASSETS",
+    "TRANSFER_CHECKS",
+    "FinetuneRunConfig",
+    "finetuned_model",
+    "labelled_set",
+]
