@@ -49,7 +49,8 @@ import numpy as np
 import polars as pl
 
 from gampen_ml.config import CREDIBLE_LEVELS, PARAMETERS
-from gampen_ml.posterior import PosteriorError, hpd_intervals, level_tag
+from gampen_ml.metrics import in_interval, level_tag
+from gampen_ml.posterior import PosteriorError, hpd_intervals
 
 #: Levels the recalibration is fit over: the three catalog levels plus a fine grid.
 RECALIBRATION_LEVELS: tuple[float, ...] = tuple(
@@ -143,7 +144,7 @@ def coverage_table(
                     raise CalibrationError(f"coverage_table: summary lacks {p}_{tag}_{side}")
             lo = df[f"{p}_{tag}_lo"].to_numpy()
             hi = df[f"{p}_{tag}_hi"].to_numpy()
-            rows.append((p, float(level), float(np.mean((lo <= truth) & (truth <= hi)))))
+            rows.append((p, float(level), float(np.mean(in_interval(lo, truth, hi)))))
     return pl.DataFrame(
         {
             "dropout_rate": [float(dropout_rate)] * len(rows),
@@ -493,11 +494,11 @@ def calibration_groups(truths: pl.DataFrame) -> list[np.ndarray]:
     :data:`MAGNITUDE_BINS` with at least :data:`MIN_GROUP_SIZE` galaxies; with a
     ``component`` column also the two-component (bulge+disk) galaxies.
     """
-    from gampen_ml.catalog import magnitude_ab
+    from gampen_ml.metrics import ab_magnitude
 
     values = {
         RE_BINS_ARCSEC: truths["re_arcsec"].to_numpy(),
-        MAGNITUDE_BINS: magnitude_ab(truths["flux_nJy"].to_numpy()),
+        MAGNITUDE_BINS: ab_magnitude(truths["flux_nJy"].to_numpy()),
     }
     masks = []
     for edges, v in values.items():
@@ -674,7 +675,7 @@ def search_physical_recalibration(
             lo, hi = hpd_intervals(
                 to_physical(recalibrate_samples(x, key[0], key[1], floor)), levels
             )
-            inside = (lo <= truth) & (truth <= hi)
+            inside = in_interval(lo, truth, hi)
             g_level = _group_level(levels)
             by_group = np.array([[inside[g_level][mask].mean()] for mask in groups]).reshape(-1, 1)
             objective = _objective(inside.mean(axis=1)[:, None], levels, by_group)[0][0]

@@ -40,7 +40,8 @@ from gampen_ml.flags import (
 )
 from gampen_ml.infer import mc_dropout_samples, predict_physical
 from gampen_ml.io import StorageError, atomic_file
-from gampen_ml.posterior import level_tag, summarize
+from gampen_ml.metrics import ab_magnitude, level_tag
+from gampen_ml.posterior import summarize
 
 CATALOG_FILE = "catalog.parquet"
 SAMPLES_FILE = "samples.npy"
@@ -282,11 +283,6 @@ def code_version() -> str:
     return f"{gampen_ml.__version__}+g{commit}" if commit else gampen_ml.__version__
 
 
-def magnitude_ab(flux_nJy: np.ndarray) -> np.ndarray:
-    """AB magnitude of fluxes in nJy: ``m = 31.4 - 2.5 log10(F / nJy)``."""
-    return AB_ZEROPOINT_NJY - 2.5 * np.log10(np.asarray(flux_nJy, dtype=np.float64))
-
-
 def validate_catalog(df: pl.DataFrame, source: str = "catalog") -> pl.DataFrame:
     """Check ``df`` against :data:`CATALOG_SCHEMA`; return it in schema column order.
 
@@ -382,7 +378,7 @@ def build_catalog(
     )
     if "flux_nJy_mode" not in summary.columns:
         raise CatalogSchemaError("build_catalog: summary lacks column 'flux_nJy_mode'")
-    columns["magnitude_mode"] = magnitude_ab(summary["flux_nJy_mode"].to_numpy())
+    columns["magnitude_mode"] = ab_magnitude(summary["flux_nJy_mode"].to_numpy())
     for name in SAMPLE_STATISTICS:
         if name not in summary.columns:
             columns[name] = pl.repeat(None, n, eager=True)

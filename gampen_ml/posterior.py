@@ -25,9 +25,7 @@ import numpy as np
 import polars as pl
 
 from gampen_ml.config import CREDIBLE_LEVELS, PARAMETERS
-
-#: Column tag of each credible level in the catalog (``bt_hpd68_lo`` ...).
-LEVEL_TAGS: dict[float, str] = {0.6827: "hpd68", 0.9545: "hpd95", 0.9973: "hpd99"}
+from gampen_ml.metrics import covered, in_interval, level_tag  # noqa: F401 (re-exported)
 
 #: Default credible levels of the expected-coverage curve.
 CURVE_LEVELS: np.ndarray = np.linspace(0.01, 0.99, 99)
@@ -37,20 +35,6 @@ DEFAULT_KDE_GRID = 1024
 
 class PosteriorError(ValueError):
     """Samples or truths of the wrong shape or content; the message names the argument."""
-
-
-def level_tag(level: float) -> str:
-    """Catalog column tag of a credible level (``0.6827 -> "hpd68"``).
-
-    Raises
-    ------
-    PosteriorError
-        If the level is not one of :data:`gampen_ml.config.CREDIBLE_LEVELS`.
-    """
-    for known, tag in LEVEL_TAGS.items():
-        if abs(level - known) < 1e-9:
-            return tag
-    raise PosteriorError(f"level {level!r} has no catalog column; use one of {CREDIBLE_LEVELS}")
 
 
 def _as_2d(samples: np.ndarray, name: str = "samples") -> np.ndarray:
@@ -290,20 +274,7 @@ def coverage(lo: np.ndarray, hi: np.ndarray, truth: np.ndarray) -> np.ndarray:
         raise PosteriorError(
             f"lo, hi and truth must have equal shapes, got {lo.shape}, {hi.shape}, {truth.shape}"
         )
-    return np.mean((lo <= truth) & (truth <= hi), axis=0)
-
-
-def covered(catalog: pl.DataFrame, parameter: str, level: float) -> np.ndarray:
-    """``(N,)`` bool: whether each galaxy's ``{parameter}_true`` lies in its HPD interval.
-
-    ``catalog`` has ``{parameter}_true`` and the ``{parameter}_hpdNN_lo/hi`` bounds of
-    ``level`` (bounds inclusive, as :func:`coverage`).
-    """
-    tag = level_tag(level)
-    t = catalog[f"{parameter}_true"].to_numpy()
-    return (catalog[f"{parameter}_{tag}_lo"].to_numpy() <= t) & (
-        t <= catalog[f"{parameter}_{tag}_hi"].to_numpy()
-    )
+    return np.mean(in_interval(lo, truth, hi), axis=0)
 
 
 def expected_coverage_curve(
@@ -376,12 +347,8 @@ def binned_coverage(
     inside = (index >= 0) & (index < len(edges) - 1)
     frames = []
     for p in parameters:
-        truth = catalog[f"{p}_true"].to_numpy()
         for level in levels:
-            tag = level_tag(level)
-            hit = (catalog[f"{p}_{tag}_lo"].to_numpy() <= truth) & (
-                truth <= catalog[f"{p}_{tag}_hi"].to_numpy()
-            )
+            hit = covered(catalog, p, level)
             n = np.bincount(index[inside], minlength=len(edges) - 1)
             k = np.bincount(index[inside], weights=hit[inside], minlength=len(edges) - 1)
             keep = n > 0

@@ -1143,7 +1143,7 @@ def coverage_diagnostics(
         computed a second time).
     """
     from gampen_ml import plots
-    from gampen_ml.catalog import magnitude_ab
+    from gampen_ml.metrics import ab_magnitude
     from gampen_ml.posterior import (
         CURVE_LEVELS,
         binned_coverage,
@@ -1170,7 +1170,7 @@ def coverage_diagnostics(
         )
     }
     with_truth = catalog.with_columns(
-        pl.Series("magnitude_true", magnitude_ab(catalog["flux_nJy_true"].to_numpy()))
+        pl.Series("magnitude_true", ab_magnitude(catalog["flux_nJy_true"].to_numpy()))
     )
     binned = {
         "magnitude_true": binned_coverage(
