@@ -39,14 +39,15 @@ def fail_fast_on_bad_input() -> Iterator[None]:
     """Turn configuration and input-file errors into a non-retried Dagster ``Failure``.
 
     ``ConfigError`` (a bad profile setting), ``gampen_ml.sim.errors.InputFileError`` (a bad
-    FITS file) and ``FileNotFoundError`` (an upstream not materialized) cannot succeed on a
-    retry, so the :data:`TRANSIENT_RETRY` policy must not
-    spend minutes on them.
+    FITS file), ``FileNotFoundError`` and ``gampen_ml.io.StorageError`` (an upstream not
+    materialized, or a stored file unreadable) cannot succeed on a retry, so the
+    :data:`TRANSIENT_RETRY` policy must not spend minutes on them.
     """
+    from gampen_ml.io import StorageError
     from gampen_ml.sim.errors import InputFileError
 
     # A missing upstream file does not appear by waiting seconds either.
-    bad_input = (ConfigError, InputFileError, FileNotFoundError)
+    bad_input = (ConfigError, InputFileError, FileNotFoundError, StorageError)
     try:
         yield
     except bad_input as exc:
