@@ -345,6 +345,32 @@ def cmd_misspecification(args: argparse.Namespace) -> None:
     print(f"written: {md} {js}")
 
 
+def cmd_label(args: argparse.Namespace) -> None:
+    from gampen_ml.domains import find_domain
+    from gampen_ml.label import label_folder
+
+    profile = get_profile(args.profile)
+    domain = find_domain(_settings(args).domains, args.domain) if args.domain else None
+    imaging = domain.imaging(profile.imaging) if domain else profile.imaging
+    run = label_folder(
+        Path(args.folder),
+        Path(args.out),
+        imaging,
+        domain=domain,
+        model=args.model,
+        resume=args.resume,
+        n_workers=args.workers,
+        limits=profile.limits,
+        progress=_Progress("label"),
+    )
+    skipped = f", {run.n_skipped} file(s) already labelled" if run.n_skipped else ""
+    note = " (bt is null: a single Sérsic fit has no B/T)" if args.model == "sersic" else ""
+    print(
+        f"{run.n_rows} row(s) written to {run.out}{note}: {run.n_ok} fit(s) ok, "
+        f"{run.n_rows - run.n_ok} with another fit_status{skipped}; {run.seconds:.0f} s"
+    )
+
+
 # --- queries --------------------------------------------------------------------------
 
 
@@ -553,6 +579,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="GalSim real-galaxy catalog FITS (e.g. shared/data/aegis_f814w/AEGIS_F814w_catalog.fits)",
     )
     model_opts(p)
+
+    p = add("label", cmd_label, "label a folder of cutouts with a profile fitter (pysersic)")
+    p.add_argument("folder", help="folder of FITS cutouts (searched recursively)")
+    p.add_argument("--out", required=True, help="labels table to write, .parquet or .csv")
+    p.add_argument(
+        "--domain",
+        default=None,
+        help="survey domain declared in <dagster_home>/domains/NAME.toml: read the files as "
+        "that survey delivers them (image, weight, flux unit, PSF)",
+    )
+    p.add_argument(
+        "--model",
+        default="bulge-disk",
+        choices=("bulge-disk", "sersic"),
+        help="bulge-disk (default: bt, composite Re, flux) or sersic (Re and flux; bt null)",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="keep the rows of --out and skip their files"
+    )
+    p.add_argument("--workers", type=int, default=1, help="fit processes (default 1)")
 
     for name, func, help in (
         ("sql", cmd_sql, "run a SQL query on a read-only connection to the catalog database"),

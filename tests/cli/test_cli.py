@@ -186,6 +186,7 @@ def test_every_command_has_help(env):
         "sql",
         "lineage",
         "model",
+        "label",
     ):
         assert "usage: gampen" in gampen(command, "--help", env=env).stdout
     for action in ("export", "import"):
