@@ -479,12 +479,9 @@ def fit_spread_profile(
     overall = float(np.quantile(z, level))
     if not overall > 0:
         return (), ()
-    order = np.argsort(mean, kind="stable")
-    knots, values = [], []
-    for chunk in np.array_split(order, min(n_bins, len(order))):
-        knots.append(float(np.median(mean[chunk])))
-        values.append(float(np.clip(np.quantile(z[chunk], level) / overall, *SPREAD_LIMITS)))
-    return tuple(knots), tuple(values)
+    return _binned_profile(
+        mean, lambda b: np.clip(np.quantile(z[b], level) / overall, *SPREAD_LIMITS), n_bins
+    )
 
 
 def calibration_groups(truths: pl.DataFrame) -> list[np.ndarray]:
@@ -533,12 +530,19 @@ def fit_mean_shift(
     x = np.asarray(samples_scaled, dtype=np.float64)
     truth = np.asarray(truth_scaled, dtype=np.float64)
     mean = x.mean(axis=1)
-    order = np.argsort(mean, kind="stable")
+    return _binned_profile(mean, lambda b: np.median(mean[b] - truth[b]), n_bins)
+
+
+def _binned_profile(
+    driver: np.ndarray, statistic: Callable[[np.ndarray], float], n_bins: int
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``statistic(indices)`` in quantile bins of ``driver``; knots = each bin's median driver."""
+    order = np.argsort(driver, kind="stable")
     knots, values = [], []
     for chunk in np.array_split(order, min(n_bins, len(order))):
         if len(chunk):
-            knots.append(float(np.median(mean[chunk])))
-            values.append(float(np.median(mean[chunk] - truth[chunk])))
+            knots.append(float(np.median(driver[chunk])))
+            values.append(float(statistic(chunk)))
     return tuple(knots), tuple(values)
 
 
