@@ -4,15 +4,17 @@ start and stop of the web servers they open."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -87,3 +89,40 @@ def stop_group(proc: subprocess.Popen, timeout_s: float = 20.0) -> None:
                 return
             time.sleep(0.2)
     proc.wait(timeout=timeout_s)
+
+
+@contextlib.contextmanager
+def dagster_webserver(
+    home: Path, env: Mapping[str, str], log: Path, timeout_s: float = 240.0
+) -> Iterator[str]:
+    """Run ``dagster-webserver -m gampen_assets.definitions`` on a free local port with
+    ``DAGSTER_HOME=home`` and ``env`` added; yield its base URL; stop its process group."""
+    repo = Path(__file__).resolve().parents[1]
+    port = free_port()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "dagster-webserver"),
+                *("-m", "gampen_assets.definitions", "-h", "127.0.0.1", "-p", str(port)),
+            ],
+            cwd=repo,
+            env={**os.environ, **env, "DAGSTER_HOME": str(home)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for_server(f"{url}/server_info", proc, log, "dagster-webserver", timeout_s)
+        yield url
+    finally:
+        stop_group(proc, timeout_s=30.0)
+
+
+def launch_chromium(pw, chromium: str):
+    """Headless Debian chromium through Playwright, never a downloaded browser."""
+    return pw.chromium.launch(
+        executable_path=chromium,
+        headless=True,
+        args=["--no-sandbox", "--disable-background-networking", "--disable-gpu"],
+    )

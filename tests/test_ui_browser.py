@@ -1,4 +1,4 @@
-"""The Dagster UI as a person sees it: the asset graph shows all nine GaMPEN assets.
+"""The Dagster UI as a person sees it: the asset graph shows every GaMPEN asset.
 
 Starts ``dagster-webserver`` on a free local port with a temporary ``DAGSTER_HOME`` (a copy of
 ``dagster_home/dagster.yaml``), opens the global asset graph in headless Debian Chromium
@@ -12,16 +12,13 @@ Without ``chromium`` the test is skipped, except under ``CI=true`` where it fail
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 
-from tests.browser_helpers import free_port, stop_group, wait_for_server
+from tests.browser_helpers import dagster_webserver, launch_chromium
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = (
@@ -35,8 +32,10 @@ ASSETS = (
     "diagnostic_plots",
     "robustness_report",
     "sky_catalog",
+    "labelled_set",
+    "finetuned_model",
 )
-GROUPS = ("inputs", "model", "catalog", "validation")
+GROUPS = ("inputs", "model", "catalog", "validation", "transfer")
 STARTUP_TIMEOUT_S = 240.0
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
@@ -47,54 +46,20 @@ def webserver(tmp_path):
     home = tmp_path / "dagster_home"
     home.mkdir()
     shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
-    port = free_port()
     env = {
-        **os.environ,
-        "DAGSTER_HOME": str(home),
         "GAMPEN_PROFILE": "tiny",
         "GAMPEN_STORAGE": str(tmp_path / "storage"),
         "GAMPEN_INBOX": str(tmp_path / "inbox"),
     }
-    log = tmp_path / "webserver.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "dagster-webserver"),
-                "-m",
-                "gampen_assets.definitions",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(port),
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        wait_for_server(
-            f"http://127.0.0.1:{port}/server_info",
-            proc,
-            log,
-            "dagster-webserver",
-            STARTUP_TIMEOUT_S,
-        )
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_group(proc, timeout_s=30.0)
+    with dagster_webserver(home, env, tmp_path / "webserver.log", STARTUP_TIMEOUT_S) as url:
+        yield url
 
 
 def test_asset_graph_shows_every_asset(chromium, screenshot_dir, webserver):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=chromium,
-            headless=True,
-            args=["--no-sandbox", "--disable-background-networking", "--disable-gpu"],
-        )
+        browser = launch_chromium(pw, chromium)
         try:
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
             # Global asset lineage with the stage groups expanded.

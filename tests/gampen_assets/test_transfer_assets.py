@@ -8,6 +8,8 @@ bad FITS file and a bad row. Both assets and their checks are materialized once.
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,6 +29,7 @@ from gampen_ml.registry import (
     model_version_info,
 )
 from gampen_ml.train import load_trained_model
+from tests.browser_helpers import dagster_webserver, launch_chromium
 from tests.gampen_ml.test_finetune import (
     TINY,
     recalibrate_champion,
@@ -36,6 +39,7 @@ from tests.gampen_ml.test_finetune import (
 from tests.reliability.conftest import copy_world, tiny_world  # noqa: F401
 
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
 DOMAIN = "tiny-bright"
 RUN_CONFIG = {
     "ops": {
@@ -86,7 +90,9 @@ def transfer_run(tiny_world, tmp_path_factory):  # noqa: F811
     settings = GampenSettings(
         profile_name="tiny", storage_root=str(root), dagster_home=str(home), device="cpu"
     )
-    instance = DagsterInstance.ephemeral()
+    # A persistent instance in ``home``, so the UI test can open what this run recorded.
+    shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    instance = DagsterInstance.from_config(str(home))
     assert add_declared_domains(instance, home / "domains") == [DOMAIN]
     assert add_declared_domains(instance, home / "domains") == []  # idempotent
     result = materialize(
@@ -188,3 +194,44 @@ def test_an_undeclared_domain_fails_at_once_naming_the_declared_ones(transfer_ru
     assert not result.success
     messages = [e.event_specific_data.error.message for e in result.all_events if e.is_step_failure]
     assert any("no domain 'nowhere'" in m and DOMAIN in m for m in messages), messages
+
+
+@pytest.mark.browser
+def test_ui_shows_the_finetuned_partition_with_metrics_and_plot(
+    transfer_run, chromium, screenshot_dir, tmp_path
+):
+    """The Dagster UI's partition page of ``finetuned_model[tiny-bright]``: its metadata
+    (model, base model, val coverage, test residuals) and the loss-curve plot."""
+    from playwright.sync_api import sync_playwright
+
+    assert transfer_run["result"].success
+    env = {"GAMPEN_PROFILE": "tiny", "GAMPEN_STORAGE": str(transfer_run["root"])}
+    with (
+        dagster_webserver(transfer_run["home"], env, tmp_path / "webserver.log") as url,
+        sync_playwright() as pw,
+    ):
+        browser = launch_chromium(pw, chromium)
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1400})
+            page.goto(
+                f"{url}/assets/finetuned_model?view=partitions&partition={DOMAIN}",
+                timeout=120_000,
+            )
+            page.get_by_text("val_loss_after").first.wait_for(timeout=120_000)
+            page.wait_for_timeout(1500)  # images and tables finish rendering
+            screenshot = screenshot_dir / "ui-finetuned-model.png"
+            page.screenshot(path=str(screenshot), full_page=True)
+            body = page.inner_text("body")
+            for text in ("model_name", f"gampen-tiny-{DOMAIN}", "base_model", "val_coverage",
+                         "test_residuals", "label_set_sha256", "loss_curve"):  # fmt: skip
+                assert text in body, f"partition page lacks {text!r}"
+            # Markdown metadata opens in a dialog: the loss curve is an inline PNG there.
+            row = page.locator("tr", has_text="loss_curve").first
+            row.get_by_text("[Show Markdown]").click()
+            plot = page.locator('img[src^="data:image/png;base64,"]').first
+            plot.wait_for(timeout=30_000)
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(screenshot_dir / "ui-finetuned-loss-curve.png"))
+            assert plot.evaluate("img => img.complete && img.naturalWidth") > 100
+        finally:
+            browser.close()
