@@ -9,20 +9,18 @@ a run, :func:`database_path` resolves them from the environment
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import subprocess
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 from dagster import DefaultSensorStatus, RunFailureSensorContext, run_failure_sensor
 
-import gampen_ml
 from gampen_assets.resources import GampenSettings
 from gampen_ml.database import LineageRow, query, record_lineage
 from gampen_ml.io import file_sha256, folder_sha256
 from gampen_ml.settings import Settings
+from gampen_ml.version import code_version
 
 #: Inputs up to this size are hashed in full (SHA-256); larger ones get a stat fingerprint.
 FULL_HASH_MAX_BYTES = 256 * 1024**2
@@ -51,24 +49,6 @@ def launched_settings(run_config: Mapping | None) -> Settings:
         k: v for k, v in config.items() if k in GampenSettings.model_fields and isinstance(v, str)
     }
     return GampenSettings(**fields).settings()
-
-
-@functools.cache
-def code_version() -> str:
-    """``gampen_ml.__version__`` plus the git commit of the source tree when known."""
-    version = getattr(gampen_ml, "__version__", None) or "unknown"
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            cwd=Path(__file__).resolve().parent.parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return f"{version}+{commit}" if commit else version
 
 
 def input_fingerprint(path: Path | str) -> str:

@@ -15,8 +15,6 @@ one row group per chunk -- the form users query (DuckDB view ``posterior_samples
 from __future__ import annotations
 
 import contextlib
-import functools
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,10 +24,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-import gampen_ml
 from gampen_ml.calibrate import Recalibration
 from gampen_ml.columns import ColumnInfo
-from gampen_ml.config import AB_ZEROPOINT_NJY, CREDIBLE_LEVELS, PARAMETERS, FlagConfig
+from gampen_ml.config import CREDIBLE_LEVELS, PARAMETERS, FlagConfig
 from gampen_ml.data.transforms import LabelScaler
 from gampen_ml.flags import (
     IMAGE_STATISTICS,
@@ -40,8 +37,9 @@ from gampen_ml.flags import (
 )
 from gampen_ml.infer import mc_dropout_samples, predict_physical
 from gampen_ml.io import StorageError, atomic_file
-from gampen_ml.metrics import ab_magnitude, level_tag
+from gampen_ml.metrics import AB_MAG_1_NJY, ab_magnitude, level_tag
 from gampen_ml.posterior import summarize
+from gampen_ml.version import code_version
 
 CATALOG_FILE = "catalog.parquet"
 SAMPLES_FILE = "samples.npy"
@@ -156,7 +154,7 @@ def _catalog_column_info() -> dict[str, ColumnInfo]:
                 "src.morph.type",
             ),
             "magnitude_mode": ColumnInfo(
-                f"AB magnitude of flux_nJy_mode (m = {AB_ZEROPOINT_NJY} - 2.5 log10 F/nJy)",
+                f"AB magnitude of flux_nJy_mode (m = {AB_MAG_1_NJY} - 2.5 log10 F/nJy)",
                 "mag",
                 "phot.mag;meta.main",
             ),
@@ -264,23 +262,6 @@ META_COLUMNS = (
 
 class CatalogSchemaError(ValueError):
     """A catalog lacks a column, has a wrong dtype, or unexpected nulls; the message says which."""
-
-
-@functools.cache
-def code_version() -> str:
-    """``gampen_ml.__version__``, plus ``+g<commit>`` when the source is a git checkout."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(gampen_ml.__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return f"{gampen_ml.__version__}+g{commit}" if commit else gampen_ml.__version__
 
 
 def validate_catalog(df: pl.DataFrame, source: str = "catalog") -> pl.DataFrame:

@@ -34,8 +34,6 @@ DEFAULT_PROFILE = "quick"
 CREDIBLE_LEVELS: tuple[float, float, float] = (0.6827, 0.9545, 0.9973)
 #: The three predicted parameters, in the network's output order.
 PARAMETERS: tuple[str, str, str] = ("bt", "re_arcsec", "flux_nJy")
-#: AB magnitude zero point for fluxes in nJy: m = 31.4 - 2.5 log10(F / nJy).
-AB_ZEROPOINT_NJY = 31.4
 
 
 class ConfigError(ValueError):

@@ -29,10 +29,12 @@ Validation and repairs (each repair is written to the ``repairs`` column)
   :data:`MAX_NONFINITE_FRACTION` of the stamp and none lies in the central box of half
   the stamp side (where the galaxy is); otherwise rejected.
 * All-zero or constant image -> rejected.
-* Pixel scale from ``PIXSCALE`` (arcsec/px), else from the WCS (``CD``/``CDELT``, deg):
-  rejected when it differs from ``imaging.pixel_scale_arcsec`` by more than
-  :data:`PIXEL_SCALE_TOLERANCE`. Resampling is deliberately not done: it would change
-  the noise correlations and the PSF the network was trained on.
+* Pixel scale by the rule every FITS reader shares
+  (:func:`gampen_ml.fits_image.pixel_scale_arcsec`: ``PIXSCALE`` in arcsec/px, else a
+  square WCS pixel; a non-square or singular WCS rejects the file): rejected when it
+  differs from ``imaging.pixel_scale_arcsec`` by more than :data:`PIXEL_SCALE_TOLERANCE`.
+  Resampling is deliberately not done: it would change the noise correlations and the
+  PSF the network was trained on.
 * RA/Dec of the stamp centre from the celestial WCS when a 2-D image has one (an
   invalid WCS is ignored and noted); cube planes take RA/Dec from a binary-table HDU
   with ``RA``/``DEC`` columns (degrees, one row per plane) when present, else null.
@@ -82,20 +84,24 @@ import polars as pl
 from astropy.io import fits
 from astropy.utils.exceptions import AstropyWarning
 from astropy.wcs import WCS
-from astropy.wcs.utils import proj_plane_pixel_scales
 
 from gampen_ml.config import ImagingConfig, InputLimits
 from gampen_ml.domains import Domain, HduSelectionError, HduSelector
+from gampen_ml.fits_image import FITS_SUFFIXES as FITS_SUFFIXES  # inbox and domains import it here
+from gampen_ml.fits_image import (
+    batch_files,
+    image_hdu,
+    is_fits_name,
+    is_reserved_name,
+    pixel_scale_arcsec,
+    unreadable,
+)
 from gampen_ml.sim.errors import InputFileError
 
 #: Largest fraction of non-finite pixels that is repaired (set to 0) instead of rejected.
 MAX_NONFINITE_FRACTION = 0.01
 #: Largest tolerated relative difference between a header pixel scale and the survey's.
 PIXEL_SCALE_TOLERANCE = 0.05
-#: File-name suffixes recognised as FITS when scanning a folder (others are rejected).
-FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fts.gz", ".fits.fz", ".fz")
-#: Names starting with these are reserved (markers, manifests, hidden uploads): skipped.
-RESERVED_PREFIXES = ("_", ".")
 #: A batch folder's declaration of its domain (``domain = "<name>"``, :mod:`gampen_ml.inbox`):
 #: at the top of a folder it is not input, and the scan skips it.
 BATCH_FILE = "batch.toml"
@@ -112,16 +118,10 @@ TABLE_SCHEMA = {
 }
 
 
-class CutoutError(InputFileError):
-    """A cutout file cannot be used; the message names the file and the problem.
-
-    An :class:`gampen_ml.sim.errors.InputFileError` (so a ``ValueError``): bad input that
-    no retry can fix, which the Dagster assets fail without retrying.
-    """
-
-    def __init__(self, path: Path | str, problem: str) -> None:
-        super().__init__(path, problem)
-        self.path = str(path)
+#: The cutout API's name for :class:`gampen_ml.sim.errors.InputFileError`, the one error of
+#: every FITS reader (cutouts, PSFs, sky objects): ``path``, ``problem``; a ``ValueError``,
+#: bad input that no retry can fix, which the Dagster assets fail without retrying.
+CutoutError = InputFileError
 
 
 @dataclass(frozen=True)
@@ -177,80 +177,9 @@ class CutoutBatch:
         return len(self.accepted_files) + len(self.rejections) + len(self.psf_files)
 
 
-def is_fits_name(name: str) -> bool:
-    """Whether ``name`` has a FITS file-name suffix (case-insensitive)."""
-    return name.lower().endswith(FITS_SUFFIXES)
-
-
-def is_reserved_name(name: str) -> bool:
-    """Whether ``name`` starts with ``_`` or ``.`` (markers, manifests, hidden uploads)."""
-    return name.startswith(RESERVED_PREFIXES)
-
-
 def display_name(name: str) -> str:
     """``name`` printable and UTF-8 safe: undecodable bytes shown as ``\\xNN``."""
     return os.fsencode(name).decode("utf-8", "backslashreplace")
-
-
-def batch_files(root: Path | str, include_reserved: bool = False) -> list[Path]:
-    """Every regular input file under ``root`` (recursive, sorted).
-
-    Symbolic links are returned too (the loader rejects them) so that nothing is silently
-    ignored. Entries whose name starts with ``_`` or ``.`` (markers such as ``_READY``,
-    hidden partial uploads), and folders with such names, are skipped unless
-    ``include_reserved`` (the inbox lists them to reject them with a reason).
-    """
-    root = Path(root)
-    if root.is_file() or root.is_symlink():
-        return [root]
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if include_reserved or not is_reserved_name(d))
-        for name in filenames:
-            if include_reserved or not is_reserved_name(name):
-                found.append(Path(dirpath) / name)
-        # os.walk lists symlinks to folders among dirnames; report them as files.
-        for name in list(dirnames):
-            if (Path(dirpath) / name).is_symlink():
-                found.append(Path(dirpath) / name)
-                dirnames.remove(name)
-    return sorted(found)
-
-
-def _image_hdu(hdul: fits.HDUList, path: Path) -> tuple[int, fits.hdu.base.ExtensionHDU]:
-    names = [h.name.upper() for h in hdul]
-    if "IMAGE" in names:
-        index = names.index("IMAGE")
-        if hdul[index].data is None:
-            raise CutoutError(path, f"HDU {index} (IMAGE) is empty")
-        return index, hdul[index]
-    for index, hdu in enumerate(hdul):
-        if isinstance(hdu, fits.PrimaryHDU | fits.ImageHDU | fits.CompImageHDU) and (
-            hdu.data is not None
-        ):
-            return index, hdu
-    raise CutoutError(path, f"no HDU with image data among {len(hdul)} HDU(s) (empty HDU)")
-
-
-def _pixel_scale_arcsec(header: fits.Header, path: Path) -> float | None:
-    if "PIXSCALE" in header:
-        try:
-            return float(header["PIXSCALE"])
-        except (TypeError, ValueError) as exc:
-            raise CutoutError(
-                path, f"header PIXSCALE = {header['PIXSCALE']!r} is not a number"
-            ) from exc
-    if not any(k in header for k in ("CD1_1", "CDELT1", "PC1_1")):
-        return None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", AstropyWarning)
-            wcs = WCS(header, naxis=2)
-        scales_deg = proj_plane_pixel_scales(wcs)
-    except Exception as exc:  # astropy raises several types for a malformed WCS
-        raise CutoutError(path, f"cannot read the pixel scale from the WCS: {exc}") from exc
-    scale = float(np.sqrt(abs(scales_deg[0] * scales_deg[1]))) * 3600.0
-    return scale
 
 
 def _centre_radec(header: fits.Header, shape_yx: tuple[int, int]) -> tuple[float, float] | None:
@@ -539,9 +468,7 @@ def check_input_limits(path: Path | str, limits: InputLimits) -> int:
     except CutoutError:
         raise
     except Exception as exc:  # astropy signals bad headers with many types
-        raise CutoutError(
-            path, f"not a readable FITS file, truncated or corrupt ({type(exc).__name__}: {exc})"
-        ) from exc
+        raise unreadable(path, exc) from exc
     return total
 
 
@@ -618,14 +545,14 @@ def _read_cutout_file(
                     index = _select_hdu(hdul, domain.image, f"domain {domain.name} [image]", path)
                     hdu = hdul[index]
                 else:
-                    index, hdu = _image_hdu(hdul, path)
+                    index, hdu = image_hdu(hdul, path)
                 data = np.asarray(hdu.data)
                 header = hdu.header.copy()
                 n_planes = data.shape[0] if data.ndim == 3 else 1
                 cube_radec = (
                     _plane_columns(hdul, n_planes, ("RA", "DEC")) if data.ndim == 3 else None
                 )
-                scale = _pixel_scale_arcsec(header, path)
+                scale = pixel_scale_arcsec(header, path)
                 weight = None
                 if domain is not None and domain.weight is not None:
                     w_index = _select_hdu(
@@ -647,9 +574,7 @@ def _read_cutout_file(
     except CutoutError:
         raise
     except Exception as exc:  # astropy signals bad/truncated files with many types
-        raise CutoutError(
-            path, f"not a readable FITS file, truncated or corrupt ({type(exc).__name__}: {exc})"
-        ) from exc
+        raise unreadable(path, exc) from exc
 
     if data.ndim not in (2, 3):
         raise CutoutError(

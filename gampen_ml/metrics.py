@@ -27,8 +27,10 @@ import polars as pl
 
 from gampen_ml.config import CREDIBLE_LEVELS, PARAMETERS, FlagConfig
 
-#: AB magnitude of a flux of 1 nJy. astropy defines AB by 48.60 mag at
-#: 1 erg s^-1 cm^-2 Hz^-1, so this is exactly 31.4 (3631 Jy would give 31.39998).
+#: AB magnitude of a flux of 1 nJy, the one zero point of every magnitude (catalog column,
+#: reports, bins). astropy defines ``u.ABmag`` by 48.60 mag at 1 erg s^-1 cm^-2 Hz^-1, so
+#: this is exactly 31.4; a 3631 Jy zero point would give 31.40007 and shift every stored
+#: magnitude by 7e-5 mag.
 AB_MAG_1_NJY: float = float(u.nJy.to(u.ABmag))
 #: Two-sided false-alarm probability of :func:`coverage_bounds` (3 sigma).
 COVERAGE_FALSE_ALARM = 0.0027

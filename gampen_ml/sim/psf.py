@@ -117,17 +117,21 @@ def _resample(image: np.ndarray, scale_in: float, scale_out: float, size: int) -
 def load_psf_folder(folder: Path | str, imaging: ImagingConfig) -> tuple[np.ndarray, pl.DataFrame]:
     """Ingest real PSF images (one 2-D FITS image per file) from ``folder``.
 
-    Every file is validated before anything is returned. A PSF whose header pixel scale
-    (``PIXSCALE`` in arcsec, or ``CD1_1``/``CDELT1`` in deg) differs from the survey's is
-    resampled with ``galsim.InterpolatedImage``; files without a scale keyword are taken to
-    be at the survey scale. All PSFs are redrawn centred on a common odd stamp size (the
-    largest resampled extent) and normalised to unit sum.
+    Files are listed and read by :mod:`gampen_ml.sim.fits_input` (every FITS file under
+    ``folder``, names starting with ``_`` or ``.`` skipped), and every one is validated
+    before anything is returned. A PSF whose header pixel scale
+    (:func:`gampen_ml.fits_image.pixel_scale_arcsec`) differs from the survey's by more
+    than :data:`PIXEL_SCALE_RTOL` is resampled with ``galsim.InterpolatedImage``; a file
+    whose header states no scale is taken to be at the survey scale. All PSFs are redrawn
+    centred on a common odd stamp size (the largest resampled extent) and normalised to
+    unit sum.
 
     Returns
     -------
     cube : (n_files, s, s) float32
     table : polars.DataFrame
-        ``source`` holds the file name; ``fwhm_arcsec``, ``g1``, ``g2`` are null.
+        ``source`` holds the file's path relative to ``folder`` (its name, for a flat
+        folder); ``fwhm_arcsec``, ``g1``, ``g2`` are null.
 
     Raises
     ------
@@ -135,6 +139,7 @@ def load_psf_folder(folder: Path | str, imaging: ImagingConfig) -> tuple[np.ndar
         Naming the first bad file and its problem (see :func:`read_fits_image`).
     """
     dx = imaging.pixel_scale_arcsec
+    folder = Path(folder)
     files = list_fits_files(folder)
     images = [read_fits_image(path, require_positive_sum=True) for path in files]
     sizes = []
@@ -152,7 +157,8 @@ def load_psf_folder(folder: Path | str, imaging: ImagingConfig) -> tuple[np.ndar
             arr = _resample(data, scale if not same else dx, dx, s)
         cube[i] = arr / arr.sum()
     nan = np.full(len(files), np.nan)
-    table = _table([p.name for p in files], nan, nan, nan, cube, dx)
+    sources = [p.relative_to(folder).as_posix() for p in files]
+    table = _table(sources, nan, nan, nan, cube, dx)
     return cube, table
 
 

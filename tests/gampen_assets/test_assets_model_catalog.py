@@ -191,10 +191,14 @@ def test_catalog_flags_plots(pipeline):
     assert evaluations["plots_written"].passed
     lineage = query(
         tmp / "gampen.duckdb",
-        "SELECT asset, model_version FROM lineage WHERE asset IN ('posterior_catalog', 'calibrated_dropout_rate')",
+        "SELECT asset, model_version, code_version FROM lineage "
+        "WHERE asset IN ('posterior_catalog', 'calibrated_dropout_rate')",
     )
     versions = {r["asset"]: r["model_version"] for r in lineage}
     assert versions["posterior_catalog"] == versions["calibrated_dropout_rate"]
+    # One code_version(): the catalog's rows and its lineage row name the same code.
+    code = {r["asset"]: r["code_version"] for r in lineage}
+    assert catalog["code_version"].unique().to_list() == [code["posterior_catalog"]]
 
 
 def test_inbox_batch_catalog(pipeline):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 
 import pytest
@@ -88,6 +89,27 @@ def test_record_materialization_writes_row_with_hashes(db, tmp_path):
         {"upstream_asset": "noise_pool", "upstream_partition": "all"},
         {"upstream_asset": "psf_library", "upstream_partition": "all"},
     ]
+
+
+def test_lineage_and_catalog_rows_record_one_code_version(db):
+    import gampen_assets.lineage as lineage
+    import gampen_ml.catalog as catalog
+    from gampen_ml.version import code_version
+
+    assert lineage.code_version is catalog.code_version is code_version
+    record_materialization(
+        build_asset_context(),
+        asset="posterior_catalog",
+        partition=SIM_TEST,
+        data_version="dv",
+        upstream=[],
+        input_paths=[],
+        row_count=1,
+        started_at=datetime(2024, 5, 1, 12, 0, tzinfo=UTC),
+    )
+    (row,) = query(db, "SELECT code_version FROM lineage")
+    assert row["code_version"] == code_version()
+    assert re.fullmatch(r"\d+\.\d+\.\d+(\+g[0-9a-f]{4,40})?", row["code_version"])
 
 
 def test_large_inputs_get_a_stat_fingerprint(tmp_path, monkeypatch):

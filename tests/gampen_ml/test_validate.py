@@ -9,8 +9,9 @@ import polars as pl
 import pytest
 from scipy import stats
 
-from gampen_ml.config import AB_ZEROPOINT_NJY, CREDIBLE_LEVELS, PARAMETERS, FlagConfig
+from gampen_ml.config import CREDIBLE_LEVELS, PARAMETERS, FlagConfig
 from gampen_ml.flags import compute_flags
+from gampen_ml.metrics import AB_MAG_1_NJY
 from gampen_ml.validate import PAPER_REFERENCE, validation_metrics, validation_report
 
 N = 20_000
@@ -50,7 +51,7 @@ def known_catalog(seed: int = 0, *, truths: bool = True):
             cols[f"{p}_hpd{tag}_hi"] = mode + z * sigma[p]
         cols[f"{p}_true"] = true[p] if truths else [None] * N
     cols["component_true"] = np.where(single, "disk", "bulge+disk").tolist()
-    cols["magnitude_mode"] = AB_ZEROPOINT_NJY - 2.5 * np.log10(cols["flux_nJy_mode"])
+    cols["magnitude_mode"] = AB_MAG_1_NJY - 2.5 * np.log10(cols["flux_nJy_mode"])
     cols |= {"model_name": ["gampen"] * N, "model_version": ["3"] * N, "dropout_rate": [0.01] * N}
     schema = {f"{p}_true": pl.Float64 for p in PARAMETERS}
     return pl.DataFrame(cols, schema_overrides=schema), noise, sigma

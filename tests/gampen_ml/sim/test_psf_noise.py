@@ -60,7 +60,7 @@ def test_load_psf_folder_resamples_by_header_scale(tmp_path):
     fine = moffat.drawImage(nx=61, ny=61, scale=0.084, method="no_pixel").array
     coarse = moffat.drawImage(nx=31, ny=31, scale=0.168, method="no_pixel").array
     hdr = fits.Header()
-    hdr["CD1_1"] = -0.084 / 3600.0
+    hdr["CD1_1"], hdr["CD2_2"] = -0.084 / 3600.0, 0.084 / 3600.0
     _write(tmp_path / "a_fine.fits", fine, hdr)
     _write(tmp_path / "b_native.fits", coarse)
     cube, table = load_psf_folder(tmp_path, IMAGING)
