@@ -39,10 +39,18 @@ from gampen_assets.assets.prediction_assets import (
 )
 from gampen_assets.partitions import SIM_TEST, datasets
 from gampen_assets.resources import GampenSettings
-from gampen_ml.config import shard_keys
-from gampen_ml.io import partition_dir
 from gampen_ml.metrics import coverage_bounds, non_nested_intervals
 from gampen_ml.plots.common import PNG_MAGIC
+from gampen_ml.store import (
+    HISTORY_FILE,
+    LABELS_FILE,
+    MODEL_JSON_FILE,
+    PLOTS_INDEX_FILE,
+    SCALER_FILE,
+    STATE_DICT_FILE,
+    TRAINED_MODEL,
+    Calibration,
+)
 
 #: Measured FWHM of a pixelated Moffat may sit a little outside the drawn range.
 FWHM_MARGIN = 0.15
@@ -65,7 +73,7 @@ def psf_library_valid(settings: GampenSettings) -> AssetCheckResult:
     from gampen_ml.sim.psf import read_psf_library
 
     profile = settings.profile()
-    cube, table = read_psf_library(partition_dir(settings.root(), "psf_library"))
+    cube, table = read_psf_library(settings.store().psf_library())
     problems: list[str] = []
     if cube.ndim != 3 or cube.dtype != np.float32:
         problems.append(f"cube is {cube.dtype} {cube.shape}, want (n, s, s) float32")
@@ -102,7 +110,7 @@ def noise_pool_valid(settings: GampenSettings) -> AssetCheckResult:
     from gampen_ml.sim.noise import read_noise_pool
 
     profile = settings.profile()
-    pool = read_noise_pool(partition_dir(settings.root(), "noise_pool"))
+    pool = read_noise_pool(settings.store().noise_pool())
     pixels = np.asarray(pool.pixels, dtype=np.float64)
     problems: list[str] = []
     if pixels.size == 0 or not np.isfinite(pixels).all():
@@ -133,7 +141,7 @@ def check_shard(settings: GampenSettings, key: str) -> AssetCheckResult:
     from gampen_ml.sim.shards import LABEL_SCHEMA, open_shard
 
     profile = settings.profile()
-    images, labels = open_shard(partition_dir(settings.root(), "simulated_galaxies", key))
+    images, labels = open_shard(settings.store().shard(key))
     problems: list[str] = []
     wrong = {
         c: str(labels.schema.get(c))
@@ -192,13 +200,13 @@ def check_shard(settings: GampenSettings, key: str) -> AssetCheckResult:
 
 def check_model(settings: GampenSettings, key: str) -> AssetCheckResult:
     """The body of ``trained_model_valid`` for partition ``key``, callable without Dagster."""
-    folder = partition_dir(settings.root(), "trained_model", key)
+    folder = settings.store().partition(TRAINED_MODEL, key)
     problems = [
         f"missing {name}"
-        for name in ("state_dict.pt", "model.json", "label_scaler.json", "history.json")
+        for name in (STATE_DICT_FILE, MODEL_JSON_FILE, SCALER_FILE, HISTORY_FILE)
         if not (folder / name).is_file()
     ]
-    history = json.loads((folder / "history.json").read_text()) if not problems else []
+    history = json.loads((folder / HISTORY_FILE).read_text()) if not problems else []
     train = np.array([h["train_loss"] for h in history], dtype=np.float64)
     val = np.array([h["val_loss"] for h in history], dtype=np.float64)
     if not history:
@@ -227,20 +235,25 @@ def check_model(settings: GampenSettings, key: str) -> AssetCheckResult:
 )
 def calibration_valid(settings: GampenSettings) -> AssetCheckResult:
     profile = settings.profile()
-    folder = partition_dir(settings.root(), "calibrated_dropout_rate")
+    store = settings.store()
     problems: list[str] = []
-    missing = [f for f in ("calibration.json", "coverage.parquet") if not (folder / f).is_file()]
-    if missing:
-        return AssetCheckResult(passed=False, metadata=_failed([f"missing {missing}"]))
-    calibration = json.loads((folder / "calibration.json").read_text())
-    coverage = pl.read_parquet(folder / "coverage.parquet")["coverage"].to_numpy()
-    if float(calibration.get("chosen_dropout_rate", -1)) not in profile.calibration.dropout_rates:
-        problems.append(f"chosen rate {calibration.get('chosen_dropout_rate')} not in the grid")
+    try:
+        calibration = store.read_calibration()
+        table = store.read_coverage()
+    except (FileNotFoundError, ValueError) as exc:
+        return AssetCheckResult(passed=False, metadata=_failed([str(exc)]))
+    if table is None:
+        return AssetCheckResult(
+            passed=False, metadata=_failed([f"missing {store.coverage_file()}"])
+        )
+    coverage = table["coverage"].to_numpy()
+    if calibration.chosen_dropout_rate not in profile.calibration.dropout_rates:
+        problems.append(f"chosen rate {calibration.chosen_dropout_rate} not in the grid")
     if not (np.all(np.isfinite(coverage)) and np.all((coverage >= 0) & (coverage <= 1))):
         problems.append("coverage values not finite in [0, 1]")
-    recal = folder / "recalibration.json"
-    if calibration.get("recalibrated"):
-        scale = json.loads(recal.read_text())["scale"] if recal.is_file() else []
+    if calibration.recalibrated:
+        recal = calibration.recalibration
+        scale = list(recal.scale) if recal is not None else []
         if len(scale) != 3 or not all(math.isfinite(k) and k > 0 for k in scale):
             problems.append(f"recalibration factors {scale} are not 3 positive numbers")
     return AssetCheckResult(passed=not problems, metadata=_failed(problems))
@@ -255,14 +268,12 @@ def calibration_valid(settings: GampenSettings) -> AssetCheckResult:
 )
 def champion_coverage_within_tolerance(settings: GampenSettings) -> AssetCheckResult:
     profile = settings.profile()
-    folder = partition_dir(settings.root(), "calibrated_dropout_rate")
-    calibration = json.loads((folder / "calibration.json").read_text())
-    table = pl.read_parquet(folder / "coverage.parquet")
-    rate = float(calibration["chosen_dropout_rate"])
-    n = int(calibration["n_val_galaxies"])
+    store = settings.store()
+    calibration: Calibration = store.read_calibration()
+    table = pl.read_parquet(store.coverage_file())
+    rate, n = calibration.chosen_dropout_rate, calibration.n_val_galaxies
     final = table.filter(
-        (pl.col("dropout_rate") == rate)
-        & (pl.col("recalibrated") == bool(calibration["recalibrated"]))
+        (pl.col("dropout_rate") == rate) & (pl.col("recalibrated") == calibration.recalibrated)
     )
     tolerance = profile.calibration.coverage_tolerance
     rows, problems = [], []
@@ -297,23 +308,13 @@ def champion_coverage_within_tolerance(settings: GampenSettings) -> AssetCheckRe
 
 def _expected_rows(settings: GampenSettings, key: str) -> int:
     """Galaxies that went into a dataset: the test split, or the batch's accepted cutouts."""
-    profile = settings.profile()
-    root = settings.root()
+    store = settings.store()
     if key == SIM_TEST:
         return sum(
-            int(
-                (
-                    pl.read_parquet(
-                        partition_dir(root, "simulated_galaxies", s) / "labels.parquet",
-                        columns=["split"],
-                    )["split"]
-                    == "test"
-                ).sum()
-            )
-            for s in shard_keys(profile)
+            int((pl.read_parquet(shard / LABELS_FILE, columns=["split"])["split"] == "test").sum())
+            for shard in store.shards(settings.profile())
         )
-    manifest = root / "inbox_batches" / key / "_manifest.json"
-    return int(json.loads(manifest.read_text())["cutouts"])
+    return int(json.loads(store.batch_manifest(key).read_text())["cutouts"])
 
 
 def check_catalog(settings: GampenSettings, key: str) -> AssetCheckResult:
@@ -325,9 +326,7 @@ def check_catalog(settings: GampenSettings, key: str) -> AssetCheckResult:
         validate_catalog,
     )
 
-    df = pl.read_parquet(
-        partition_dir(settings.root(), "posterior_catalog", key) / "catalog.parquet"
-    )
+    df = pl.read_parquet(settings.store().catalog_file(key))
     problems: list[str] = []
     try:
         validate_catalog(df, source=f"posterior_catalog[{key}]")
@@ -367,12 +366,11 @@ def check_catalog(settings: GampenSettings, key: str) -> AssetCheckResult:
 
 def check_flags(settings: GampenSettings, key: str) -> AssetCheckResult:
     """The body of ``flags_consistent_with_catalog`` for partition ``key``, callable without Dagster."""
-    from gampen_ml.flags import FLAG_COLUMNS, OPTIONAL_FLAG_COLUMNS
-    from gampen_ml.stages import catalog_flags
+    from gampen_ml.flags import FLAG_COLUMNS, OPTIONAL_FLAG_COLUMNS, catalog_flags
 
-    root = settings.root()
-    catalog = pl.read_parquet(partition_dir(root, "posterior_catalog", key) / "catalog.parquet")
-    flags = pl.read_parquet(partition_dir(root, "qualitative_flags", key) / "flags.parquet")
+    store = settings.store()
+    catalog = pl.read_parquet(store.catalog_file(key))
+    flags = pl.read_parquet(store.flags_file(key))
     problems: list[str] = []
     if (
         flags.height != catalog.height
@@ -383,7 +381,7 @@ def check_flags(settings: GampenSettings, key: str) -> AssetCheckResult:
         )
     mismatches = {}
     if not problems:
-        expected = catalog_flags(catalog, settings.profile(), root)
+        expected = catalog_flags(catalog, settings.profile(), store)
         columns = [*FLAG_COLUMNS, *(c for c in OPTIONAL_FLAG_COLUMNS if c in expected.columns)]
         mismatches = {
             c: int((flags[c] != expected[c]).sum()) for c in columns if c in flags.columns
@@ -402,11 +400,11 @@ def check_flags(settings: GampenSettings, key: str) -> AssetCheckResult:
 
 def check_plots(settings: GampenSettings, key: str) -> AssetCheckResult:
     """The body of ``plots_written`` for partition ``key``, callable without Dagster."""
-    folder = partition_dir(settings.root(), "diagnostic_plots", key)
+    folder = settings.store().plots(key)
     pngs = sorted(folder.glob("*.png"))
     bad = [p.name for p in pngs if p.read_bytes()[:8] != PNG_MAGIC]
     problems = []
-    if not (folder / "index.md").is_file():
+    if not (folder / PLOTS_INDEX_FILE).is_file():
         problems.append("index.md missing")
     if not pngs:
         problems.append("no PNG figures")
@@ -494,9 +492,7 @@ def plots_written(
 def robustness_targets_met(settings: GampenSettings) -> AssetCheckResult:
     from gampen_ml.robustness import JSON_FILE
 
-    report = json.loads(
-        (partition_dir(settings.root(), "robustness_report") / JSON_FILE).read_text()
-    )
+    report = json.loads((settings.store().robustness_report() / JSON_FILE).read_text())
     misses = report["misses"]
     return AssetCheckResult(
         passed=not misses,

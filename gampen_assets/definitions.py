@@ -23,39 +23,40 @@ from gampen_assets.checks import ALL_CHECKS
 from gampen_assets.lineage import lineage_failure_sensor
 from gampen_assets.resources import GampenSettings
 from gampen_assets.schedules import reprocess_schedule
-from gampen_assets.sensors import inbox_sensor
+from gampen_assets.sensors import CATALOG_ASSETS, inbox_sensor
+from gampen_ml import store
 
 # A job holds one partitioning, so the pipeline is one job per partitioning; `make pipeline`
 # (gampen_assets.pipeline) runs them in order.
 inputs_job = define_asset_job(
     "inputs_job",
-    selection=AssetSelection.assets("psf_library", "noise_pool"),
+    selection=AssetSelection.assets(store.PSF_LIBRARY, store.NOISE_POOL),
     description="PSF library and sky-noise pool (unpartitioned).",
 )
 simulation_job = define_asset_job(
     "simulation_job",
-    selection=AssetSelection.assets("simulated_galaxies"),
+    selection=AssetSelection.assets(store.SIMULATED_GALAXIES),
     description="Simulate one shard per partition.",
 )
 training_job = define_asset_job(
     "training_job",
-    selection=AssetSelection.assets("trained_model"),
+    selection=AssetSelection.assets(store.TRAINED_MODEL),
     description="Train one GaMPEN per dropout-rate partition (pool gpu).",
 )
 calibration_job = define_asset_job(
     "calibration_job",
-    selection=AssetSelection.assets("calibrated_dropout_rate"),
+    selection=AssetSelection.assets(store.CALIBRATED_DROPOUT_RATE),
     description="Pick the dropout rate whose validation coverage is closest to nominal.",
 )
 catalog_job = define_asset_job(
     "catalog_job",
-    selection=AssetSelection.assets("posterior_catalog", "qualitative_flags", "diagnostic_plots"),
+    selection=AssetSelection.assets(*CATALOG_ASSETS),
     description="Posterior catalog, flags and plots of one dataset partition.",
 )
 
 transfer_job = define_asset_job(
     "transfer_job",
-    selection=AssetSelection.assets("labelled_set", "finetuned_model"),
+    selection=AssetSelection.assets(store.LABELLED_SET, store.FINETUNED_MODEL),
     description="A survey domain's labelled set, then the champion fine-tuned on it (one "
     "domains partition; not part of the pipeline).",
 )

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dagster import DynamicPartitionsDefinition
 
+from gampen_ml.store import SIM_TEST
+
+__all__ = ["SIM_TEST", "add_declared_domains", "datasets", "domains"]
+
 #: Datasets a posterior catalog is built for: ``sim-test`` and one key per inbox batch.
 datasets = DynamicPartitionsDefinition(name="datasets")
-
-#: Dataset key of the simulated test split.
-SIM_TEST = "sim-test"
 
 #: Survey domains a labelled set and a fine-tuned model are made for, one key per declared
 #: ``<dagster_home>/domains/<name>.toml`` (the key is the file's domain name). Dynamic, so

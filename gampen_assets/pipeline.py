@@ -38,7 +38,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gampen_assets.partitions import SIM_TEST, datasets
-from gampen_ml.config import dropout_key, get_profile, shard_keys
+from gampen_ml import store
+from gampen_ml.config import PROFILE_ENV_VAR, ConfigError, dropout_key, get_profile, shard_keys
+from gampen_ml.settings import instance_home
 
 MODULE = "gampen_assets.definitions"
 #: Run each step inside the run's process: the multiprocess executor would start a fresh
@@ -49,13 +51,12 @@ LAUNCHERS = ("inprocess", "dg")
 
 
 def _dagster_home() -> Path:
-    home = os.environ.get("DAGSTER_HOME")
-    if not home or not Path(home).is_absolute():
-        raise SystemExit(
-            "DAGSTER_HOME must be set to an absolute path, e.g. export DAGSTER_HOME=$(pwd)/dagster_home"
-        )
-    Path(home).mkdir(parents=True, exist_ok=True)
-    return Path(home)
+    try:
+        home = instance_home()
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from exc
+    home.mkdir(parents=True, exist_ok=True)
+    return home
 
 
 def dg_launch_command(select: Sequence[str], partition: str | None = None) -> list[str]:
@@ -148,25 +149,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _dagster_home()
     profile = get_profile(args.profile)
-    os.environ["GAMPEN_PROFILE"] = profile.name
+    os.environ[PROFILE_ENV_VAR] = profile.name
     todo = STAGES[STAGES.index(args.from_stage) :]
     timings: dict[str, float] = {}
     start = time.perf_counter()
     run = functools.partial(materialize, launcher=args.launcher)
     if "inputs" in todo:
-        timings["inputs"] = run(["psf_library", "noise_pool"])
+        timings["inputs"] = run([store.PSF_LIBRARY, store.NOISE_POOL])
     if "simulate" in todo:
-        timings["simulate"] = sum(run(["simulated_galaxies"], key) for key in shard_keys(profile))
+        timings["simulate"] = sum(
+            run([store.SIMULATED_GALAXIES], key) for key in shard_keys(profile)
+        )
     if "train" in todo:
         timings["train"] = sum(
-            run(["trained_model"], dropout_key(rate)) for rate in profile.calibration.dropout_rates
+            run([store.TRAINED_MODEL], dropout_key(rate))
+            for rate in profile.calibration.dropout_rates
         )
     if "calibrate" in todo:
-        timings["calibrate"] = run(["calibrated_dropout_rate"])
+        timings["calibrate"] = run([store.CALIBRATED_DROPOUT_RATE])
     if "catalog" in todo:
         register_dataset(SIM_TEST)
         timings["catalog"] = run(
-            ["posterior_catalog", "qualitative_flags", "diagnostic_plots"], SIM_TEST
+            [store.POSTERIOR_CATALOG, store.QUALITATIVE_FLAGS, store.DIAGNOSTIC_PLOTS], SIM_TEST
         )
     total = time.perf_counter() - start
     print(f"profile {profile.name}: pipeline finished in {total / 60:.1f} min")

@@ -1,7 +1,8 @@
 """The one resource every GaMPEN asset uses: which profile, where the data lives, which device.
 
 ``GampenSettings`` carries no state; it resolves names to things (a :class:`Profile`, a
-storage root, an MLflow tracking URI, a torch device string) through
+:class:`~gampen_ml.store.Store` over the storage root, an MLflow tracking URI, a torch
+device string) through
 :class:`gampen_ml.settings.Settings`, the one reader of the storage environment, so a run,
 the CLI and lineage agree on every path. Static partitions (shards,
 dropout rates) are fixed when the definitions load, from :func:`load_time_profile`; an
@@ -23,6 +24,7 @@ from gampen_ml.config import (
     get_profile,
 )
 from gampen_ml.settings import Settings
+from gampen_ml.store import Store
 
 
 def load_time_profile() -> Profile:
@@ -82,6 +84,11 @@ class GampenSettings(ConfigurableResource):
             database=self.database,
             mlflow_tracking_uri=self.mlflow_tracking_uri,
         )
+
+    def store(self) -> Store:
+        """The storage layout under the resolved root (:meth:`Settings.store`), as the CLI
+        builds it from the same settings."""
+        return self.settings().store()
 
     def root(self) -> Path:
         """Absolute storage root."""

@@ -31,13 +31,14 @@ from dagster import (
 from gampen_assets.lineage import database_path, input_fingerprint
 from gampen_assets.partitions import datasets
 from gampen_assets.sensors import CATALOG_ASSETS
+from gampen_ml import store
 from gampen_ml.database import query
 
 REPROCESS_CRON_ENV_VAR = "GAMPEN_REPROCESS_CRON"
 DEFAULT_REPROCESS_CRON = "0 3 * * *"
 #: Asset whose lineage rows carry the champion model version.
-CHAMPION_ASSET = "calibrated_dropout_rate"
-CATALOG_ASSET = "posterior_catalog"
+CHAMPION_ASSET = store.CALIBRATED_DROPOUT_RATE
+CATALOG_ASSET = store.POSTERIOR_CATALOG
 
 _CHAMPION_SQL = """
 SELECT model_version FROM lineage

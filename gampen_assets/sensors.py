@@ -29,6 +29,7 @@ from dagster import (
 )
 
 from gampen_assets.partitions import SIM_TEST, datasets
+from gampen_ml import store
 from gampen_ml.fits_input import display_name
 from gampen_ml.inbox import (
     MANIFEST,
@@ -55,7 +56,7 @@ __all__ = [
 ]
 
 #: Assets materialized for a new dataset partition (also used by the reprocess schedule).
-CATALOG_ASSETS = ("posterior_catalog", "qualitative_flags", "diagnostic_plots")
+CATALOG_ASSETS = (store.POSTERIOR_CATALOG, store.QUALITATIVE_FLAGS, store.DIAGNOSTIC_PLOTS)
 
 
 def _catalog_run(key: str, inbox_name: str | None = None, domain: str | None = None) -> RunRequest:
@@ -98,7 +99,7 @@ def inbox_sensor(context: SensorEvaluationContext) -> SensorResult:
     # Sensors run in the daemon, outside any run: the daemon's environment decides.
     settings = Settings.resolve()
     inbox = settings.inbox
-    stored = _folder_names(settings.storage_root / STORED_BATCHES)
+    stored = set(settings.store().partition_keys(STORED_BATCHES))
     claimed = set(claimed_keys(inbox))
     # Quarantine folders too: an all-bad batch is never stored, and a later batch of the
     # same name must not overwrite its quarantined files.

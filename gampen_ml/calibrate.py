@@ -1,5 +1,12 @@
 """Dropout-rate calibration and post-hoc spread recalibration (paper §5).
 
+(Over 600 lines: one chain read top to bottom -- coverage, the recalibration model, each
+of its fits, and the loop that applies them to every dropout rate on validation.)
+
+- :func:`choose_dropout_rate` — the platform's calibration: MC-dropout samples of every
+  dropout model on the validation split (in memory), raw coverage, the recalibration of
+  each (:func:`recalibrate_on_validation`: mean shift -> width profile -> exact
+  scaled-space fit -> physical search), and the choice.
 - :func:`coverage_table` — HPD coverage per parameter and credible level for one model
   on one split (the calibration table of ``docs/catalog.md``).
 - :func:`select_dropout_rate` — the rate whose coverage is closest to nominal, i.e. the
@@ -16,7 +23,7 @@
 - :func:`search_physical_recalibration` — the same two numbers per parameter, chosen on the
   coverage of the *physical* HPD intervals the catalog reports (a grid search, started
   from the scaled-space fit). The pipeline keeps this result
-  (``gampen_ml.stages.calibrate_dropout_rates``).
+  (:func:`recalibrate_on_validation`).
 - :func:`fit_mean_shift` — a network trained on few galaxies is *biased* where the data
   constrain it least (small galaxies predicted too large, faint ones too bright): no spread
   factor fixes a bias. The median offset ``mean - truth`` of the validation galaxies in
@@ -38,19 +45,32 @@
 - ``groups``: optional masks of validation galaxies (e.g. bins of true size and magnitude)
   whose 68.27 % coverage errors are added to the fit objective, so that the fit does not
   buy the average with some kinds of galaxies.
+- :class:`LabelNoise` — errors in variables: when the validation "truths" are a labeller's
+  labels with a measured error distribution, every step above compares the labels to the
+  posterior *convolved with the label errors* (each draw gets a drawn error row), so the fit
+  describes the truth; the result is applied to the plain posterior. The error floor then
+  comes from the physical search (:func:`search_physical_with_floors`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 
-from gampen_ml.config import CREDIBLE_LEVELS, PARAMETERS
+from gampen_ml.config import CREDIBLE_LEVELS, PARAMETERS, Profile, derive_seed, dropout_key
 from gampen_ml.metrics import in_interval, level_tag
-from gampen_ml.posterior import PosteriorError, hpd_intervals
+from gampen_ml.posterior import PosteriorError, hpd_intervals, summarize
+from gampen_ml.store import CALIBRATED_DROPOUT_RATE
+
+if TYPE_CHECKING:
+    from gampen_ml.data.transforms import LabelScaler
 
 #: Levels the recalibration is fit over: the three catalog levels plus a fine grid.
 RECALIBRATION_LEVELS: tuple[float, ...] = tuple(
@@ -509,7 +529,10 @@ def calibration_groups(truths: pl.DataFrame) -> list[np.ndarray]:
 
 
 def fit_mean_shift(
-    samples_scaled: np.ndarray, truth_scaled: np.ndarray, n_bins: int = MEAN_SHIFT_BINS
+    samples_scaled: np.ndarray,
+    truth_scaled: np.ndarray,
+    n_bins: int = MEAN_SHIFT_BINS,
+    driver: np.ndarray | None = None,
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Median offset ``mean - truth`` in quantile bins of the predicted mean (validation only).
 
@@ -521,6 +544,10 @@ def fit_mean_shift(
         The true values in the same space.
     n_bins : int
         Quantile bins of the predicted mean (each knot is the median mean of its bin).
+    driver : (N,) array_like, optional
+        The predicted means whose quantile bins are used (default: the means of
+        ``samples_scaled``); given when ``samples_scaled`` are the posterior convolved with
+        the label errors (:class:`LabelNoise`) while the shift applies to the plain one.
 
     Returns
     -------
@@ -530,7 +557,8 @@ def fit_mean_shift(
     x = np.asarray(samples_scaled, dtype=np.float64)
     truth = np.asarray(truth_scaled, dtype=np.float64)
     mean = x.mean(axis=1)
-    return _binned_profile(mean, lambda b: np.median(mean[b] - truth[b]), n_bins)
+    knots = mean if driver is None else np.asarray(driver, dtype=np.float64)
+    return _binned_profile(knots, lambda b: np.median(mean[b] - truth[b]), n_bins)
 
 
 def _binned_profile(
@@ -789,3 +817,386 @@ def fit_recalibration(
         error_after=tuple(after),
         levels=tuple(float(v) for v in levels),
     )
+
+
+def search_physical_with_floors(
+    samples_scaled: np.ndarray,
+    truth: np.ndarray,
+    to_physical: Callable[[np.ndarray], np.ndarray],
+    levels: Sequence[float] = CREDIBLE_LEVELS,
+    candidates: Iterable[tuple[float, float]] = (),
+    *,
+    floors: Sequence[float] = tuple(FLOOR_GRID),
+    groups: Sequence[np.ndarray] = (),
+) -> tuple[float, float, float, float]:
+    """:func:`search_physical_recalibration` at each error floor of ``floors``; the best one.
+
+    Used when the error floor cannot come from :func:`fit_recalibration`'s exact
+    scaled-space search: when ``to_physical`` convolves the posterior with the label errors
+    (:class:`LabelNoise`), the stretched intervals are no longer a closed-form function of
+    the spread factor. Returns ``(exponent, scale, floor, objective)``; ties go to the
+    smaller floor.
+    """
+    best: tuple[float, float, float, float] | None = None
+    for floor in sorted(float(f) for f in floors):
+        g, k, value = search_physical_recalibration(
+            samples_scaled, truth, to_physical, levels, candidates, floor=floor, groups=groups
+        )
+        if best is None or value < best[3] - 1e-12:
+            best = (g, k, floor, value)
+    if best is None:
+        raise CalibrationError("search_physical_with_floors: no floor to search")
+    return best
+
+
+#: Columns of a label-error table, per parameter: B/T absolute (label - truth), Re and flux
+#: relative (label / truth - 1) (``gampen_ml.labelled.LABEL_ERRORS_FILE``).
+LABEL_ERROR_COLUMNS: dict[str, str] = {
+    "bt": "bt_error",
+    "re_arcsec": "re_rel_error",
+    "flux_nJy": "flux_rel_error",
+}
+
+
+@dataclass(frozen=True)
+class LabelNoise:
+    """A labeller's measured errors, to convolve posterior samples with before comparing to labels.
+
+    A network fine-tuned on a fitter's labels is recalibrated against those labels, which
+    carry the fitter's error; a posterior whose intervals cover the *labels* at nominal
+    covers the *truth* too often. When the labeller's errors are known (measured by
+    injection-recovery: :func:`gampen_ml.labelled.label_errors_table`), each posterior draw
+    gets one error row drawn at random before being compared to a label: the labels are then
+    treated as what they are, truth plus the labeller's error, and the recalibration fit to
+    them describes the truth (errors in variables). Rows are drawn whole, so the errors keep
+    their correlation and heavy tails; the draw is a fixed function of ``seed`` and the
+    samples' shape, so every candidate of a fit sees the same noise.
+
+    Attributes
+    ----------
+    errors : (R, 3) ndarray
+        float64 rows ``[bt_error, re_rel_error, flux_rel_error]``: B/T absolute, Re and flux
+        relative (:data:`LABEL_ERROR_COLUMNS`).
+    seed : int
+        Seeds the row draws.
+    """
+
+    errors: np.ndarray
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        errors = np.asarray(self.errors, dtype=np.float64)
+        if errors.ndim != 2 or errors.shape[1] != len(PARAMETERS) or len(errors) == 0:
+            raise CalibrationError(f"LabelNoise: errors must be (R >= 1, 3), got {errors.shape}")
+        if not np.isfinite(errors).all():
+            raise CalibrationError("LabelNoise: errors must be finite")
+        if (errors[:, 1:] <= -1).any():
+            raise CalibrationError("LabelNoise: relative errors of Re and flux must be > -1")
+        object.__setattr__(self, "errors", errors)
+
+    def rows(self, shape: tuple[int, int]) -> np.ndarray:
+        """``(N, T)`` int64 indices of the error row each posterior draw gets."""
+        return np.random.default_rng(self.seed).integers(len(self.errors), size=shape)
+
+    def add(self, physical: np.ndarray, index: int) -> np.ndarray:
+        """One parameter's ``(N, T)`` physical samples, each with its drawn label error; float64.
+
+        ``index`` into :data:`~gampen_ml.config.PARAMETERS`: B/T gets its absolute error
+        added and is clipped to [0, 1]; Re and flux are multiplied by ``1 + error``. Every
+        parameter uses the same row draws (:meth:`rows`), so the errors stay joint.
+        """
+        x = np.asarray(physical, dtype=np.float64)
+        if x.ndim != 2:
+            raise CalibrationError(f"LabelNoise.add: samples must be (N, T), got {x.shape}")
+        error = self.errors[self.rows(x.shape), index]
+        if index == 0:
+            return np.clip(x + error, 0.0, 1.0)
+        return x * (1.0 + error)
+
+    def add_all(self, physical: np.ndarray) -> np.ndarray:
+        """``(N, T, 3)`` physical samples with a drawn label-error row each; float64."""
+        x = np.asarray(physical, dtype=np.float64)
+        if x.ndim != 3 or x.shape[2] != len(PARAMETERS):
+            raise CalibrationError(f"LabelNoise.add_all: samples must be (N, T, 3), got {x.shape}")
+        return np.stack([self.add(x[:, :, j], j) for j in range(x.shape[2])], axis=2)
+
+    def noised_scaled(self, samples_scaled: np.ndarray, scaler) -> np.ndarray:
+        """``(N, T, 3)`` scaled samples convolved with the label errors, back in the scaled space.
+
+        ``scaler`` is the model's :class:`~gampen_ml.data.transforms.LabelScaler`: the errors
+        are physical, so the samples go out (``inverse``), get their errors (:meth:`add_all`)
+        and come back (``transform``); float32.
+        """
+        with np.errstate(over="ignore"):  # exp of far-out B/T logits: 0 or 1, as meant
+            return scaler.transform(self.add_all(scaler.inverse(samples_scaled)))
+
+    def physical(self, scaler, index: int) -> Callable[[np.ndarray], np.ndarray]:
+        """``to_physical`` of :func:`search_physical_recalibration`: inverse-scale, add errors."""
+
+        def to_physical(x: np.ndarray) -> np.ndarray:
+            with np.errstate(over="ignore"):  # exp of far-out B/T logits: 0 or 1, as meant
+                return self.add(scaler.inverse_parameter(x, index), index)
+
+        return to_physical
+
+
+# --- the platform's calibration: every dropout rate on the validation split (paper §5) ---
+
+
+@dataclass
+class CalibrationResult:
+    """Outcome of :func:`choose_dropout_rate`.
+
+    Attributes
+    ----------
+    chosen_rate : float
+        The dropout rate chosen (closest to nominal, or the sharpest within tolerance).
+    coverage : pl.DataFrame
+        Coverage table (``docs/catalog.md``): every rate raw, then every rate recalibrated
+        when recalibrations were fit.
+    recalibration : Recalibration or None
+        The chosen rate's recalibration fit on validation (``profile.calibration.recalibrate``).
+    n_galaxies : int
+        Validation galaxies.
+    """
+
+    chosen_rate: float
+    coverage: pl.DataFrame
+    recalibration: Recalibration | None
+    n_galaxies: int
+
+
+def choose_dropout_rate(
+    profile: Profile,
+    model_dirs: Mapping[float, Path],
+    images,
+    meta: pl.DataFrame,
+    truths: pl.DataFrame,
+    *,
+    device: str | None = None,
+    log: Callable[[str], None] = lambda line: None,
+) -> CalibrationResult:
+    """Coverage of every dropout model on validation galaxies; recalibrate; choose (paper §5).
+
+    Per rate: MC-dropout samples of the validation ``images`` (seeded per rate), their raw
+    coverage (:func:`coverage_table`), then with ``profile.calibration.recalibrate`` its
+    recalibration (:func:`recalibrate_on_validation`) on the same samples, kept in memory
+    as the float16 values ``samples.npy`` would hold. The choice
+    (:func:`select_dropout_rate`) is the sharpest rate within the coverage tolerance:
+    coverage alone would prefer a model that never converged but whose wide posteriors
+    cover the truth.
+
+    Parameters
+    ----------
+    model_dirs : mapping rate -> Path
+        ``trained_model`` folder of each candidate rate.
+    images : (N, S, S) sliceable
+        Validation images (e.g. :class:`gampen_ml.data.datasets.SplitImages`).
+    meta, truths : pl.DataFrame
+        ``N`` rows: ``galaxy_id`` (+ ``psf_id``) and the true labels.
+    """
+    from gampen_ml.catalog import catalog_from_images
+    from gampen_ml.train import load_trained_model
+
+    inference = profile.inference
+    levels = profile.calibration.levels
+    n_samples = inference.n_passes_calibration * inference.draws_per_pass
+    raw_tables, recalibrated_tables = [], []
+    recalibrations: dict[float, Recalibration | None] = {}
+    sharpness: dict[float, float] = {}
+    for rate, model_dir in model_dirs.items():
+        model, scaler, _ = load_trained_model(model_dir, device)
+        buffer = np.empty((len(images), n_samples, len(PARAMETERS)), dtype=np.float16)
+        catalog = catalog_from_images(
+            model,
+            scaler,
+            images,
+            meta,
+            n_passes=inference.n_passes_calibration,
+            draws_per_pass=inference.draws_per_pass,
+            seed=derive_seed(profile.seed, CALIBRATED_DROPOUT_RATE, dropout_key(rate)),
+            samples_out=buffer,
+            truths=truths,
+            dataset="sim-val",
+            dropout_rate=rate,
+            galaxies_per_batch=inference.galaxies_per_batch,
+            flags=profile.flags,
+            device=device,
+        )
+        table = coverage_table(catalog, None, levels, dropout_rate=rate, split="val")
+        raw_tables.append(table)
+        log(
+            f"dropout {rate:g}: val coverage "
+            + ", ".join(
+                f"{r['parameter']}@{r['level']:.4f}={r['coverage']:.3f}"
+                for r in table.iter_rows(named=True)
+            )
+        )
+        samples = np.asarray(buffer, dtype=np.float32)
+        recalibrations[rate] = None
+        if profile.calibration.recalibrate:
+            recalibration, recalibrated = recalibrate_on_validation(
+                samples, scaler, truths, table, levels, rate, log,
+                spread_drivers=profile.calibration.spread_drivers,
+            )  # fmt: skip
+            recalibrations[rate] = recalibration
+            recalibrated_tables.append(recalibrated)
+            samples = recalibration.apply(samples)
+        # Sharpness: mean posterior standard deviation in the standardized label space.
+        sharpness[rate] = float(samples.std(axis=1).mean())
+    tables = raw_tables + recalibrated_tables
+    chosen = select_dropout_rate(
+        tables,
+        recalibrated=profile.calibration.recalibrate,
+        sharpness=sharpness,
+        tolerance=profile.calibration.coverage_tolerance,
+    )
+    log(
+        "mean posterior std (scaled units): "
+        + ", ".join(f"dropout {r:g}: {v:.3f}" for r, v in sharpness.items())
+        + f"; chosen dropout {chosen:g}"
+    )
+    recalibration = recalibrations[chosen]
+    if recalibration is not None:
+        log(f"recalibration scales {recalibration.scale}, exponents {recalibration.exponent}")
+    return CalibrationResult(chosen, pl.concat(tables), recalibration, len(images))
+
+
+def recalibrate_on_validation(
+    samples: np.ndarray,
+    scaler: LabelScaler,
+    truths: pl.DataFrame,
+    raw: pl.DataFrame,
+    levels: Sequence[float],
+    rate: float,
+    log: Callable[[str], None],
+    spread_drivers: Sequence[str] | None = None,
+    label_noise: LabelNoise | None = None,
+) -> tuple[Recalibration, pl.DataFrame]:
+    """Fit one model's recalibration on validation; return it and the coverage it gives.
+
+    First the mean shift (:func:`gampen_ml.calibrate.fit_mean_shift`: the validation bias
+    as a function of the predicted mean), with ``spread_drivers`` (parameter names, one per
+    parameter) a relative width profile over the predicted mean of the named parameter
+    (:func:`gampen_ml.calibrate.fit_spread_profile`), then, per parameter, the exact scaled-space fit of
+    tail exponent, spread factor and error floor (:func:`gampen_ml.calibrate.fit_recalibration`,
+    judged also on the 68.27 % coverage in bins of true size and magnitude,
+    :func:`gampen_ml.calibrate.calibration_groups`) is the starting candidate of a search on
+    the *physical* coverage at ``levels``
+    (:func:`gampen_ml.calibrate.search_physical_recalibration`): the catalog reports
+    physical HPD intervals, which are not the image of the scaled ones (B/T: point masses
+    at exactly 0 and 1; Re, flux: the Jacobian of the log). ``error_before`` /
+    ``error_after`` are the mean ``|coverage - level|`` over ``levels`` of the physical
+    validation coverage, raw and recalibrated.
+
+    With ``label_noise`` (``truths`` are a labeller's labels whose errors were measured,
+    :class:`gampen_ml.calibrate.LabelNoise`), every step compares the labels to the
+    posterior convolved with the label errors (the mean shift with each galaxy's median
+    convolved sample as its centre), and the error floor is searched with the
+    physical fit (:func:`gampen_ml.calibrate.search_physical_with_floors`); the
+    recalibration returned applies to the plain posterior, and the coverage returned is that
+    of the labels by the convolved recalibrated posterior (an estimate of the truth's
+    coverage). ``raw`` should then be measured the same way.
+    """
+    truths_scaled = scaler.transform(truths.select(PARAMETERS).to_numpy().astype(np.float64))
+
+    def compared(x: np.ndarray) -> np.ndarray:
+        """What is compared to the labels: the samples, convolved with any label noise."""
+        return x if label_noise is None else label_noise.noised_scaled(x, scaler)
+
+    if label_noise is None:
+        shifts = [
+            fit_mean_shift(samples[:, :, j], truths_scaled[:, j]) for j in range(len(PARAMETERS))
+        ]
+    else:
+        # Each galaxy's centre is the median of its convolved samples, as a (N, 1) "sample":
+        # B/T errors clipped at 0 and 1 become far-out logits that would drag a mean.
+        noised = compared(samples)
+        shifts = [
+            fit_mean_shift(
+                np.median(noised[:, :, j], axis=1, keepdims=True),
+                truths_scaled[:, j],
+                driver=samples[:, :, j].mean(axis=1),
+            )
+            for j in range(len(PARAMETERS))
+        ]
+    knots, values = tuple(k for k, _ in shifts), tuple(v for _, v in shifts)
+    shifted = shift_means(samples, knots, values)
+    spread_knots, spread_values = ((), (), ()), ((), (), ())
+    drivers = tuple(PARAMETERS.index(p) for p in spread_drivers or PARAMETERS)
+    if spread_drivers:
+        means = shifted.mean(axis=1)
+        noised = compared(shifted)
+        profiles = [
+            fit_spread_profile(noised[:, :, j], truths_scaled[:, j], driver=means[:, drivers[j]])
+            for j in range(len(PARAMETERS))
+        ]
+        spread_knots = tuple(k for k, _ in profiles)
+        spread_values = tuple(v for _, v in profiles)
+        shifted = stretch_by_mean(shifted, spread_knots, spread_values, drivers)
+    groups = calibration_groups(truths)
+    scaled_fit = fit_recalibration(
+        shifted, truths_scaled, RECALIBRATION_LEVELS, floors=FLOOR_GRID, groups=groups
+    )
+    scale, exponent, floor = [], [], []
+    for j, p in enumerate(PARAMETERS):
+        if label_noise is None:
+            g, k, _ = search_physical_recalibration(
+                shifted[:, :, j],
+                truths[p].to_numpy(),
+                functools.partial(scaler.inverse_parameter, index=j),
+                levels,
+                candidates=[(scaled_fit.exponent[j], scaled_fit.scale[j])],
+                floor=scaled_fit.floor[j],
+                groups=groups,
+            )
+            f = scaled_fit.floor[j]
+        else:
+            g, k, f, _ = search_physical_with_floors(
+                shifted[:, :, j],
+                truths[p].to_numpy(),
+                label_noise.physical(scaler, j),
+                levels,
+                candidates=[(scaled_fit.exponent[j], scaled_fit.scale[j])],
+                floors=FLOOR_GRID,
+                groups=groups,
+            )
+        exponent.append(g)
+        scale.append(k)
+        floor.append(f)
+        log(
+            f"dropout {rate:g}: {p} mean shift up to {max(map(abs, values[j])):.3f}, "
+            f"scaled-space fit (exponent {scaled_fit.exponent[j]:g}, scale "
+            f"{scaled_fit.scale[j]:.3f}, floor {scaled_fit.floor[j]:g}) -> physical search"
+            f"{' with label noise' if label_noise is not None else ''}: "
+            f"exponent {g:g}, scale {k:.3f}, floor {f:g}"
+        )
+    recalibration = Recalibration(
+        scale=tuple(scale),
+        exponent=tuple(exponent),
+        floor=tuple(floor),
+        shift_knots=knots,
+        shift_values=values,
+        spread_knots=spread_knots,
+        spread_values=spread_values,
+        spread_drivers=drivers,
+        error_before=tuple(_coverage_error(raw, p) for p in PARAMETERS),
+        levels=tuple(float(v) for v in levels),
+    )
+    physical = scaler.inverse(recalibration.apply(samples))
+    if label_noise is not None:
+        physical = label_noise.add_all(physical)
+    recalibrated = coverage_table(
+        summarize(physical), truths, levels, dropout_rate=rate, split="val", recalibrated=True
+    )
+    recalibration = dataclasses.replace(
+        recalibration,
+        error_after=tuple(_coverage_error(recalibrated, p) for p in PARAMETERS),
+    )
+    return recalibration, recalibrated
+
+
+def _coverage_error(table: pl.DataFrame, parameter: str) -> float:
+    """Mean ``|coverage - level|`` of one parameter in a coverage table."""
+    rows = table.filter(pl.col("parameter") == parameter)
+    return float((rows["coverage"] - rows["level"]).abs().mean())

@@ -39,11 +39,9 @@ from gampen_ml.infer import mc_dropout_samples, predict_physical
 from gampen_ml.io import StorageError, atomic_file
 from gampen_ml.metrics import AB_MAG_1_NJY, ab_magnitude, level_tag
 from gampen_ml.posterior import summarize
+from gampen_ml.store import CATALOG_FILE, SAMPLE_TABLE_FILE, SAMPLES_FILE
 from gampen_ml.version import code_version
 
-CATALOG_FILE = "catalog.parquet"
-SAMPLES_FILE = "samples.npy"
-SAMPLE_TABLE_FILE = "samples.parquet"
 #: ``samples.parquet``: one row per galaxy (catalog order), its posterior samples in
 #: physical units (B/T, arcsec, nJy) after any recalibration, as float32 lists.
 SAMPLE_TABLE_SCHEMA = pa.schema(
@@ -445,6 +443,7 @@ def catalog_from_images(
     draws_per_pass: int = 1,
     flags: FlagConfig | None = None,
     domain: str | None = None,
+    samples_out: np.ndarray | None = None,
 ) -> pl.DataFrame:
     """Stream images through MC dropout into a posterior catalog.
 
@@ -486,6 +485,9 @@ def catalog_from_images(
         (:func:`gampen_ml.flags.bt_class_probabilities`); default ``FlagConfig()``.
     domain : str, optional
         Survey domain of the images (the catalog's ``domain`` column).
+    samples_out : (N, T*K, 3) float16 array, optional
+        Receives the samples that ``store_samples`` writes to ``samples.npy`` (same values,
+        in memory; not with ``store_samples``).
 
     Returns
     -------
@@ -500,13 +502,22 @@ def catalog_from_images(
     sample_store = None
     if (store_samples or sample_table) and out_dir is None:
         raise CatalogSchemaError("catalog_from_images: store_samples / sample_table need out_dir")
+    n_samples = n_passes * draws_per_pass
+    if samples_out is not None:
+        want = (n_galaxies, n_samples, len(PARAMETERS))
+        if store_samples or samples_out.shape != want or samples_out.dtype != np.float16:
+            raise CatalogSchemaError(
+                f"catalog_from_images: samples_out must be a {want} float16 array (got "
+                f"{samples_out.shape} {samples_out.dtype}) and excludes store_samples"
+            )
+        sample_store = samples_out
     if store_samples:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         sample_store = np.lib.format.open_memmap(
             Path(out_dir) / SAMPLES_FILE,
             mode="w+",
             dtype=np.float16,
-            shape=(n_galaxies, n_passes * draws_per_pass, len(PARAMETERS)),
+            shape=(n_galaxies, n_samples, len(PARAMETERS)),
         )
     parts = []
     with contextlib.ExitStack() as stack:
@@ -558,7 +569,7 @@ def catalog_from_images(
             )
             if progress is not None:
                 progress(start + len(physical), n_galaxies)
-    if sample_store is not None:
+    if store_samples:
         sample_store.flush()
         del sample_store
     summary = pl.concat(parts) if parts else summarize(np.zeros((0, 2, 3)))

@@ -1,5 +1,7 @@
 """The ``gampen`` command: every stage of the platform without Dagster.
 
+(Over 600 lines: one thin handler per subcommand plus the one argument parser they share.)
+
 Outputs go to the same storage layout the Dagster assets use (``--root``, default
 ``$GAMPEN_STORAGE`` or ``$DAGSTER_HOME/data``), so a stage run here can feed an asset
 and vice versa. Paths and URIs not given as flags come from
@@ -22,6 +24,7 @@ from gampen_ml.config import (
     shard_keys,
 )
 from gampen_ml.settings import Settings
+from gampen_ml.store import SIM_TEST, Store
 
 #: ``gampen export --format`` choices: the values of ``gampen_ml.export.ExportFormat``
 #: (spelled out so that ``--help`` does not import astropy).
@@ -35,6 +38,11 @@ def _settings(args: argparse.Namespace) -> Settings:
         database=getattr(args, "db", None),
         mlflow_tracking_uri=getattr(args, "tracking_uri", None),
     )
+
+
+def _store(args: argparse.Namespace) -> Store:
+    """The storage layout at ``--root`` (else the resolved root), as the assets build it."""
+    return _settings(args).store()
 
 
 def _tracking_uri(args: argparse.Namespace) -> str:
@@ -83,12 +91,12 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     from gampen_ml import stages
 
     profile = get_profile(args.profile)
-    root = Path(args.root)
+    store = _store(args)
     keys = args.shards.split(",") if args.shards else shard_keys(profile)
-    shards = stages.simulate_inputs(profile, root, keys, n_workers=args.workers, log=print)
+    shards = stages.simulate_inputs(profile, store, keys, n_workers=args.workers, log=print)
     for key, summary in tqdm(shards, total=len(keys), desc="shards", unit="shard", disable=None):
         tqdm.write(f"{key}: {summary}")
-    print(f"simulations of profile {profile.name} under {root}")
+    print(f"simulations of profile {profile.name} under {store.root}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -98,7 +106,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     result = stages.train_and_publish(
         profile,
         args.dropout,
-        Path(args.root),
+        _store(args),
         device=args.device,
         progress=True,
         log=print,
@@ -117,7 +125,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     profile = get_profile(args.profile)
     result = stages.calibrate_and_publish(
         profile,
-        Path(args.root),
+        _store(args),
         device=args.device,
         log=print,
         mlflow_tracking_uri=None if args.no_mlflow else _tracking_uri(args),
@@ -131,14 +139,16 @@ def cmd_catalog(args: argparse.Namespace) -> None:
     from gampen_ml.inbox import stored_batch_domain
 
     profile = get_profile(args.profile)
-    root = Path(args.root)
+    store = _store(args)
     domain = None
-    if args.dataset != stages.SIM_TEST:
-        domain = stored_batch_domain(root, args.dataset, _settings(args).domains)
-    model = stages.resolve_prediction_model(profile, root, domain=domain and domain.name, log=print)
+    if args.dataset != SIM_TEST:
+        domain = stored_batch_domain(store, args.dataset, _settings(args).domains)
+    model = stages.resolve_prediction_model(
+        profile, store, domain=domain and domain.name, log=print
+    )
     catalog = stages.catalog_and_publish(
         profile,
-        root,
+        store,
         args.dataset,
         device=args.device,
         progress=_Progress("MC dropout"),
@@ -162,7 +172,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
         domain = batch_domain(Path(args.path), domains) if Path(args.path).is_dir() else None
     model = stages.resolve_prediction_model(
         profile,
-        Path(args.root),
+        _store(args),
         args.model,
         tracking_uri=_tracking_uri(args),
         log=lambda line: print(f"warning: {line}", file=sys.stderr),
@@ -189,7 +199,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     if args.flags:
         from gampen_ml.io import atomic_file
 
-        flags = stages.catalog_flags(result.catalog, profile, Path(args.root), model)
+        flags = stages.catalog_flags(result.catalog, profile, _store(args), model)
         with atomic_file(args.flags) as tmp:
             flags.write_parquet(tmp)
         print(f"flags written to {args.flags} ({int(flags['unreliable'].sum())} unreliable)")
@@ -203,11 +213,11 @@ def cmd_model_export(args: argparse.Namespace) -> None:
         print(f"warning: {line}", file=sys.stderr)
 
     profile = get_profile(args.profile)
-    root = Path(args.root)
+    store = _store(args)
     model = stages.resolve_prediction_model(
-        profile, root, args.model, tracking_uri=_tracking_uri(args), log=warn
+        profile, store, args.model, tracking_uri=_tracking_uri(args), log=warn
     )
-    out = export_model(profile, root, model, Path(args.out), log=warn)
+    out = export_model(profile, store, model, Path(args.out), log=warn)
     state = "recalibrated" if model.calibrated else "NOT recalibrated"
     print(
         f"{model.model_name} v{model.model_version} ({state}) exported to {out} "
@@ -247,7 +257,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     from gampen_ml.export import export_partition
 
     result = export_partition(
-        Path(args.root),
+        _store(args),
         args.dataset,
         args.format,
         args.out,
@@ -261,26 +271,23 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
-    import polars as pl
 
     from gampen_ml.catalog import read_catalog
-    from gampen_ml.io import partition_dir
-    from gampen_ml.stages import catalog_flags
+    from gampen_ml.flags import catalog_flags
     from gampen_ml.validate import validation_report
 
     if args.robustness:
         _robustness(args)
         return
     profile = get_profile(args.profile)
-    root = Path(args.root)
-    catalog = read_catalog(partition_dir(root, "posterior_catalog", args.dataset))
-    coverage_file = partition_dir(root, "calibrated_dropout_rate") / "coverage.parquet"
+    store = _store(args)
+    catalog = read_catalog(store.catalog(args.dataset))
     md, js = validation_report(
         catalog,
-        catalog_flags(catalog, profile, root),
+        catalog_flags(catalog, profile, store),
         Path(args.out),
         profile_name=profile.name,
-        coverage_table=pl.read_parquet(coverage_file) if coverage_file.is_file() else None,
+        coverage_table=store.read_coverage(),
         flag_config=profile.flags,
     )
     print(md.read_text())
@@ -292,13 +299,13 @@ def _robustness(args: argparse.Namespace) -> None:
     from gampen_ml import robustness, stages
 
     profile = get_profile(args.profile)
-    root = Path(args.root)
+    store = _store(args)
     out = Path(args.out)
     model = stages.resolve_prediction_model(
-        profile, root, args.model, tracking_uri=_tracking_uri(args), log=print
+        profile, store, args.model, tracking_uri=_tracking_uri(args), log=print
     )
     stages.shift_suite(
-        profile, root, model, out, n_per_variation=args.n, seed=args.seed,
+        profile, store, model, out, n_per_variation=args.n, seed=args.seed,
         variations=args.variations.split(",") if args.variations else None,
         device=args.device, n_workers=args.workers or os.cpu_count() or 1,
         with_sim_test=True, log=print,
@@ -310,7 +317,6 @@ def _robustness(args: argparse.Namespace) -> None:
 
 def cmd_misspecification(args: argparse.Namespace) -> None:
     from gampen_ml import stages
-    from gampen_ml.io import partition_dir
     from gampen_ml.misspecification import (
         evaluate_misspecification,
         misspecification_report,
@@ -318,16 +324,16 @@ def cmd_misspecification(args: argparse.Namespace) -> None:
     )
 
     profile = get_profile(args.profile)
-    root = Path(args.root)
+    store = _store(args)
     if args.model and args.recalibration:
         model_dir, recalibration = Path(args.model), Path(args.recalibration)
     else:
         model = stages.resolve_prediction_model(
-            profile, root, args.model, tracking_uri=_tracking_uri(args), log=print
+            profile, store, args.model, tracking_uri=_tracking_uri(args), log=print
         )
         model_dir, recalibration = model.model_dir, model.recalibration
-    psf_dir = Path(args.psf_dir) if args.psf_dir else partition_dir(root, "psf_library")
-    noise_dir = Path(args.noise_dir) if args.noise_dir else partition_dir(root, "noise_pool")
+    psf_dir = Path(args.psf_dir) if args.psf_dir else store.psf_library()
+    noise_dir = Path(args.noise_dir) if args.noise_dir else store.noise_pool()
     out = Path(args.out)
     seed = derive_seed(profile.seed, "misspecification")
     table = evaluate_misspecification(
@@ -514,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = add("plots", cmd_plots, "diagnostic figures of a catalog (PNG + index.md)")
-    p.add_argument("catalog", help="catalog.parquet")
+    p.add_argument("catalog", help="a posterior catalog Parquet file")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--coverage", default=None, help="coverage.parquet of the calibration")
 

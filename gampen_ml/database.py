@@ -42,14 +42,16 @@ from pathlib import Path
 
 import duckdb
 
+from gampen_ml import store
+
 #: How long a connection waits for another process's lock before giving up (s).
 LOCK_TIMEOUT_S = 60.0
 #: Asset folder and file name of each Parquet-backed view.
 VIEW_SOURCES: dict[str, tuple[str, str]] = {
-    "posterior_catalog": ("posterior_catalog", "catalog.parquet"),
-    "posterior_samples": ("posterior_catalog", "samples.parquet"),
-    "flags": ("qualitative_flags", "flags.parquet"),
-    "simulations": ("simulated_galaxies", "labels.parquet"),
+    "posterior_catalog": (store.POSTERIOR_CATALOG, store.CATALOG_FILE),
+    "posterior_samples": (store.POSTERIOR_CATALOG, store.SAMPLE_TABLE_FILE),
+    "flags": (store.QUALITATIVE_FLAGS, store.FLAGS_FILE),
+    "simulations": (store.SIMULATED_GALAXIES, store.LABELS_FILE),
 }
 #: Typed empty stand-ins used while no Parquet file of a view exists yet.
 EMPTY_VIEW_COLUMNS: dict[str, str] = {

@@ -37,9 +37,10 @@ from astropy.io.votable import from_table
 from astropy.io.votable.tree import Info
 from astropy.table import Table
 
-from gampen_ml.catalog import CATALOG_COLUMN_INFO, CATALOG_FILE, validate_catalog
-from gampen_ml.flags import FLAGS_COLUMN_INFO, FLAGS_FILE
-from gampen_ml.io import atomic_file, file_sha256, folder_sha256, partition_dir
+from gampen_ml.catalog import CATALOG_COLUMN_INFO, validate_catalog
+from gampen_ml.flags import FLAGS_COLUMN_INFO
+from gampen_ml.io import atomic_file, file_sha256, folder_sha256
+from gampen_ml.store import POSTERIOR_CATALOG, Store
 
 
 class ExportFormat(enum.StrEnum):
@@ -151,7 +152,7 @@ def catalog_provenance(
     ExportError
         If a provenance column holds more than one value.
     """
-    provenance: dict[str, object] = {"ASSET": "posterior_catalog"}
+    provenance: dict[str, object] = {"ASSET": POSTERIOR_CATALOG}
     for column, key in _ROW_PROVENANCE.items():
         values = catalog[column].drop_nulls().unique(maintain_order=True).to_list()
         if len(values) > 1:
@@ -279,7 +280,7 @@ def _write_votable(table: Table, path: Path) -> None:
         info.content = PROVENANCE_KEYWORDS[key]
         resource.infos.append(info)
     vo_table = resource.tables[0]
-    vo_table.name = "posterior_catalog"
+    vo_table.name = POSTERIOR_CATALOG
     vo_table.description = (
         f"GaMPEN posterior catalog of dataset {table.meta.get('DATASET', '?')}: B/T, Re "
         "(arcsec) and flux (nJy) per galaxy; magnitudes are AB"
@@ -377,14 +378,11 @@ def export_partition(
         For a bad format, flags that do not match the catalog, or text FITS cannot hold.
     """
     fmt = parse_format(fmt)
-    folder = partition_dir(root, "posterior_catalog", dataset)
-    catalog_path = folder / CATALOG_FILE
+    store = Store.of(root)
+    folder = store.catalog(dataset)
+    catalog_path = store.catalog_file(dataset)
     if not catalog_path.is_file():
-        stored = sorted(
-            p.parent.name
-            for p in folder.parent.glob(f"*/{CATALOG_FILE}")
-            if not p.parent.name.startswith(".")
-        )
+        stored = list(store.catalog_files())
         raise FileNotFoundError(
             f"no posterior catalog for dataset {dataset!r}: {catalog_path} does not exist "
             f"(datasets with a catalog: {', '.join(stored) or 'none'})"
@@ -397,8 +395,8 @@ def export_partition(
     catalog = pl.read_parquet(catalog_path)
     flags = flags_version = None
     if with_flags:
-        flags_folder = partition_dir(root, "qualitative_flags", dataset)
-        flags_path = flags_folder / FLAGS_FILE
+        flags_folder = store.flags(dataset)
+        flags_path = store.flags_file(dataset)
         if not flags_path.is_file():
             raise FileNotFoundError(
                 f"no flags for dataset {dataset!r}: {flags_path} does not exist "

@@ -1,5 +1,8 @@
 """Qualitative flags from the posterior catalog (paper §6.4 and §7).
 
+(Over 600 lines: the flags, their out-of-domain criteria and the image statistics those
+criteria read are one contract, documented column by column.)
+
 Where GaMPEN's residuals are largest, the paper replaces numbers by labels assigned from
 the *predicted* values (truths are unknown for real galaxies): highly bulge-dominated
 (B/T >= 0.85), highly disk-dominated (B/T <= 0.10) and small (Re mode < 1"). The B/T
@@ -32,6 +35,9 @@ posteriors are as wide as the data allow.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import galsim
 import numpy as np
 import polars as pl
@@ -39,6 +45,12 @@ from scipy.ndimage import gaussian_filter
 
 from gampen_ml.columns import ColumnInfo
 from gampen_ml.config import FlagConfig, PriorConfig
+from gampen_ml.store import FLAGS_FILE  # noqa: F401 (the partition's file, re-exported)
+
+if TYPE_CHECKING:
+    from gampen_ml.config import Profile
+    from gampen_ml.prediction import PredictionModel
+    from gampen_ml.store import Store
 
 FLAG_COLUMNS = ("bulge_dominated", "disk_dominated", "small", "out_of_domain", "unreliable")
 #: Flags added only when their inputs exist (``asymmetry``; ``psf_fwhm_arcsec`` and the
@@ -51,8 +63,6 @@ FLAGS_SCHEMA: dict[str, pl.DataType] = {
     **{name: pl.Boolean() for name in FLAG_COLUMNS},
     "ood_reason": pl.String(),
 }
-#: File of a ``qualitative_flags`` partition.
-FLAGS_FILE = "flags.parquet"
 #: Catalog columns of :func:`image_statistics`.
 IMAGE_STATISTICS = ("image_flux_nJy", "image_peak_snr", "noise_sigma_nJy", "image_sigma_px")
 #: Largest relative difference between a cutout's pixel scale and the training images'.
@@ -187,7 +197,7 @@ def compute_flags(
         outside the range widened by ``cfg.psf_fwhm_tolerance`` (unknown: False).
     noise_sigma_nJy : float or (float, float), optional
         Sky noise of the training images (:func:`pool_noise_sigma`), or its range when the
-        depth varies (``gampen_ml.stages.training_domain``); enables the noise criterion of
+        depth varies (``gampen_ml.prediction.training_domain``); enables the noise criterion of
         ``out_of_domain``.
     priors : PriorConfig, optional
         Simulation priors (default ``PriorConfig()``): the flux and Re ranges the
@@ -607,3 +617,30 @@ def flag_precision(
         result[name] = float(flagged.select(truth_ok.mean()).item()) if n else float("nan")
         result[f"n_{name}"] = n
     return result
+
+
+def catalog_flags(
+    catalog: pl.DataFrame,
+    profile: Profile,
+    root: Store | Path,
+    model: PredictionModel | None = None,
+) -> pl.DataFrame:
+    """:func:`compute_flags` against the training domain of the catalog's model.
+
+    :func:`gampen_ml.prediction.model_domain` of ``model`` (a
+    :class:`~gampen_ml.prediction.PredictionModel`; None: the champion) and the storage
+    ``root`` (a path or :class:`~gampen_ml.store.Store`): the stored PSF library and noise
+    pool, or the domain an archived model carries. It enables ``psf_outside_library`` and
+    the noise criterion of ``out_of_domain``, each left out when unknown.
+    """
+    from gampen_ml.prediction import model_domain
+
+    domain = model_domain(profile, root, model)
+    return compute_flags(
+        catalog,
+        profile.flags,
+        psf_fwhm_range=domain.psf_fwhm_range_arcsec,
+        noise_sigma_nJy=domain.noise_sigma_range_nJy,
+        priors=domain.priors,
+        pixel_scale_arcsec=domain.pixel_scale_arcsec or profile.imaging.pixel_scale_arcsec,
+    )

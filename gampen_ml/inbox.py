@@ -71,15 +71,16 @@ from gampen_ml.fits_input import (
     quarantine,
     validate_cutouts,
 )
-from gampen_ml.io import atomic_partition_dir, partition_dir
 from gampen_ml.sim.errors import InputFileError
+from gampen_ml.store import BATCH_MANIFEST_FILE, INBOX_BATCHES, Store
 
 READY_MARKER = "_READY"
 #: Inbox sub-folder holding the claimed batches, one folder per partition key.
 PROCESSING = "_processing"
-#: Storage-root folder holding the accepted files of each batch, one sub-folder per key.
-STORED_BATCHES = "inbox_batches"
-MANIFEST = "_manifest.json"
+#: Storage-root folder holding the accepted files of each batch, one sub-folder per key,
+#: and the manifest in each (the names are the store's).
+STORED_BATCHES = INBOX_BATCHES
+MANIFEST = BATCH_MANIFEST_FILE
 MAX_KEY_LENGTH = 64
 
 
@@ -286,7 +287,9 @@ def batch_domain(folder: Path, domains: Path | None) -> Domain | None:
         raise BatchFileError(Path(folder) / BATCH_FILE, str(exc)) from exc
 
 
-def stored_batch_domain(storage_root: Path, key: str, domains: Path | None) -> Domain | None:
+def stored_batch_domain(
+    storage_root: Store | Path, key: str, domains: Path | None
+) -> Domain | None:
     """The domain recorded in the manifest of the stored batch ``key`` (None: none).
 
     Read again from the ``domains`` folder (:func:`gampen_ml.domains.find_domain`), so a
@@ -297,7 +300,7 @@ def stored_batch_domain(storage_root: Path, key: str, domains: Path | None) -> D
     InputFileError
         When the recorded domain is no longer declared (naming the manifest).
     """
-    manifest_path = partition_dir(storage_root, STORED_BATCHES, key) / MANIFEST
+    manifest_path = Store.of(storage_root).batch_manifest(key)
     if not manifest_path.is_file():
         return None
     name = json.loads(manifest_path.read_text()).get("domain")
@@ -315,7 +318,7 @@ def ingest_claimed(
     claimed: Path,
     key: str,
     profile: Profile,
-    storage_root: Path,
+    storage_root: Store | Path,
     quarantine_root: Path,
     checkpoint: Callable[[str], None] | None = None,
     *,
@@ -334,7 +337,7 @@ def ingest_claimed(
     """
     step = checkpoint or (lambda _: None)
     (claimed / READY_MARKER).unlink(missing_ok=True)
-    stored = storage_root / STORED_BATCHES / key
+    stored = Store.of(storage_root).inbox_batch(key)
     try:
         # A rerun after the batch was stored reads it the way it was stored, even if its
         # batch.toml is gone already.
@@ -349,7 +352,7 @@ def ingest_claimed(
     scan = validate_cutouts(claimed, imaging, profile.limits, reject_reserved=True, domain=domain)
     step("validated")
     if scan.accepted_files and not (stored / MANIFEST).is_file():
-        with atomic_partition_dir(stored) as tmp:
+        with Store.publish(stored) as tmp:
             for relative in scan.accepted_files + scan.psf_files:
                 target = tmp / relative
                 target.parent.mkdir(parents=True, exist_ok=True)

@@ -314,3 +314,16 @@ def predict_physical(samples_scaled: np.ndarray, scaler: LabelScaler) -> np.ndar
     if samples_scaled.shape[-1:] != (3,):
         raise InferenceError(f"samples_scaled must have shape (..., 3), got {samples_scaled.shape}")
     return scaler.inverse(samples_scaled)
+
+
+def stn_crops(model: nn.Module, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """STN inputs, crops and zoom scales of a few galaxies (for paper Figs 4-5).
+
+    ``model`` is a loaded GaMPEN (:func:`gampen_ml.train.load_trained_model`). Returns
+    ``(images (n,S,S), crops (n,P,P), scales (n,))`` as float32 arrays.
+    """
+    x = np.asarray(images, dtype=np.float32)
+    with torch.inference_mode():
+        tensor = torch.from_numpy(arsinh_image(x[:, None])).to(next(model.parameters()).device)
+        crops, scales = model.stn(tensor)
+    return x, crops[:, 0].float().cpu().numpy(), scales.float().cpu().numpy()

@@ -50,6 +50,7 @@ from gampen_ml.sim.noise import NoisePool, draw_noise, read_noise_pool
 from gampen_ml.sim.parameters import quantize_sersic_n, sample_parameters
 from gampen_ml.sim.psf import fwhm_range, read_psf_library
 from gampen_ml.sim.render import SERSIC_N_STEP
+from gampen_ml.store import CATALOG_FILE, FLAGS_FILE, LABELS_FILE
 
 #: Flags that mark a posterior as not to be trusted, when the flag table has them.
 RELIABILITY_FLAGS: tuple[str, ...] = ("unreliable", "asymmetric", "psf_outside_library")
@@ -276,9 +277,9 @@ def evaluate_misspecification(
         )
         folder = out_dir / variant
         folder.mkdir(exist_ok=True)
-        catalog.write_parquet(folder / "catalog.parquet")
-        flags.write_parquet(folder / "flags.parquet")
-        labels.write_parquet(folder / "labels.parquet")
+        catalog.write_parquet(folder / CATALOG_FILE)
+        flags.write_parquet(folder / FLAGS_FILE)
+        labels.write_parquet(folder / LABELS_FILE)
         catalogs[variant], flag_tables[variant], labels_by[variant] = catalog, flags, labels
         examples[variant] = np.array(images[: min(6, len(images))])
         log(f"{variant}: {catalog.height} galaxies catalogued")

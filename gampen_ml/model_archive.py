@@ -1,8 +1,11 @@
 """One file that carries a trained model anywhere: the ``.gampen`` archive.
 
+(Over 600 lines: writing, verifying, reading, importing and the model card of one file
+format belong together.)
+
 ``gampen model export`` writes it (:func:`export_model`), ``gampen predict --model
 NAME.gampen`` predicts with it without MLflow or a storage root
-(:func:`gampen_ml.stages.resolve_prediction_model` calls :func:`open_model_archive`), and
+(:func:`gampen_ml.prediction.resolve_prediction_model` calls :func:`open_model_archive`), and
 ``gampen model import`` registers it as a new MLflow model version (:func:`import_model`).
 The archive is a zip file:
 
@@ -50,15 +53,16 @@ from pathlib import Path
 
 from gampen_ml.config import PARAMETERS, ConfigError, Profile
 from gampen_ml.io import atomic_file, file_sha256
-from gampen_ml.stages import (
-    PredictionModel,
-    TrainingDomain,
-    champion_model,
-    model_domain,
-    model_registry_info,
-    read_calibration,
+from gampen_ml.prediction import PredictionModel, TrainingDomain, model_domain
+from gampen_ml.store import (
+    CALIBRATION_FILE,
+    HISTORY_FILE,
+    MODEL_JSON_FILE,
+    SCALER_FILE,
+    STATE_DICT_FILE,
+    ModelInfo,
+    Store,
 )
-from gampen_ml.train import HISTORY_FILE, MODEL_JSON_FILE, SCALER_FILE, STATE_DICT_FILE
 
 #: File name suffix of a model archive.
 ARCHIVE_SUFFIX = ".gampen"
@@ -67,7 +71,6 @@ ARCHIVE_FORMAT = "gampen-model-archive"
 #: Newest ``format_version`` this code reads and the one it writes.
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
-CALIBRATION_FILE = "calibration.json"
 DOMAIN_FILE = "domain.json"
 CARD_FILE = "MODEL_CARD.md"
 #: Members listed in the manifest, in archive order.
@@ -100,7 +103,7 @@ def _quiet(line: str) -> None:
 
 def export_model(
     profile: Profile,
-    root: Path,
+    root: Store | Path,
     model: PredictionModel,
     out: Path | str,
     *,
@@ -116,9 +119,9 @@ def export_model(
     root : path
         Storage root: the champion's ``calibrated_dropout_rate`` (coverage, MLflow run) and
         the PSF library and noise pool measured for the domain
-        (:func:`gampen_ml.stages.model_domain`; a model read from an archive brings both).
+        (:func:`gampen_ml.prediction.model_domain`; a model read from an archive brings both).
     model : PredictionModel
-        From :func:`gampen_ml.stages.resolve_prediction_model`.
+        From :func:`gampen_ml.prediction.resolve_prediction_model`.
     out : path
         The archive, ``NAME.gampen``; written atomically.
 
@@ -202,7 +205,7 @@ def _json_bytes(value) -> bytes:
     return (json.dumps(value, indent=2) + "\n").encode()
 
 
-def _calibration_record(profile: Profile, root: Path, model: PredictionModel) -> dict:
+def _calibration_record(profile: Profile, root: Store | Path, model: PredictionModel) -> dict:
     """``calibration.json`` of the archive: identity, chosen rate, recalibration, coverage.
 
     The champion of ``root`` brings its validation coverage (``coverage.parquet``, rows of
@@ -211,12 +214,10 @@ def _calibration_record(profile: Profile, root: Path, model: PredictionModel) ->
     """
     import polars as pl
 
-    from gampen_ml.io import partition_dir
-
     record = {
         "model_name": model.model_name,
         "model_version": model.model_version,
-        "mlflow_run_id": model_registry_info(model.model_dir).get("mlflow_run_id"),
+        "mlflow_run_id": ModelInfo.read(model.model_dir).mlflow_run_id,
         "chosen_dropout_rate": model.dropout_rate,
         "recalibrated": model.calibrated,
         "recalibration": model.recalibration.to_dict() if model.calibrated else None,
@@ -231,24 +232,22 @@ def _calibration_record(profile: Profile, root: Path, model: PredictionModel) ->
             | {k: previous.get(k) for k in ("mlflow_run_id", "n_val_galaxies")}
             | {"coverage": previous.get("coverage") or []}
         )
+    store = Store.of(root)
     try:
-        champion = champion_model(profile, root)
+        stored = store.read_calibration()
     except FileNotFoundError:
         return record
-    if Path(model.model_dir).resolve() != champion.model_dir.resolve():
+    if Path(model.model_dir).resolve() != store.trained_model(stored.chosen_dropout_rate):
         return record
-    stored = read_calibration(root)
-    coverage_file = partition_dir(root, "calibrated_dropout_rate") / "coverage.parquet"
+    table = store.read_coverage()
     coverage = (
-        pl.read_parquet(coverage_file)
-        .filter(pl.col("dropout_rate") == model.dropout_rate)
-        .to_dicts()
-        if coverage_file.is_file()
-        else []
+        []
+        if table is None
+        else table.filter(pl.col("dropout_rate") == model.dropout_rate).to_dicts()
     )
     return record | {
-        "mlflow_run_id": stored.get("mlflow_run_id"),
-        "n_val_galaxies": stored.get("n_val_galaxies"),
+        "mlflow_run_id": stored.mlflow_run_id,
+        "n_val_galaxies": stored.n_val_galaxies,
         "coverage": coverage,
     }
 

@@ -28,8 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
+from gampen_ml.config import dropout_key
+from gampen_ml.store import HISTORY_FILE, MODEL_JSON_FILE, SCALER_FILE, STATE_DICT_FILE
+
 #: Files of a trained model folder that are logged as the ``model`` artifact.
-MODEL_FILES = ("state_dict.pt", "model.json", "label_scaler.json", "history.json")
+MODEL_FILES = (STATE_DICT_FILE, MODEL_JSON_FILE, SCALER_FILE, HISTORY_FILE)
 MODEL_ARTIFACT_PATH = "model"
 CHAMPION_ALIAS = "champion"
 DEFAULT_EXPERIMENT = "gampen"
@@ -170,7 +173,7 @@ def log_training_run(
     experiment_id = _experiment_id(client, experiment, artifact_location)
     run = client.create_run(
         experiment_id,
-        run_name=f"{profile_name}-dropout-{dropout_rate:g}",
+        run_name=f"{profile_name}-{dropout_key(dropout_rate)}",
         tags={"profile": profile_name, "dropout_rate": f"{dropout_rate:g}"},
     )
     run_id = run.info.run_id
@@ -315,7 +318,7 @@ def resolve_model(
         artifact_uri=version.source, dst_path=str(dst), tracking_uri=tracking_uri
     )
     local = Path(local)
-    if not (local / "model.json").is_file():
+    if not (local / MODEL_JSON_FILE).is_file():
         raise RegistryError(
             f"model {name!r} version {version.version}: artifact {version.source} has no "
             "model.json (not a GaMPEN model folder)"

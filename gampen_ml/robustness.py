@@ -4,7 +4,7 @@
 code of :mod:`gampen_ml.sim.independent` under each variation a survey really has (bulge
 tied to the disk, other PSF families, sky noise +-25 %, sub-pixel centring, a log-uniform
 population), catalogues them through the platform's one prediction path
-(:func:`gampen_ml.stages.predict_catalog`, the champion and its recalibration) and
+(:func:`gampen_ml.prediction.predict_catalog`, the champion and its recalibration) and
 measures, per variation and parameter:
 
 * HPD coverage at 68.27 / 95.45 / 99.73 %;
@@ -34,6 +34,7 @@ import polars as pl
 from gampen_ml.calibrate import MAGNITUDE_BINS, RE_BINS_ARCSEC
 from gampen_ml.config import CREDIBLE_LEVELS, PARAMETERS, Profile, derive_seed
 from gampen_ml.metrics import LEVEL_TAGS, ab_magnitude, covered, residuals
+from gampen_ml.store import CATALOG_FILE, LABELS_FILE
 
 #: Targets of a calibrated platform (points of coverage; fraction for the bias).
 TARGETS = {
@@ -170,8 +171,8 @@ def evaluate_robustness(
     ----------
     profile : Profile
         Priors, imaging, PSF and noise settings, inference and flag thresholds.
-    model : gampen_ml.stages.PredictionModel
-        The model and its calibration (:func:`gampen_ml.stages.resolve_prediction_model`).
+    model : gampen_ml.prediction.PredictionModel
+        The model and its calibration (:func:`gampen_ml.prediction.resolve_prediction_model`).
     out_dir : path-like
         Receives ``<variation>/catalog.parquet`` (flags joined) and the two tables.
     n_per_variation : int
@@ -194,8 +195,8 @@ def evaluate_robustness(
         :func:`calibration_summary` and :func:`conditional_coverage` rows of every variation.
     """
     from gampen_ml.flags import compute_flags
+    from gampen_ml.prediction import predict_catalog
     from gampen_ml.sim.independent import VARIATIONS, draw_population, render_variations
-    from gampen_ml.stages import predict_catalog
 
     log = log or (lambda line: None)
     out_dir = Path(out_dir)
@@ -250,8 +251,8 @@ def evaluate_robustness(
         catalog = catalog.join(flags.drop("dataset"), on="galaxy_id", how="left")
         folder = out_dir / variation
         folder.mkdir(exist_ok=True)
-        catalog.write_parquet(folder / "catalog.parquet")
-        labels.write_parquet(folder / "labels.parquet")
+        catalog.write_parquet(folder / CATALOG_FILE)
+        labels.write_parquet(folder / LABELS_FILE)
         tables.append(calibration_summary(catalog, variation))
         binned.append(conditional_coverage(catalog, variation))
         row = tables[-1]

@@ -35,8 +35,12 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gampen_ml.config import DEFAULT_PROFILE, PROFILE_ENV_VAR, ConfigError, Profile, get_profile
+
+if TYPE_CHECKING:
+    from gampen_ml.store import Store
 
 DAGSTER_HOME_ENV_VAR = "DAGSTER_HOME"
 STORAGE_ENV_VAR = "GAMPEN_STORAGE"
@@ -129,6 +133,12 @@ class Settings:
             labelled=home / "labelled",
         )
 
+    def store(self) -> Store:
+        """The :class:`~gampen_ml.store.Store` at :attr:`storage_root` (the storage layout)."""
+        from gampen_ml.store import Store
+
+        return Store(self.storage_root)
+
     def profile(self) -> Profile:
         """The :class:`~gampen_ml.config.Profile` named by :attr:`profile_name`.
 
@@ -152,3 +162,23 @@ def _settle_seconds(text: str | None) -> float:
             f"${SETTLE_ENV_VAR} must be a non-negative number of seconds, got {text!r}"
         )
     return value
+
+
+def instance_home(env: Mapping[str, str] | None = None) -> Path:
+    """The Dagster instance folder as Dagster itself reads it: ``$DAGSTER_HOME``, absolute.
+
+    :meth:`Settings.resolve` falls back to ``./dagster_home``; a Dagster instance does not
+    (it would silently use a temporary one), so a launcher of persistent runs asks this.
+
+    Raises
+    ------
+    ConfigError
+        If the variable is unset or not an absolute path.
+    """
+    text = (os.environ if env is None else env).get(DAGSTER_HOME_ENV_VAR) or ""
+    if not Path(text).is_absolute():
+        raise ConfigError(
+            f"{DAGSTER_HOME_ENV_VAR} must be set to an absolute path, e.g. "
+            f"export {DAGSTER_HOME_ENV_VAR}=$(pwd)/dagster_home (got {text!r})"
+        )
+    return Path(text)

@@ -1,5 +1,7 @@
 """The survey-scale sky catalog: every posterior-catalog row with a position, as one HATS catalog.
 
+(Over 600 lines: the incremental HATS writer, its manifest and its verifier share one layout.)
+
 ``<root>/sky_catalog/all/`` is a HATS collection that LSDB opens, cone-searches and
 cross-matches (:func:`open_sky_catalog`)::
 
@@ -77,13 +79,14 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gampen_ml.catalog import CATALOG_FILE, validate_catalog
-from gampen_ml.io import atomic_partition_dir, file_sha256, partition_dir
+from gampen_ml.catalog import validate_catalog
+from gampen_ml.io import file_sha256
+from gampen_ml.store import POSTERIOR_CATALOG, SKY_CATALOG, Store
 
 #: Storage-root asset folder of the sky catalog (``<root>/sky_catalog/all``).
-SKY_CATALOG_ASSET = "sky_catalog"
+SKY_CATALOG_ASSET = SKY_CATALOG
 #: Asset whose partitions are published.
-SOURCE_ASSET = "posterior_catalog"
+SOURCE_ASSET = POSTERIOR_CATALOG
 #: Name of the primary HATS table inside the collection.
 PRIMARY_NAME = "galaxies"
 MANIFEST_FILE = "gampen_manifest.json"
@@ -179,7 +182,7 @@ class SkyCatalogUpdate:
 
 def sky_catalog_dir(root: Path | str) -> Path:
     """``<root>/sky_catalog/all``: the published HATS collection."""
-    return partition_dir(root, SKY_CATALOG_ASSET)
+    return Store.of(root).sky_catalog()
 
 
 def positioned_rows(catalog: pl.DataFrame, source: str) -> tuple[pl.DataFrame, int]:
@@ -246,14 +249,7 @@ def read_manifest(path: Path | str) -> dict:
 
 def catalog_sources(root: Path | str) -> dict[str, Path]:
     """Dataset key -> ``catalog.parquet`` of every published posterior-catalog partition."""
-    base = Path(root) / SOURCE_ASSET
-    if not base.is_dir():
-        return {}
-    return {
-        entry.name: entry / CATALOG_FILE
-        for entry in sorted(base.iterdir())
-        if not entry.name.startswith(".") and (entry / CATALOG_FILE).is_file()
-    }
+    return Store.of(root).catalog_files()
 
 
 @contextlib.contextmanager
@@ -589,7 +585,7 @@ def publish_sky_catalog(
             rows, n_without = positioned_rows(catalog, str(path))
             new_rows[key] = rows
             new_entries[key] = {
-                "source": f"{SOURCE_ASSET}/{key}/{CATALOG_FILE}",
+                "source": path.relative_to(Store.of(root).root).as_posix(),
                 "sha256": digest,
                 "rows": rows.height,
                 "rows_without_position": n_without,
@@ -602,7 +598,7 @@ def publish_sky_catalog(
             f"sky catalog: add {update.added}, replace {update.replaced}, "
             f"remove {update.removed}, {len(update.unchanged)} unchanged"
         )
-        with atomic_partition_dir(final) as tmp:
+        with Store.publish(final) as tmp:
             manifest = _publish(
                 final, tmp, manifest, new_rows, new_entries, update, layout, dask_threads, say
             )

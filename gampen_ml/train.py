@@ -45,13 +45,16 @@ from gampen_ml.data.transforms import LabelScaler
 from gampen_ml.infer import set_mc_dropout_mode
 from gampen_ml.io import StorageError, atomic_file, file_sha256
 from gampen_ml.model import GaMPEN, gaussian_nll, mean_squared_error
+from gampen_ml.store import (  # noqa: F401 (the model folder's files, re-exported)
+    CHECKPOINT_FILE,
+    HISTORY_FILE,
+    MODEL_JSON_FILE,
+    SCALER_FILE,
+    STATE_DICT_FILE,
+    TRAINED_MODEL,
+)
 
 MODEL_FORMAT = "gampen-model/1"
-CHECKPOINT_FILE = "checkpoint.pt"
-STATE_DICT_FILE = "state_dict.pt"
-MODEL_JSON_FILE = "model.json"
-SCALER_FILE = "label_scaler.json"
-HISTORY_FILE = "history.json"
 #: Seeds the dropout masks of the validation pass (plus the rank), the same every epoch.
 VALIDATION_DROPOUT_SEED = 20220419
 
@@ -195,7 +198,7 @@ def train_model(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log = log or (lambda line: None)
-    seed = derive_seed(profile.seed, "trained_model", dropout_key(dropout_rate))
+    seed = derive_seed(profile.seed, TRAINED_MODEL, dropout_key(dropout_rate))
 
     with _distributed(device) as (device, rank, world_size):
         is_master = rank == 0

@@ -22,7 +22,8 @@ from dagster import (
 
 from gampen_assets.lineage import input_fingerprint
 from gampen_ml.config import ConfigError
-from gampen_ml.io import folder_sha256, partition_dir
+from gampen_ml.io import folder_sha256
+from gampen_ml.store import Store
 
 OWNERS = ["team:gampen"]
 
@@ -55,7 +56,7 @@ def fail_fast_on_bad_input() -> Iterator[None]:
 
 
 def upstream_version(
-    context: AssetExecutionContext, root: Path, asset: str, partition: str | None = None
+    context: AssetExecutionContext, root: Store | Path, asset: str, partition: str | None = None
 ) -> tuple[str, str | None, str]:
     """Identify one upstream partition for lineage: ``(asset, partition, data_version)``.
 
@@ -76,7 +77,7 @@ def upstream_version(
         if materialization is not None:
             version = (materialization.tags or {}).get(DATA_VERSION_TAG)
     if version is None:
-        version = input_fingerprint(partition_dir(root, asset, partition))
+        version = input_fingerprint(Store.of(root).partition(asset, partition))
     return (asset, partition, version)
 
 

@@ -1,7 +1,7 @@
 """Inputs and training data: the PSF library, the sky-noise pool and the simulated shards.
 
-Each asset writes one partition folder under the storage root through
-``gampen_ml.io.atomic_partition_dir`` and returns only metadata.
+Each asset writes one partition folder of the store (``GampenSettings.store()``) through
+``Store.publish`` and returns only metadata.
 """
 
 from datetime import UTC, datetime
@@ -28,7 +28,7 @@ from gampen_assets.assets._common import (
 from gampen_assets.resources import GampenSettings, load_time_profile
 from gampen_ml import plots, stages
 from gampen_ml.config import shard_keys
-from gampen_ml.io import atomic_partition_dir, partition_dir
+from gampen_ml.store import NOISE_POOL, PSF_LIBRARY, SIMULATED_GALAXIES
 
 #: One partition per simulation shard of the profile the definitions were loaded with.
 shard_partitions = StaticPartitionsDefinition(shard_keys(load_time_profile()))
@@ -51,7 +51,7 @@ GROUP = "inputs"
 def psf_library(context: AssetExecutionContext, settings: GampenSettings) -> MaterializeResult:
     started_at = datetime.now(UTC)
     profile = settings.profile()
-    out = partition_dir(settings.root(), "psf_library")
+    out = settings.store().psf_library()
     with fail_fast_on_bad_input():
         cube, table = stages.build_psf_library(profile, out, log=context.log.info)
     version = folder_version(out)
@@ -76,7 +76,7 @@ def psf_library(context: AssetExecutionContext, settings: GampenSettings) -> Mat
         }
     lineage.record_materialization(
         context,
-        asset="psf_library",
+        asset=PSF_LIBRARY,
         partition=None,
         data_version=version,
         upstream=[],
@@ -102,7 +102,7 @@ def psf_library(context: AssetExecutionContext, settings: GampenSettings) -> Mat
 def noise_pool(context: AssetExecutionContext, settings: GampenSettings) -> MaterializeResult:
     started_at = datetime.now(UTC)
     profile = settings.profile()
-    out = partition_dir(settings.root(), "noise_pool")
+    out = settings.store().noise_pool()
     with fail_fast_on_bad_input():
         pool = stages.build_noise_pool(profile, out, log=context.log.info)
     version = folder_version(out)
@@ -124,7 +124,7 @@ def noise_pool(context: AssetExecutionContext, settings: GampenSettings) -> Mate
     }
     lineage.record_materialization(
         context,
-        asset="noise_pool",
+        asset=NOISE_POOL,
         partition=None,
         data_version=version,
         upstream=[],
@@ -141,7 +141,7 @@ def noise_pool(context: AssetExecutionContext, settings: GampenSettings) -> Mate
     code_version="1",
     kinds={"galsim", "numpy", "parquet"},
     partitions_def=shard_partitions,
-    deps=[AssetKey("psf_library"), AssetKey("noise_pool")],
+    deps=[AssetKey(PSF_LIBRARY), AssetKey(NOISE_POOL)],
     retry_policy=TRANSIENT_RETRY,
     description=(
         "One shard of GalSim bulge+disk / single-Sersic galaxies with the paper's Table-1 "
@@ -156,16 +156,14 @@ def simulated_galaxies(
 
     started_at = datetime.now(UTC)
     profile = settings.profile()
-    root = settings.root()
+    store = settings.store()
     key = context.partition_key
     with fail_fast_on_bad_input():
         settings.require_partition(key, shard_keys(profile), "simulation shard")
-    psf_dir = partition_dir(root, "psf_library")
-    noise_dir = partition_dir(root, "noise_pool")
-    out = partition_dir(root, "simulated_galaxies", key)
+    out = store.shard(key)
     context.log.info(f"simulating {key} of profile {profile.name} into {out}")
-    with fail_fast_on_bad_input(), atomic_partition_dir(out) as tmp:
-        summary = shards.simulate_shard(profile, key, psf_dir, noise_dir, tmp)
+    with fail_fast_on_bad_input():
+        summary = stages.simulate_and_publish(profile, store, key)
     version = folder_version(out)
     images, labels = shards.open_shard(out)
     counts = labels.group_by("split").len()
@@ -192,14 +190,14 @@ def simulated_galaxies(
     }
     lineage.record_materialization(
         context,
-        asset="simulated_galaxies",
+        asset=SIMULATED_GALAXIES,
         partition=key,
         data_version=version,
         upstream=[
-            upstream_version(context, root, "psf_library"),
-            upstream_version(context, root, "noise_pool"),
+            upstream_version(context, store, PSF_LIBRARY),
+            upstream_version(context, store, NOISE_POOL),
         ],
-        input_paths=[psf_dir, noise_dir],
+        input_paths=[store.psf_library(), store.noise_pool()],
         row_count=labels.height,
         started_at=started_at,
     )

@@ -31,7 +31,12 @@ from gampen_assets.assets.data_assets import shard_partitions
 from gampen_assets.resources import GampenSettings, load_time_profile
 from gampen_ml import plots, stages
 from gampen_ml.config import dropout_from_key, dropout_key, shard_keys
-from gampen_ml.io import partition_dir
+from gampen_ml.store import (
+    CALIBRATED_DROPOUT_RATE,
+    MODEL_JSON_FILE,
+    SIMULATED_GALAXIES,
+    TRAINED_MODEL,
+)
 
 #: One partition per dropout rate of the calibration grid (paper §5).
 dropout_partitions = StaticPartitionsDefinition(
@@ -63,7 +68,7 @@ GPU_K8S_TAGS = {
     code_version="1",
     kinds={"pytorch", "mlflow"},
     partitions_def=dropout_partitions,
-    deps=[AssetDep("simulated_galaxies", partition_mapping=AllPartitionMapping())],
+    deps=[AssetDep(SIMULATED_GALAXIES, partition_mapping=AllPartitionMapping())],
     pool="gpu",
     op_tags=GPU_K8S_TAGS,
     retry_policy=TRANSIENT_RETRY,
@@ -76,14 +81,14 @@ GPU_K8S_TAGS = {
 def trained_model(context: AssetExecutionContext, settings: GampenSettings) -> MaterializeResult:
     started_at = datetime.now(UTC)
     profile = settings.profile()
-    root = settings.root()
+    store = settings.store()
     key = context.partition_key
     with fail_fast_on_bad_input():
         allowed = [dropout_key(r) for r in profile.calibration.dropout_rates]
         settings.require_partition(key, allowed, "dropout rate")
     rate = dropout_from_key(key)
-    shard_dirs = stages.shard_dirs(profile, root)
-    out = partition_dir(root, "trained_model", key)
+    shard_dirs = store.shards(profile)
+    out = store.trained_model(rate)
     device = settings.torch_device()
     context.log.info(
         f"training dropout {rate:g} on {len(shard_dirs)} shards, device {device}, "
@@ -94,7 +99,7 @@ def trained_model(context: AssetExecutionContext, settings: GampenSettings) -> M
         result = stages.train_and_publish(
             profile,
             rate,
-            root,
+            store,
             device=device,
             log=context.log.info,
             mlflow_tracking_uri=settings.tracking_uri(),
@@ -102,7 +107,8 @@ def trained_model(context: AssetExecutionContext, settings: GampenSettings) -> M
         )
     version = folder_version(out)
     history = result.history
-    meta = json.loads((out / "model.json").read_text()) if (out / "model.json").is_file() else {}
+    meta_file = out / MODEL_JSON_FILE
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     metadata = {
         "dropout_rate": float(rate),
         "epochs": float(len(history)),
@@ -123,11 +129,11 @@ def trained_model(context: AssetExecutionContext, settings: GampenSettings) -> M
     }
     lineage.record_materialization(
         context,
-        asset="trained_model",
+        asset=TRAINED_MODEL,
         partition=key,
         data_version=version,
         upstream=[
-            upstream_version(context, root, "simulated_galaxies", s) for s in shard_keys(profile)
+            upstream_version(context, store, SIMULATED_GALAXIES, s) for s in shard_keys(profile)
         ],
         input_paths=shard_dirs,
         row_count=len(history),
@@ -144,8 +150,8 @@ def trained_model(context: AssetExecutionContext, settings: GampenSettings) -> M
     code_version="1",
     kinds={"pytorch", "mlflow"},
     deps=[
-        AssetDep("trained_model", partition_mapping=AllPartitionMapping()),
-        AssetDep("simulated_galaxies", partition_mapping=AllPartitionMapping()),
+        AssetDep(TRAINED_MODEL, partition_mapping=AllPartitionMapping()),
+        AssetDep(SIMULATED_GALAXIES, partition_mapping=AllPartitionMapping()),
     ],
     pool="gpu",
     op_tags=GPU_K8S_TAGS,
@@ -162,10 +168,11 @@ def calibrated_dropout_rate(
 ) -> MaterializeResult:
     started_at = datetime.now(UTC)
     profile = settings.profile()
-    root = settings.root()
-    keys = [dropout_key(r) for r in profile.calibration.dropout_rates]
-    model_dirs = [partition_dir(root, "trained_model", k) for k in keys]
-    out = partition_dir(root, "calibrated_dropout_rate")
+    store = settings.store()
+    rates = profile.calibration.dropout_rates
+    keys = [dropout_key(r) for r in rates]
+    model_dirs = [store.trained_model(r) for r in rates]
+    out = store.calibration()
     device = settings.torch_device()
     context.log.info(
         f"calibrating {len(keys)} dropout rates on the val split of "
@@ -177,14 +184,13 @@ def calibrated_dropout_rate(
     with fail_fast_on_bad_input():
         result = stages.calibrate_and_publish(
             profile,
-            root,
+            store,
             device=device,
             log=context.log.info,
             mlflow_tracking_uri=settings.tracking_uri(),
         )
-    calibration = stages.read_calibration(root)
-    model_name = calibration["model_name"]
-    model_version = str(calibration["model_version"])
+    calibration = store.read_calibration()
+    model_name, model_version = calibration.model_name, calibration.model_version
     context.log.info(f"champion: dropout {result.chosen_rate:g} = {model_name} v{model_version}")
     version = folder_version(out)
     table = result.coverage
@@ -218,11 +224,11 @@ def calibrated_dropout_rate(
         metadata["recalibration_scale"] = MetadataValue.json(result.recalibration.to_dict())
     lineage.record_materialization(
         context,
-        asset="calibrated_dropout_rate",
+        asset=CALIBRATED_DROPOUT_RATE,
         partition=None,
         data_version=version,
-        upstream=[upstream_version(context, root, "trained_model", k) for k in keys]
-        + [upstream_version(context, root, "simulated_galaxies", s) for s in shard_keys(profile)],
+        upstream=[upstream_version(context, store, TRAINED_MODEL, k) for k in keys]
+        + [upstream_version(context, store, SIMULATED_GALAXIES, s) for s in shard_keys(profile)],
         input_paths=model_dirs,
         row_count=table.height,
         started_at=started_at,

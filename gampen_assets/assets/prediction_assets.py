@@ -47,8 +47,24 @@ from gampen_ml import plots, stages
 from gampen_ml.columns import ColumnInfo
 from gampen_ml.config import PARAMETERS, dropout_key, shard_keys
 from gampen_ml.export import ExportError, ExportFormat, write_exports
-from gampen_ml.io import atomic_partition_dir, partition_dir
+from gampen_ml.flags import catalog_flags
+from gampen_ml.prediction import PredictionModel, finetuned_model, resolve_prediction_model
 from gampen_ml.settings import Settings
+from gampen_ml.store import (
+    CALIBRATED_DROPOUT_RATE,
+    DIAGNOSTIC_PLOTS,
+    FINETUNED_MODEL,
+    FLAGS_FILE,
+    NOISE_POOL,
+    PLOTS_INDEX_FILE,
+    POSTERIOR_CATALOG,
+    PSF_LIBRARY,
+    QUALITATIVE_FLAGS,
+    ROBUSTNESS_REPORT,
+    SIMULATED_GALAXIES,
+    TRAINED_MODEL,
+    Store,
+)
 
 GROUP = "catalog"
 #: Figures embedded in the diagnostic_plots metadata (all of them are on disk).
@@ -72,14 +88,14 @@ def _ingest_claimed_batch(
 
     Returns the materialization metadata of the ingestion (empty when there was none).
     """
-    from gampen_ml.inbox import PROCESSING, STORED_BATCHES, ingest_claimed
+    from gampen_ml.inbox import PROCESSING, ingest_claimed
     from gampen_ml.sim.errors import InputFileError
 
-    root, quarantine = resolved.storage_root, resolved.quarantine
+    store, quarantine = resolved.store(), resolved.quarantine
     claimed = resolved.inbox / PROCESSING / key
     if key == SIM_TEST or not claimed.is_dir():
         return {}
-    result = ingest_claimed(claimed, key, profile, root, quarantine, domains=resolved.domains)
+    result = ingest_claimed(claimed, key, profile, store, quarantine, domains=resolved.domains)
     if result.problem is not None:
         raise InputFileError(
             quarantine / key,
@@ -96,7 +112,7 @@ def _ingest_claimed_batch(
             f"could not remove from {claimed} (left there, never ingested twice): "
             + ", ".join(result.left_behind[:20])
         )
-    if not (root / STORED_BATCHES / key).is_dir():
+    if not store.inbox_batch(key).is_dir():
         raise InputFileError(
             quarantine / key,
             f"none of the {result.n_files_in} files of inbox batch {key!r} is a usable "
@@ -110,13 +126,13 @@ def _ingest_claimed_batch(
     }
 
 
-def _catalog_model(profile, root, catalog: pl.DataFrame) -> stages.PredictionModel | None:
+def _catalog_model(profile, store: Store, catalog: pl.DataFrame) -> PredictionModel | None:
     """The fine-tuned model that made ``catalog`` (its flags compare against that model's
     training domain), or None: the champion's, the storage root's simulations."""
     domains = catalog["domain"].drop_nulls().unique().to_list() if catalog.height else []
     if len(domains) != 1:
         return None
-    tuned = stages.finetuned_model(profile, root, domains[0])
+    tuned = finetuned_model(profile, store, domains[0])
     if tuned is None or tuned.model_name not in set(catalog["model_name"].unique()):
         return None
     return tuned
@@ -156,9 +172,9 @@ class CatalogExportConfig(Config):
     kinds={"pytorch", "parquet"},
     partitions_def=datasets,
     deps=[
-        "calibrated_dropout_rate",
-        AssetDep("trained_model", partition_mapping=AllPartitionMapping()),
-        AssetDep("simulated_galaxies", partition_mapping=AllPartitionMapping()),
+        CALIBRATED_DROPOUT_RATE,
+        AssetDep(TRAINED_MODEL, partition_mapping=AllPartitionMapping()),
+        AssetDep(SIMULATED_GALAXIES, partition_mapping=AllPartitionMapping()),
     ],
     pool="gpu",
     op_tags=GPU_K8S_TAGS,
@@ -182,7 +198,8 @@ def posterior_catalog(
 
     started_at = datetime.now(UTC)
     profile = settings.profile()
-    root = settings.root()
+    resolved = settings.settings()
+    store = resolved.store()
     key = context.partition_key
     device = settings.torch_device()
     n_chunk = profile.inference.galaxies_per_batch
@@ -193,20 +210,19 @@ def posterior_catalog(
             context.log.info(f"{done}/{total} galaxies")
 
     with fail_fast_on_bad_input():
-        resolved = settings.settings()
         ingested = _ingest_claimed_batch(context, profile, resolved, key)
-        domain = None if key == SIM_TEST else stored_batch_domain(root, key, resolved.domains)
-        model = stages.resolve_prediction_model(
-            profile, root, domain=domain and domain.name, log=context.log.info
+        domain = None if key == SIM_TEST else stored_batch_domain(store, key, resolved.domains)
+        model = resolve_prediction_model(
+            profile, store, domain=domain and domain.name, log=context.log.info
         )
         catalog = stages.catalog_and_publish(
-            profile, root, key, device=device, progress=progress, log=context.log.info,
+            profile, store, key, device=device, progress=progress, log=context.log.info,
             model=model, domain=domain,
         )  # fmt: skip
     rate = model.dropout_rate
     model_dir = model.model_dir
     passes = profile.inference.n_passes
-    out = partition_dir(root, "posterior_catalog", key)
+    out = store.catalog(key)
     version = folder_version(out)
     if model.finetuned_for is not None:
         source = f"finetuned_model[{model.finetuned_for}]"
@@ -224,7 +240,7 @@ def posterior_catalog(
         "model_source": source,
         "domain": domain.name if domain is not None else "none",
         "recalibrated": model.calibrated,
-        "path": MetadataValue.path(str(out / "catalog.parquet")),
+        "path": MetadataValue.path(str(store.catalog_file(key))),
         "dagster/column_schema": _column_schema(catalog, CATALOG_COLUMN_INFO, NULLABLE_COLUMNS),
         **ingested,
     }
@@ -252,22 +268,22 @@ def posterior_catalog(
             )
         metadata["bt_mode_mae"] = float((catalog["bt_mode"] - catalog["bt_true"]).abs().mean())
     if model.finetuned_for is not None:
-        upstream = [upstream_version(context, root, "finetuned_model", model.finetuned_for)]
+        upstream = [upstream_version(context, store, FINETUNED_MODEL, model.finetuned_for)]
     else:
         upstream = [
-            upstream_version(context, root, "calibrated_dropout_rate"),
-            upstream_version(context, root, "trained_model", dropout_key(rate)),
+            upstream_version(context, store, CALIBRATED_DROPOUT_RATE),
+            upstream_version(context, store, TRAINED_MODEL, dropout_key(rate)),
         ]
     if key == SIM_TEST:
         upstream += [
-            upstream_version(context, root, "simulated_galaxies", s) for s in shard_keys(profile)
+            upstream_version(context, store, SIMULATED_GALAXIES, s) for s in shard_keys(profile)
         ]
-        inputs = stages.shard_dirs(profile, root)
+        inputs = store.shards(profile)
     else:
-        inputs = [root / "inbox_batches" / key]
+        inputs = [store.inbox_batch(key)]
     lineage.record_materialization(
         context,
-        asset="posterior_catalog",
+        asset=POSTERIOR_CATALOG,
         partition=key,
         data_version=version,
         upstream=upstream,
@@ -285,7 +301,7 @@ def posterior_catalog(
     code_version="2",
     kinds={"polars", "parquet"},
     partitions_def=datasets,
-    deps=["posterior_catalog", "psf_library"],
+    deps=[POSTERIOR_CATALOG, PSF_LIBRARY],
     pool="duckdb",
     retry_policy=TRANSIENT_RETRY,
     description=(
@@ -306,14 +322,13 @@ def qualitative_flags(
 
     started_at = datetime.now(UTC)
     profile = settings.profile()
-    root = settings.root()
+    store = settings.store()
     key = context.partition_key
-    catalog_dir = partition_dir(root, "posterior_catalog", key)
-    catalog = read_catalog(catalog_dir)
-    out = partition_dir(root, "qualitative_flags", key)
-    with fail_fast_on_bad_input(), atomic_partition_dir(out) as tmp:
-        flags = stages.catalog_flags(catalog, profile, root, _catalog_model(profile, root, catalog))
-        flags.write_parquet(tmp / "flags.parquet")
+    catalog = read_catalog(store.catalog(key))
+    out = store.flags(key)
+    with fail_fast_on_bad_input(), store.publish(out) as tmp:
+        flags = catalog_flags(catalog, profile, store, _catalog_model(profile, store, catalog))
+        flags.write_parquet(tmp / FLAGS_FILE)
     version = folder_version(out)
     counts = {c: int(flags[c].sum()) for c in (*FLAG_COLUMNS, *OPTIONAL_FLAG_COLUMNS) if c in flags}
     context.log.info(f"{key}: {counts} of {flags.height} galaxies")
@@ -323,7 +338,7 @@ def qualitative_flags(
         **{f"n_{c}": float(v) for c, v in counts.items()},
         **{f"fraction_{c}": float(v / max(flags.height, 1)) for c, v in counts.items()},
         "thresholds": MetadataValue.json(dataclasses.asdict(profile.flags)),
-        "path": MetadataValue.path(str(out / "flags.parquet")),
+        "path": MetadataValue.path(str(store.flags_file(key))),
         # ood_reason is null for a galaxy inside the training domain.
         "dagster/column_schema": _column_schema(
             flags, FLAGS_COLUMN_INFO, frozenset({"ood_reason"})
@@ -331,14 +346,14 @@ def qualitative_flags(
     }
     lineage.record_materialization(
         context,
-        asset="qualitative_flags",
+        asset=QUALITATIVE_FLAGS,
         partition=key,
         data_version=version,
         upstream=[
-            upstream_version(context, root, "posterior_catalog", key),
-            upstream_version(context, root, "psf_library"),
+            upstream_version(context, store, POSTERIOR_CATALOG, key),
+            upstream_version(context, store, PSF_LIBRARY),
         ],
-        input_paths=[catalog_dir / "catalog.parquet"],
+        input_paths=[store.catalog_file(key)],
         row_count=flags.height,
         started_at=started_at,
     )
@@ -351,7 +366,7 @@ def qualitative_flags(
     code_version="1",
     kinds={"matplotlib"},
     partitions_def=datasets,
-    deps=["posterior_catalog", "qualitative_flags", "calibrated_dropout_rate"],
+    deps=[POSTERIOR_CATALOG, QUALITATIVE_FLAGS, CALIBRATED_DROPOUT_RATE],
     pool="duckdb",
     retry_policy=TRANSIENT_RETRY,
     description=(
@@ -364,19 +379,17 @@ def qualitative_flags(
 def diagnostic_plots(context: AssetExecutionContext, settings: GampenSettings) -> MaterializeResult:
     started_at = datetime.now(UTC)
     profile = settings.profile()
-    root = settings.root()
+    store = settings.store()
     key = context.partition_key
-    catalog_dir = partition_dir(root, "posterior_catalog", key)
-    flags_dir = partition_dir(root, "qualitative_flags", key)
-    out = partition_dir(root, "diagnostic_plots", key)
+    out = store.plots(key)
     with fail_fast_on_bad_input():
-        paths = stages.diagnostics_and_publish(profile, root, key, device=settings.torch_device())
+        paths = stages.diagnostics_and_publish(profile, store, key, device=settings.torch_device())
     figures = {name: out / p.name for name, p in paths.items() if p.suffix == ".png"}
     context.log.info(f"{key}: wrote {len(figures)} figures to {out}")
     metadata: dict = {
         "n_figures": float(len(figures)),
         "figures": MetadataValue.md("\n".join(f"- `{p.name}`" for p in figures.values())),
-        "index": MetadataValue.path(str(out / "index.md")),
+        "index": MetadataValue.path(str(out / PLOTS_INDEX_FILE)),
     }
     shown = [n for n in EMBEDDED_FIGURES if n in figures]
     shown += sorted(n for n in figures if n.startswith("loss_curve_"))
@@ -387,15 +400,15 @@ def diagnostic_plots(context: AssetExecutionContext, settings: GampenSettings) -
         metadata["validation_report"] = MetadataValue.md(report.read_text())
     lineage.record_materialization(
         context,
-        asset="diagnostic_plots",
+        asset=DIAGNOSTIC_PLOTS,
         partition=key,
         data_version=folder_version(out),
         upstream=[
-            upstream_version(context, root, "posterior_catalog", key),
-            upstream_version(context, root, "qualitative_flags", key),
-            upstream_version(context, root, "calibrated_dropout_rate"),
+            upstream_version(context, store, POSTERIOR_CATALOG, key),
+            upstream_version(context, store, QUALITATIVE_FLAGS, key),
+            upstream_version(context, store, CALIBRATED_DROPOUT_RATE),
         ],
-        input_paths=[catalog_dir / "catalog.parquet", flags_dir / "flags.parquet"],
+        input_paths=[store.catalog_file(key), store.flags_file(key)],
         row_count=len(figures),
         started_at=started_at,
     )
@@ -418,7 +431,7 @@ class RobustnessConfig(Config):
     owners=OWNERS,
     code_version="1",
     kinds={"pytorch", "galsim"},
-    deps=["calibrated_dropout_rate", "psf_library", "noise_pool"],
+    deps=[CALIBRATED_DROPOUT_RATE, PSF_LIBRARY, NOISE_POOL],
     pool="gpu",
     retry_policy=TRANSIENT_RETRY,
     description=(
@@ -437,13 +450,13 @@ def robustness_report(
 
     started_at = datetime.now(UTC)
     profile = settings.profile()
-    root = settings.root()
-    out = partition_dir(root, "robustness_report")
+    store = settings.store()
+    out = store.robustness_report()
     with fail_fast_on_bad_input():
-        model = stages.champion_model(profile, root)
-        with atomic_partition_dir(out) as tmp:
+        model = stages.champion_model(profile, store)
+        with store.publish(out) as tmp:
             table, _, misses = stages.shift_suite(
-                profile, root, model, tmp, n_per_variation=config.n_per_variation,
+                profile, store, model, tmp, n_per_variation=config.n_per_variation,
                 seed=config.seed, device=settings.torch_device(),
                 n_workers=os.cpu_count() or 1, log=context.log.info,
             )  # fmt: skip
@@ -463,13 +476,13 @@ def robustness_report(
     }
     lineage.record_materialization(
         context,
-        asset="robustness_report",
+        asset=ROBUSTNESS_REPORT,
         partition=None,
         data_version=version,
         upstream=[
-            upstream_version(context, root, "calibrated_dropout_rate"),
-            upstream_version(context, root, "psf_library"),
-            upstream_version(context, root, "noise_pool"),
+            upstream_version(context, store, CALIBRATED_DROPOUT_RATE),
+            upstream_version(context, store, PSF_LIBRARY),
+            upstream_version(context, store, NOISE_POOL),
         ],
         input_paths=[model.model_dir],
         row_count=table.height,

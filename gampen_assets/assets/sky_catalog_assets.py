@@ -30,14 +30,11 @@ from dagster import (
 from gampen_assets import lineage
 from gampen_assets.assets._common import OWNERS, TRANSIENT_RETRY, md_table, upstream_version
 from gampen_assets.resources import GampenSettings
-from gampen_ml.catalog import CATALOG_FILE
-from gampen_ml.io import partition_dir
 from gampen_ml.sky_catalog import (
     SKY_CATALOG_ASSET,
     SOURCE_ASSET,
     SkyCatalogError,
     publish_sky_catalog,
-    sky_catalog_dir,
     verify_sky_catalog,
 )
 
@@ -71,7 +68,8 @@ SKY_CATALOG_CONDITION = (
 )
 def sky_catalog(context: AssetExecutionContext, settings: GampenSettings) -> MaterializeResult:
     started_at = datetime.now(UTC)
-    root = settings.root()
+    store = settings.store()
+    root = store.root
     try:
         update = publish_sky_catalog(root, log=context.log.info)
     except SkyCatalogError as exc:  # a bad row does not heal on a retry
@@ -99,12 +97,12 @@ def sky_catalog(context: AssetExecutionContext, settings: GampenSettings) -> Mat
         "pixels_rewritten": float(update.pixels_rewritten),
         "pixels_linked": float(update.pixels_linked),
         "seconds": float(update.seconds),
-        "path": MetadataValue.path(str(update.path or sky_catalog_dir(root))),
+        "path": MetadataValue.path(str(update.path or store.sky_catalog())),
     }
     # An incremental build reads its previous version and the partitions it (re)publishes
     # (nothing when nothing changed: the version is the previous one).
     read = [*update.added, *update.replaced]
-    upstream = [upstream_version(context, root, SOURCE_ASSET, key) for key in read]
+    upstream = [upstream_version(context, store, SOURCE_ASSET, key) for key in read]
     if update.changed and update.previous_version is not None:
         upstream.insert(0, (SKY_CATALOG_ASSET, None, update.previous_version))
     lineage.record_materialization(
@@ -113,7 +111,7 @@ def sky_catalog(context: AssetExecutionContext, settings: GampenSettings) -> Mat
         partition=None,
         data_version=update.version,
         upstream=upstream,
-        input_paths=[partition_dir(root, SOURCE_ASSET, key) / CATALOG_FILE for key in read],
+        input_paths=[store.catalog_file(key) for key in read],
         row_count=update.total_rows,
         started_at=started_at,
     )

@@ -7,7 +7,8 @@ for it. :func:`iterate_batches` shuffles across shards and gathers each batch wi
 sorted fancy-index per shard (no per-image file opens, no per-item ``__getitem__``).
 :func:`prefetch` runs such an iterator one or two batches ahead in a background thread,
 so gathering, augmentation and the arsinh scaling (NumPy, which releases the GIL) overlap
-the optimizer step.
+the optimizer step. :class:`SplitImages` is a lazy ``(N, S, S)`` view of one split for
+inference (:func:`split_inputs`).
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ import torch
 from gampen_ml.config import PARAMETERS
 from gampen_ml.data.transforms import LabelScaler, arsinh_image
 from gampen_ml.io import StorageError, load_npy_mmap
+from gampen_ml.store import IMAGES_FILE, LABELS_FILE
 
 T = TypeVar("T")
+#: Columns of the simulation labels that a catalog keeps as truths.
+TRUTH_COLUMNS = (*PARAMETERS, "component")
 
-IMAGES_FILE = "images.npy"
-LABELS_FILE = "labels.parquet"
 SPLITS = ("train", "val", "test")
 
 
@@ -251,3 +253,35 @@ def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
             except queue.Empty:
                 pass
         worker.join()
+
+
+class SplitImages:
+    """Lazy ``(N, S, S)`` float32 view of one split over several shards.
+
+    Slicing (``view[a:b]``) gathers only those galaxies from the memory-mapped shards, so
+    MC-dropout inference streams a split of any size in chunks.
+    """
+
+    def __init__(self, data: ShardImages) -> None:
+        self._data = data
+        self.shape = (len(data), data.image_px, data.image_px)
+        self.ndim = 3
+        self.dtype = np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, item: slice) -> np.ndarray:
+        if not isinstance(item, slice):
+            raise TypeError(f"SplitImages supports slices only, got {type(item).__name__}")
+        return self._data.images(np.arange(self.shape[0])[item])
+
+
+def split_inputs(
+    shard_dirs: Sequence[Path | str], split: str
+) -> tuple[SplitImages, pl.DataFrame, pl.DataFrame]:
+    """Images, meta (``galaxy_id``, ``psf_id``) and truths (:data:`TRUTH_COLUMNS`) of one
+    split of the simulated shards."""
+    data = ShardImages(shard_dirs, split)
+    meta = data.labels.select("galaxy_id", "psf_id")
+    return SplitImages(data), meta, data.labels.select(TRUTH_COLUMNS)

@@ -13,6 +13,7 @@ from gampen_ml.io import atomic_file
 from gampen_ml.metrics import has_truths
 from gampen_ml.plots import accuracy, labels, model, posteriors
 from gampen_ml.plots.common import save_figure
+from gampen_ml.store import PLOTS_INDEX_FILE
 
 #: Captions of the files :func:`make_catalog_figures` writes (also used in ``index.md``).
 CAPTIONS = {
@@ -121,7 +122,7 @@ def make_catalog_figures(
     lines = [f"# Diagnostic plots: {dataset}", "", f"{catalog.height} galaxies, {kind}.", ""]
     for name, path in paths.items():
         lines += [f"## {CAPTIONS[name]}", "", f"![{name}]({path.name})", ""]
-    index = out_dir / "index.md"
+    index = out_dir / PLOTS_INDEX_FILE
     with atomic_file(index) as tmp:
         Path(tmp).write_text("\n".join(lines))
     paths["index"] = index

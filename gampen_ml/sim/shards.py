@@ -39,10 +39,8 @@ from gampen_ml.sim.noise import draw_noise, read_noise_pool
 from gampen_ml.sim.parameters import PARAMETER_COLUMNS, quantize_sersic_n, sample_parameters
 from gampen_ml.sim.psf import read_psf_library
 from gampen_ml.sim.render import SERSIC_N_STEP, FastRenderer
+from gampen_ml.store import IMAGES_FILE, LABELS_FILE, SIMULATED_GALAXIES
 
-ASSET_NAME = "simulated_galaxies"
-IMAGES_FILE = "images.npy"
-LABELS_FILE = "labels.parquet"
 #: Columns and dtypes of ``labels.parquet``, in order (what :func:`shard_labels` builds).
 LABEL_SCHEMA: dict[str, pl.DataType] = {
     "galaxy_id": pl.Int64(),
@@ -104,7 +102,7 @@ def assign_splits(
 def shard_labels(profile: Profile, shard_key: str, n_psfs: int) -> pl.DataFrame:
     """The labels table of a shard (everything but the pixels), deterministic in the profile."""
     ids = shard_galaxy_ids(profile, shard_key)
-    rng = np.random.default_rng(derive_seed(profile.seed, ASSET_NAME, shard_key))
+    rng = np.random.default_rng(derive_seed(profile.seed, SIMULATED_GALAXIES, shard_key))
     n = len(ids)
     params = sample_parameters(profile.simulation.priors, n, rng)
     params = quantize_sersic_n(params, SERSIC_N_STEP)
@@ -112,7 +110,9 @@ def shard_labels(profile: Profile, shard_key: str, n_psfs: int) -> pl.DataFrame:
     split = assign_splits(n, profile.simulation.split_fractions, rng)
     seeds = rng.integers(0, np.iinfo(np.int64).max, size=n, dtype=np.int64)
     lo, hi = profile.noise.depth_scale_range
-    depth_rng = np.random.default_rng(derive_seed(profile.seed, f"{ASSET_NAME}/depth", shard_key))
+    depth_rng = np.random.default_rng(
+        derive_seed(profile.seed, f"{SIMULATED_GALAXIES}/depth", shard_key)
+    )
     noise_scale = np.exp(depth_rng.uniform(np.log(lo), np.log(hi), size=n))
     head = pl.DataFrame(
         {

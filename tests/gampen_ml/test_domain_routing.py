@@ -91,9 +91,7 @@ def write_survey_cutout(folder: Path, tag: str, image_nJy: np.ndarray, psf: np.n
 @pytest.fixture(scope="module")
 def galaxies(tiny_world):  # noqa: F811
     """The first test galaxies of the tiny world (nJy) and one library PSF."""
-    images, _, _ = stages.dataset_inputs(
-        TINY, tiny_world, stages.shard_dirs(TINY, tiny_world), stages.SIM_TEST, stages.SIM_TEST
-    )
+    images, _, _ = stages.dataset_inputs(TINY, tiny_world, stages.SIM_TEST)
     with fits.open(partition_dir(tiny_world, "psf_library") / "psfs.fits") as hdul:
         psf = np.asarray(hdul[0].data[0], dtype=np.float64)
     return np.asarray(images[:N_GALAXIES]), psf
