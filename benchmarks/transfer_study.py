@@ -18,6 +18,13 @@ star-forming knots, a Kolmogorov PSF, correlated noise), with known truth:
 3. **Fine-tune** the champion on each set through the ``finetuned_model`` asset's function
    (:func:`gampen_ml.finetune.finetune_and_publish`: default freezing, early stopping on
    ``val``, the champion's recalibration refit on ``val``), one domain partition per set.
+   Each set is fine-tuned twice, in two storage roots, with the same domain name (so the
+   same seeds): ``<work>/root`` recalibrates against the labels as given, ``<work>/root-eiv``
+   against the labels *deconvolved* from the labeller's measured errors (the set carries
+   :data:`gampen_ml.labelled.LABEL_ERRORS_FILE`, built by
+   :func:`gampen_ml.labelled.label_errors_table` from the fitter's ``ok`` labels and their
+   truths: the same residuals the drawn labels were made from, so for those labels the
+   error model is exact by construction).
 4. **Score** the champion and each fine-tuned model on the test split against the truth
    (:func:`gampen_ml.finetune.domain_catalog`, one MC seed for all models): sigma and the
    68th percentile of |residual| per parameter (absolute, and relative for Re and flux) and
@@ -59,10 +66,14 @@ from gampen_ml.finetune import (
     finetune_and_publish,
     residual_summary,
 )
-from gampen_ml.io import partition_dir
+from gampen_ml.io import file_sha256, partition_dir
 from gampen_ml.label import STATUS_OK, label_folder, read_labels
-from gampen_ml.labelled import publish_labelled_set
-from gampen_ml.metrics import residuals
+from gampen_ml.labelled import (
+    LABEL_ERRORS_FILE,
+    label_errors_table,
+    publish_labelled_set,
+)
+from gampen_ml.metrics import covered, residuals
 from gampen_ml.sim.target_domain import (
     FROZEN_TEST_SEED,
     TRUTH_FILE,
@@ -192,14 +203,27 @@ def declare(dagster_home: Path, name: str):
 
 
 def publish(
-    profile, root: Path, work: Path, name: str, labels: pl.DataFrame, sources: dict[str, Path]
+    profile,
+    root: Path,
+    work: Path,
+    name: str,
+    labels: pl.DataFrame,
+    sources: dict[str, Path],
+    label_errors: pl.DataFrame | None = None,
 ) -> Path:
-    """Publish ``labels`` (``file`` = ``<pool|test>/<cutout>``) as ``labelled_set/<name>``."""
+    """Publish ``labels`` (``file`` = ``<pool|test>/<cutout>``) as ``labelled_set/<name>``.
+
+    With ``label_errors`` the source folder (``<work>/labelled-eiv/<name>``) also holds the
+    labeller's error table, which the set then carries.
+    """
     out = partition_dir(root, LABELLED_ASSET, name)
     if (out / "manifest.json").is_file():
         return out
     domain = declare(work / "dagster_home", name)
-    source = work / "labelled" / name
+    source = work / ("labelled" if label_errors is None else "labelled-eiv") / name
+    if label_errors is not None:
+        source.mkdir(parents=True, exist_ok=True)
+        label_errors.write_parquet(source / LABEL_ERRORS_FILE)
     for file in labels["file"]:
         sub, cutout = file.split("/", 1)
         link(sources[sub] / cutout, source / file)
@@ -222,6 +246,26 @@ def summarise(catalog: pl.DataFrame, model: str) -> list[dict]:
             row["frac_sigma"] = float(np.nanstd(r))
             row["frac_p68_abs_residual"] = float(np.nanpercentile(np.abs(r), 68))
     return rows
+
+
+def bt_coverage_by_component(catalog: pl.DataFrame, truth: pl.DataFrame) -> dict:
+    """B/T coverage (68.27 / 95.45 %) of single-component (B/T exactly 0 or 1) and two-component
+    galaxies: the first can only be covered by an interval that reaches 0 or 1."""
+    files = catalog["source_file"].str.split("/").list.last()
+    component = (
+        pl.DataFrame({"file": files}).join(truth.select("file", "component"), on="file", how="left")
+    )["component"].to_numpy()
+    groups = {"single": component != "bulge+disk", "two": component == "bulge+disk"}
+    return {
+        name: {
+            "n": int(mask.sum()),
+            **{
+                key: float(covered(catalog, "bt", level)[mask].mean())
+                for key, level in zip(LEVEL_KEYS[:2], (0.6827, 0.9545), strict=True)
+            },
+        }
+        for name, mask in groups.items()
+    }
 
 
 def markdown(result: dict) -> str:
@@ -262,11 +306,53 @@ def markdown(result: dict) -> str:
         )
     lines.append(f"| from scratch on 10x domain sims | – | – | – | {FROM_SCRATCH_NOTE} |||||||||")
     lab = result["labeller"]
+    errors = result["label_errors"]
+    p68 = errors["p68_abs"]
     lines += [
         "",
         "σ: standard deviation of mode − truth; p68: 68th percentile of |mode − truth|; Re and "
         "flux relative to the truth (absolute values in the JSON). Coverage in %: the truth "
         "inside the model's HPD interval.",
+        "",
+        "**Recalibration against the labels vs deconvolved from the label errors.** Each "
+        "label set is fine-tuned twice with the same seeds (same weights: "
+        + (
+            "yes"
+            if len({m.get("weights_sha256") for m in result["models"] if "weights_sha256" in m})
+            == len({m["n_train"] for m in result["models"] if "n_train" in m})
+            else "NO, see weights_sha256 in the JSON"
+        )
+        + "); only the recalibration on `val` differs. *Against the labels*: the intervals are "
+        "fit to cover the fitter's labels, label noise included. *Deconvolved*: the set "
+        f"carries a label-error table of the {errors['n_rows']} `ok` fits (label − truth "
+        f"for B/T, label / truth − 1 for Re and flux; p68 |error| B/T {p68['bt_error']:.3f}, "
+        f"Re {100 * p68['re_rel_error']:.1f} %, flux {100 * p68['flux_rel_error']:.1f} %), "
+        "and every val label is compared with the posterior convolved with those errors "
+        "(`gampen_ml.calibrate.LabelNoise`). The error model is **exact by construction** for "
+        "the drawn labels (they were made from the same residuals, drawn the same way) and is "
+        "the fitter's own residuals for the fitter-labelled ones: a best case. On a real "
+        "survey the table comes from injected galaxies, and is only as good as the injections' "
+        "resemblance to the survey's galaxies, PSF and noise.",
+        "",
+        "B/T coverage by kind of test galaxy (single component: true B/T exactly 0 or 1, "
+        "covered only by an interval that reaches 0 or 1; two components: 0 < B/T < 1):",
+        "",
+        "| model | single-component: n, cov. 68.27 %, 95.45 % | two-component: n, cov. 68.27 %, "
+        "95.45 % |",
+        "|---|---|---|",
+    ]
+    for m in result["models"]:
+        if "bt_coverage_by_component" in m:
+            c = m["bt_coverage_by_component"]
+            lines.append(
+                f"| {m['name']} | "
+                + " | ".join(
+                    f"{c[k]['n']}, {pct(c[k]['coverage_68'])}, {pct(c[k]['coverage_95'])}"
+                    for k in ("single", "two")
+                )
+                + " |"
+            )
+    lines += [
         "",
         f"Labeller on its {lab['n_galaxies']} galaxies (bulge+disk, {result['workers']} "
         f"workers): seconds per galaxy median {lab['seconds_median']:.1f}, mean "
@@ -338,54 +424,82 @@ def main() -> None:
     test_dir = publish(profile, root, work, TEST_DOMAIN, test_labels, sources)
     base = champion_model(profile, root)
     mc_seed = FROZEN_TEST_SEED
+    champion_catalog = domain_catalog(
+        profile, base, test_dir, "test", seed=mc_seed, domain=TEST_DOMAIN
+    )
     models = [
         {
             "name": f"champion ({base.model_name} v{base.model_version})",
-            "test": summarise(
-                domain_catalog(profile, base, test_dir, "test", seed=mc_seed, domain=TEST_DOMAIN),
-                "champion",
-            ),
+            "test": summarise(champion_catalog, "champion"),
+            "bt_coverage_by_component": bt_coverage_by_component(champion_catalog, test_truth),
         }
     ]
+    # The labeller's errors on its ok fits: the table the deconvolved rows calibrate with.
+    errors = label_errors_table(fits, pool_truth)
+    errors.write_parquet(work / "label_errors.parquet")
+    root_eiv = work / "root-eiv"
+    for asset in CHAMPION_ASSETS:
+        if not (root_eiv / asset).exists():
+            shutil.copytree(root / asset, root_eiv / asset)  # the same champion
     config = FinetuneConfig(max_epochs=args.max_epochs, patience=args.patience)
     for size in sizes:
         name = f"sim-knots-l{size}"
         subset = labels.filter(pl.col("position") < size)
-        publish(profile, root, work, name, subset, sources)
-        started = time.perf_counter()
-        if finetuned_model(profile, root, name) is None:
-            finetune_and_publish(profile, root, name, config=config, log=print)
-        metrics = json.loads(
-            (partition_dir(root, "finetuned_model", name) / "metrics.json").read_text()
-        )
-        model = finetuned_model(profile, root, name)
-        catalog = domain_catalog(profile, model, test_dir, "test", seed=mc_seed, domain=TEST_DOMAIN)
         counts = subset.group_by("label_source").len()
-        models.append(
-            {
-                "name": f"fine-tuned, {size} labels (freeze {config.freeze})",
-                "labels": {
-                    "fitter": int(counts.filter(pl.col("label_source") == "fitter")["len"].sum()),
-                    "drawn": int(counts.filter(pl.col("label_source") != "fitter")["len"].sum()),
-                },
-                "seconds": time.perf_counter() - started,
-                **{
-                    k: metrics[k]
-                    for k in (
-                        "n_train",
-                        "n_val",
-                        "best_epoch",
-                        "epochs_run",
-                        "val_loss_before",
-                        "val_loss_after",
-                        "learning_rate",
-                    )
-                },
-                "val_coverage": metrics["val_coverage"],
-                "test": summarise(catalog, "finetuned"),
-            }
-        )
-        print(f"{name}: done ({models[-1]['seconds']:.0f} s)")
+        for calibration, store, table in (
+            ("labels", root, None),
+            ("deconvolved", root_eiv, errors),
+        ):
+            publish(profile, store, work, name, subset, sources, label_errors=table)
+            started = time.perf_counter()
+            if finetuned_model(profile, store, name) is None:
+                finetune_and_publish(profile, store, name, config=config, log=print)
+            folder = partition_dir(store, "finetuned_model", name)
+            metrics = json.loads((folder / "metrics.json").read_text())
+            recalibration = json.loads((folder / "calibration.json").read_text())["recalibration"]
+            model = finetuned_model(profile, store, name)
+            catalog = domain_catalog(
+                profile, model, test_dir, "test", seed=mc_seed, domain=TEST_DOMAIN
+            )
+            what = (
+                "recalibrated against the labels"
+                if table is None
+                else "recalibrated against the labels deconvolved from the label errors"
+            )
+            models.append(
+                {
+                    "name": f"fine-tuned, {size} labels (freeze {config.freeze}), {what}",
+                    "calibration": calibration,
+                    "labels": {
+                        "fitter": int(
+                            counts.filter(pl.col("label_source") == "fitter")["len"].sum()
+                        ),
+                        "drawn": int(
+                            counts.filter(pl.col("label_source") != "fitter")["len"].sum()
+                        ),
+                    },
+                    "seconds": time.perf_counter() - started,
+                    **{
+                        k: metrics[k]
+                        for k in (
+                            "n_train",
+                            "n_val",
+                            "best_epoch",
+                            "epochs_run",
+                            "val_loss_before",
+                            "val_loss_after",
+                            "learning_rate",
+                        )
+                    },
+                    "label_errors": metrics.get("label_errors"),
+                    "weights_sha256": file_sha256(folder / "state_dict.pt"),
+                    "recalibration": {k: recalibration[k] for k in ("scale", "exponent", "floor")},
+                    "val_coverage": metrics["val_coverage"],
+                    "test": summarise(catalog, "finetuned"),
+                    "bt_coverage_by_component": bt_coverage_by_component(catalog, test_truth),
+                }
+            )
+            print(f"{name} ({calibration}): done ({models[-1]['seconds']:.0f} s)")
 
     fitted = fits.join(
         pool_truth.select("file", *(pl.col(p).alias(f"{p}_true") for p in PARAMETERS)),
@@ -419,6 +533,14 @@ def main() -> None:
         },
         "models": models,
         "from_scratch": FROM_SCRATCH_NOTE,
+        "label_errors": {
+            "n_rows": errors.height,
+            "sha256": file_sha256(work / "label_errors.parquet"),
+            "p68_abs": {
+                c: float(np.percentile(np.abs(errors[c].to_numpy()), 68))
+                for c in ("bt_error", "re_rel_error", "flux_rel_error")
+            },
+        },
         "finetune_config": {
             "freeze": config.freeze,
             "max_epochs": config.max_epochs,

@@ -377,6 +377,16 @@ def cmd_label(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_label_errors(args: argparse.Namespace) -> None:
+    from gampen_ml.labelled import LABEL_ERROR_COLUMNS, write_label_errors
+
+    table = write_label_errors(Path(args.labels), Path(args.truth), Path(args.out))
+    p68 = ", ".join(
+        f"{c} {table[c].abs().quantile(0.68):.3g}" for c in LABEL_ERROR_COLUMNS.values()
+    )
+    print(f"{table.height} injected galaxies' label errors written to {args.out} (p68: {p68})")
+
+
 # --- queries --------------------------------------------------------------------------
 
 
@@ -605,6 +615,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="keep the rows of --out and skip their files"
     )
     p.add_argument("--workers", type=int, default=1, help="fit processes (default 1)")
+
+    p = add(
+        "label-errors",
+        cmd_label_errors,
+        "measure the labeller's errors on injected galaxies (their labels vs their truth) "
+        "into a labelled folder's _label_errors.parquet",
+    )
+    p.add_argument("labels", help="the labeller's table on the injected galaxies (gampen label)")
+    p.add_argument("--truth", required=True, help="their truths: file, bt, re_arcsec, flux_nJy")
+    p.add_argument(
+        "--out", required=True, help="table to write: <labelled folder>/_label_errors.parquet"
+    )
 
     for name, func, help in (
         ("sql", cmd_sql, "run a SQL query on a read-only connection to the catalog database"),

@@ -23,7 +23,8 @@ pixel scale; a few hundred to a few thousand fitter-labelled galaxies of that su
 4. **Recalibrate** on the same ``val`` split with the champion's method: the dropout rate
    is the champion's, and when the champion is recalibrated its recalibration is refit
    (:func:`gampen_ml.stages.recalibrate_on_validation`: mean shift, tail exponent, spread factor and
-   error floor on the physical coverage), never copied.
+   error floor on the physical coverage), never copied; against the labels deconvolved from
+   the labeller's measured errors when the set has them (**Label noise** below).
 5. **Score** the ``test`` split with the fine-tuned model and with the champion (same MC
    seed): residual sigma, 68th percentile of |residual| and coverage per parameter.
 6. **Publish** ``<root>/finetuned_model/<domain>/`` atomically: the files of a
@@ -46,9 +47,18 @@ crop/pad rule), as prediction reads a domain's cutouts straight to the model's s
 throw away trained weights, and fails outright for small stamps (the localisation
 convolutions need at least 41 px after pooling).
 
-The labeller's uncertainties (``*_sigma``) are stored with the labelled set but not used
-by the loss: the posterior learns the scatter of the labels it is given, label noise
-included, and the validation coverage is measured against those same labels.
+**Label noise.** The labeller's per-galaxy uncertainties (``*_sigma``) are stored with the
+labelled set but not used: the loss trains on the labels as given, so the posterior learns
+their scatter, label noise included, and a profile fitter's own widths are far too small to
+describe its error (they cover a few per cent of the truths on the transfer study's domain).
+What is used, when the labelled set has one, is the labeller's *measured* error
+distribution: a table of its errors on injected galaxies
+(:data:`gampen_ml.labelled.LABEL_ERRORS_FILE`). The recalibration then compares each val
+label with the posterior convolved with those errors (:class:`gampen_ml.calibrate.LabelNoise`:
+every draw gets an error row drawn from the table), so the intervals it fits describe the
+truth rather than truth plus label noise; they are applied to the plain posterior. Without
+such a table the validation coverage is measured against the labels themselves, and the
+intervals come out as wide as the label noise demands.
 """
 
 from __future__ import annotations
@@ -70,11 +80,17 @@ import torch
 from torch import nn
 
 from gampen_ml.calibrate import Recalibration, coverage_table
-from gampen_ml.config import PARAMETERS, ConfigError, Profile, derive_seed
+from gampen_ml.config import PARAMETERS, ConfigError, NetworkConfig, Profile, derive_seed
 from gampen_ml.data.datasets import ShardImages, epoch_order, iterate_batches, prefetch
 from gampen_ml.data.transforms import LabelScaler
 from gampen_ml.io import atomic_partition_dir, load_npy_mmap, partition_dir
-from gampen_ml.labelled import LabelledSetError, label_set_sha256, read_manifest
+from gampen_ml.labelled import (
+    LabelledSetError,
+    label_errors_record,
+    label_set_sha256,
+    read_label_errors,
+    read_manifest,
+)
 from gampen_ml.model import GaMPEN, gaussian_nll
 
 #: Asset (and storage folder) names of the two stages of transfer learning.
@@ -87,6 +103,12 @@ FREEZE_CHOICES: dict[str, str] = {
     "stn": "STN frozen; every convolution and the head train",
     "none": "every layer trains",
 }
+#: Where each ``FinetuneConfig.init`` choice starts the weights.
+INIT_CHOICES: dict[str, str] = {
+    "base": "the champion's trained weights",
+    "random": "the champion's architecture and label scaler, weights freshly initialised "
+    "(seeded) as the profile's training initialises them",
+}
 CALIBRATION_FILE = "calibration.json"
 COVERAGE_FILE = "coverage.parquet"
 METRICS_FILE = "metrics.json"
@@ -97,6 +119,7 @@ BASE_VERSION_TAG = "gampen.base_model_version"
 LABEL_SET_TAG = "gampen.label_set_sha256"
 DOMAIN_TAG = "gampen.domain"
 FREEZE_TAG = "gampen.freeze"
+LABEL_NOISE_TAG = "gampen.label_errors_sha256"
 
 
 @dataclass(frozen=True)
@@ -121,6 +144,10 @@ class FinetuneConfig:
         None: the profile's.
     grad_clip_norm : float or None
         Clip the global gradient norm of the trained parameters (None: no clipping).
+    init : str
+        One of :data:`INIT_CHOICES`. ``random`` trains from scratch: it needs ``freeze``
+        ``none``, its default learning rate is the profile's, and the untrained weights are
+        no early-stopping candidate (epoch 0).
     """
 
     freeze: str = "convolutions"
@@ -130,11 +157,19 @@ class FinetuneConfig:
     min_delta: float = 0.0
     batch_size: int | None = None
     grad_clip_norm: float | None = 1.0
+    init: str = "base"
 
     def __post_init__(self) -> None:
         if self.freeze not in FREEZE_CHOICES:
             raise ConfigError(
                 f"finetune freeze {self.freeze!r} is not one of {sorted(FREEZE_CHOICES)}"
+            )
+        if self.init not in INIT_CHOICES:
+            raise ConfigError(f"finetune init {self.init!r} is not one of {sorted(INIT_CHOICES)}")
+        if self.init == "random" and self.freeze != "none":
+            raise ConfigError(
+                f"finetune init 'random' trains every layer: freeze must be 'none', not "
+                f"{self.freeze!r}"
             )
         if self.lr_factor is not None and not self.lr_factor > 0:
             raise ConfigError(f"finetune lr_factor must be > 0, got {self.lr_factor}")
@@ -150,7 +185,7 @@ class FinetuneConfig:
         """The learning rate of this fine-tuning under ``profile``."""
         factor = self.lr_factor
         if factor is None:
-            factor = 1.0 if self.freeze == "convolutions" else 0.1
+            factor = 1.0 if self.freeze == "convolutions" or self.init == "random" else 0.1
         return factor * profile.training.learning_rate
 
 
@@ -354,6 +389,11 @@ def finetune_model(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, scaler, base_meta = load_trained_model(base_model_dir, device)
     image_px = int(base_meta["image_px"])
+    if config.init == "random":
+        # As gampen_ml.train initialises a network: seed, then construct.
+        torch.manual_seed(seed)
+        network = NetworkConfig(**base_meta["network"])
+        model = GaMPEN(network, float(base_meta["dropout_rate"]), image_px).to(device)
     train_set = ModelSizedImages(ShardImages([labelled_dir], "train"), image_px)
     val_set = ModelSizedImages(ShardImages([labelled_dir], "val"), image_px)
     if len(train_set) == 0 or len(val_set) == 0:
@@ -373,12 +413,14 @@ def finetune_model(
         return evaluate_loss(model, val_set, scaler, batch_size, device)
 
     before = val_loss()
-    best_loss, best_epoch = before, 0
+    # A random initialisation is no candidate: the first epoch always replaces it.
+    best_loss = before if config.init == "base" else math.inf
+    best_epoch = 0
     best_state = copy.deepcopy(model.state_dict())
     log(
-        f"fine-tuning {trainable_parameters(model):,} parameters (freeze {config.freeze}, "
-        f"lr {lr:.3g}) on {len(train_set)} train / {len(val_set)} val galaxies; "
-        f"val loss of the champion {before:.4f}"
+        f"fine-tuning {trainable_parameters(model):,} parameters (init {config.init}, freeze "
+        f"{config.freeze}, lr {lr:.3g}) on {len(train_set)} train / {len(val_set)} val "
+        f"galaxies; val loss at epoch 0 {before:.4f}"
     )
     history: list[dict] = []
     stale = 0
@@ -511,18 +553,28 @@ def calibrate_on_split(
     samples with ``profile.inference.n_passes_calibration`` passes, the raw HPD coverage,
     then :func:`gampen_ml.stages.recalibrate_on_validation` fit on these galaxies only.
 
+    When ``labelled_dir`` holds a label-error table
+    (:data:`gampen_ml.labelled.LABEL_ERRORS_FILE`), every coverage, raw and recalibrated, is
+    that of the labels by the posterior convolved with the label errors
+    (:class:`gampen_ml.calibrate.LabelNoise`, seeded from ``seed``): an estimate of the
+    coverage of the truth; the recalibration is fit to it and applies to the plain posterior.
+
     Returns
     -------
     (recalibration, coverage)
         ``coverage`` holds the raw rows and, when recalibrated, the recalibrated ones
         (``gampen_ml.calibrate.COVERAGE_TABLE_SCHEMA``).
     """
+    from gampen_ml.calibrate import LabelNoise
     from gampen_ml.catalog import SAMPLES_FILE, catalog_from_images
+    from gampen_ml.posterior import summarize
     from gampen_ml.stages import recalibrate_on_validation
     from gampen_ml.train import load_trained_model
 
     net, scaler, meta = load_trained_model(model_dir, device)
     rate = float(meta["dropout_rate"])
+    errors = read_label_errors(labelled_dir)
+    label_noise = None if errors is None else LabelNoise(errors, derive_seed(seed, "label_noise"))
     images, ids, truths = labelled_split(labelled_dir, split, int(meta["image_px"]))
     inference, levels = profile.inference, profile.calibration.levels
     with tempfile.TemporaryDirectory(prefix="gampen-finetune-") as work:
@@ -543,25 +595,34 @@ def calibrate_on_split(
             flags=profile.flags,
             device=device,
         )
+        samples = np.array(load_npy_mmap(Path(work) / SAMPLES_FILE), dtype=np.float32)
+    if label_noise is None:
         raw = coverage_table(catalog, None, levels, dropout_rate=rate, split=split)
-        if not recalibrate:
-            return None, raw
-        if len(images) < 100:
-            log(
-                f"recalibration fit on only {len(images)} {split} galaxies: its coverage is "
-                "uncertain by several points; label more galaxies"
-            )
-        samples = np.asarray(load_npy_mmap(Path(work) / SAMPLES_FILE), dtype=np.float32)
-        recalibration, recalibrated = recalibrate_on_validation(
-            samples,
-            scaler,
-            truths,
-            raw,
-            levels,
-            rate,
-            log,
-            spread_drivers=profile.calibration.spread_drivers,
+    else:
+        log(
+            f"{split} coverage against the labels deconvolved from {len(errors)} measured "
+            "label errors"
         )
+        noised = summarize(label_noise.add_all(scaler.inverse(samples)))
+        raw = coverage_table(noised, truths, levels, dropout_rate=rate, split=split)
+    if not recalibrate:
+        return None, raw
+    if len(images) < 100:
+        log(
+            f"recalibration fit on only {len(images)} {split} galaxies: its coverage is "
+            "uncertain by several points; label more galaxies"
+        )
+    recalibration, recalibrated = recalibrate_on_validation(
+        samples,
+        scaler,
+        truths,
+        raw,
+        levels,
+        rate,
+        log,
+        spread_drivers=profile.calibration.spread_drivers,
+        label_noise=label_noise,
+    )
     return recalibration, pl.concat([raw, recalibrated])
 
 
@@ -716,6 +777,8 @@ def finetune_and_publish(
             log=log,
         )
         coverage.write_parquet(tmp / COVERAGE_FILE)
+        # The labeller's measured errors the val coverage was deconvolved from (None: none).
+        label_errors = label_errors_record(labelled_dir)
         candidate = PredictionModel(tmp, name, "unregistered", base.dropout_rate, recalibration)
         test_summary = []
         n_test = int(manifest["splits"].get("test", 0))
@@ -741,6 +804,7 @@ def finetune_and_publish(
             "trainable_parameters": training.trainable_parameters,
             "val_coverage": final.to_dicts(),
             "test": test_summary,
+            "label_errors": label_errors,
         }
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
         curve = [{"epoch": 0, "val_loss": training.val_loss_before}, *training.history]
@@ -766,6 +830,7 @@ def finetune_and_publish(
             "freeze": config.freeze,
             "n_val_galaxies": training.n_val,
             "coverage": coverage.to_dicts(),
+            "label_errors": label_errors,
             "training_domain": labelled_training_domain(
                 profile, labelled_dir, candidate.image_px
             ).to_dict(),
@@ -818,6 +883,7 @@ def _register(
     from gampen_ml.registry import log_training_run
     from gampen_ml.train import load_trained_model
 
+    label_errors = label_errors_record(labelled_dir)
     net, scaler, meta = load_trained_model(model_dir, "cpu")
     images, _, _ = labelled_split(labelled_dir, "val", int(meta["image_px"]))
     # A small input batch and its outputs: the signature stored in the MLmodel file.
@@ -850,6 +916,7 @@ def _register(
             LABEL_SET_TAG: sha,
             DOMAIN_TAG: domain,
             FREEZE_TAG: config.freeze,
+            **({LABEL_NOISE_TAG: label_errors["sha256"]} if label_errors else {}),
         },
         metrics=metrics,
     )

@@ -38,12 +38,24 @@ shard, so :class:`gampen_ml.data.datasets.ShardImages` reads it: ``images.npy``
 ``(N, S, S)`` float32 nJy per pixel (``S`` = the domain's stamp size), ``labels.parquet``
 (:data:`STORED_COLUMNS`) and ``manifest.json`` (what was accepted, rejected and why, and
 the set's SHA-256, :func:`label_set_sha256`).
+
+**The labeller's errors.** A folder may also hold :data:`LABEL_ERRORS_FILE`
+(``_label_errors.parquet``; the ``_`` keeps it out of the cutout scan): the labeller's
+errors measured by injection-recovery, one row per injected galaxy (rendered like the
+survey, labelled by the same labeller, compared to its truth; :func:`label_errors_table`
+builds it). Columns :data:`LABEL_ERROR_COLUMNS`: ``bt_error`` = label - truth,
+``re_rel_error`` and ``flux_rel_error`` = label / truth - 1; ``file`` and the truths
+(``bt_true``, ``re_arcsec_true``, ``flux_nJy_true``) may be kept for reference. It is
+validated (:func:`check_label_errors`) and stored with the set, which its SHA-256 then
+covers; fine-tuning recalibrates against the labels *deconvolved* from these errors
+(:class:`gampen_ml.calibrate.LabelNoise`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +63,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from gampen_ml.calibrate import LABEL_ERROR_COLUMNS
 from gampen_ml.config import PARAMETERS, Profile
 from gampen_ml.data.datasets import IMAGES_FILE, LABELS_FILE, SPLITS
 from gampen_ml.domains import Domain
@@ -71,6 +84,11 @@ OPTIONAL_COLUMNS = ("hdu", *SIGMA_COLUMNS.values(), "split")
 #: Fractions of train / val / test of the hash split.
 SPLIT_FRACTIONS = (0.70, 0.15, 0.15)
 MANIFEST_FILE = "manifest.json"
+#: The labeller's measured errors, in a labelled folder and in the stored set (optional).
+LABEL_ERRORS_FILE = "_label_errors.parquet"
+#: Fewest injected galaxies a label-error table may hold: its rows are the whole error
+#: distribution (tails included) that the recalibration deconvolves.
+MIN_LABEL_ERROR_ROWS = 50
 #: Sub-folder of ``Settings.quarantine`` for labelled sets (then one folder per domain).
 QUARANTINE_FOLDER = "labelled"
 
@@ -380,12 +398,16 @@ def load_labelled_set(folder: Path | str, domain: Domain, profile: Profile) -> L
 def label_set_sha256(folder: Path | str) -> str:
     """SHA-256 identifying a stored labelled set: over its ``labels.parquet`` and ``images.npy``.
 
-    Hex SHA-256 of the text ``labels.parquet:<sha256 of the file>\\nimages.npy:<sha256>``;
-    the fine-tuned model records it (MLflow tag ``gampen.label_set_sha256``).
+    Hex SHA-256 of the text ``labels.parquet:<sha256 of the file>\\nimages.npy:<sha256>``
+    (plus ``\\n_label_errors.parquet:<sha256>`` when the set has a label-error table); the
+    fine-tuned model records it (MLflow tag ``gampen.label_set_sha256``).
     """
     folder = Path(folder)
     text = f"{LABELS_FILE}:{file_sha256(folder / LABELS_FILE)}\n"
     text += f"{IMAGES_FILE}:{file_sha256(folder / IMAGES_FILE)}"
+    if (folder / LABEL_ERRORS_FILE).is_file():
+        # Only when present, so the hash of a set without one is what it always was.
+        text += f"\n{LABEL_ERRORS_FILE}:{file_sha256(folder / LABEL_ERRORS_FILE)}"
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -440,6 +462,8 @@ def publish_labelled_set(
         files are quarantined first).
     """
     source, out_dir = Path(source), Path(out_dir)
+    errors_path = source / LABEL_ERRORS_FILE
+    errors = read_label_errors(source)  # a bad table fails the run before anything moves
     data = load_labelled_set(source, domain, profile)
     for rejection in data.rejections:
         log(f"quarantine {rejection.file}: {rejection.reason}")
@@ -458,6 +482,8 @@ def publish_labelled_set(
     with atomic_partition_dir(out_dir) as tmp:
         save_npy(tmp / IMAGES_FILE, data.images.astype(np.float32, copy=False))
         data.labels.write_parquet(tmp / LABELS_FILE)
+        if errors is not None:
+            shutil.copyfile(errors_path, tmp / LABEL_ERRORS_FILE)
         sha = label_set_sha256(tmp)
         manifest = {
             "domain": domain.name,
@@ -477,13 +503,16 @@ def publish_labelled_set(
                 {"row": r.row, "file": r.file, "reason": r.reason} for r in data.row_rejections
             ],
             "unlabelled_files": data.unlabelled_files,
+            "label_errors": None if errors is None else label_errors_record(tmp),
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     moved = quarantine(data.rejections, source, quarantine_root, batch_name=domain.name)
     log(
         f"labelled set {domain.name}: {data.labels.height} galaxies "
         f"({', '.join(f'{k} {v}' for k, v in counts.items())}), {len(moved)} file(s) "
-        f"quarantined, {len(data.row_rejections)} row(s) left out, sha256 {sha[:16]}"
+        f"quarantined, {len(data.row_rejections)} row(s) left out, "
+        + (f"label errors of {len(errors)} injected galaxies, " if errors is not None else "")
+        + f"sha256 {sha[:16]}"
     )
     return LabelledSetResult(out_dir, data.labels.height, counts, sha, manifest, moved)
 
@@ -494,3 +523,187 @@ def read_manifest(folder: Path | str) -> dict:
     if not path.is_file():
         raise LabelledSetError(path, "missing: materialize labelled_set for this domain first")
     return json.loads(path.read_text())
+
+
+def label_errors_table(labels: pl.DataFrame, truth: pl.DataFrame) -> pl.DataFrame:
+    """The labeller's errors on injected galaxies: its labels against their truth.
+
+    Parameters
+    ----------
+    labels : pl.DataFrame
+        The labeller's table on the injected galaxies (``gampen label``'s output): ``file``
+        and the three labels; with a ``fit_status`` column only ``ok`` rows count, and rows
+        with a missing or non-finite label are left out (a failed fit is no label).
+    truth : pl.DataFrame
+        ``file`` and the true ``bt``, ``re_arcsec``, ``flux_nJy`` of the same galaxies
+        (e.g. ``gampen_ml.sim.target_domain``'s ``_truth.parquet``); ``file`` is unique.
+
+    Returns
+    -------
+    pl.DataFrame
+        One row per galaxy with a usable label, sorted by ``file``: ``file``,
+        :data:`LABEL_ERROR_COLUMNS` (``bt_error`` = label - truth, ``re_rel_error`` and
+        ``flux_rel_error`` = label / truth - 1) and the truths ``<parameter>_true``.
+        Write it as ``<labelled folder>/``:data:`LABEL_ERRORS_FILE`.
+
+    Raises
+    ------
+    ValueError
+        When a column is missing or ``truth`` names a file twice.
+    """
+    for name, table in (("labels", labels), ("truth", truth)):
+        missing = [c for c in ("file", *PARAMETERS) if c not in table.columns]
+        if missing:
+            raise ValueError(f"label_errors_table: {name} lacks column(s) {missing}")
+    duplicated = truth.filter(pl.col("file").is_duplicated())["file"].unique().to_list()
+    if duplicated:
+        raise ValueError(f"label_errors_table: truth names file(s) {duplicated[:5]} twice")
+    if "fit_status" in labels.columns:
+        labels = labels.filter(pl.col("fit_status") == "ok")
+    usable = pl.all_horizontal(pl.col(p).is_not_null() & pl.col(p).is_finite() for p in PARAMETERS)
+    joined = (
+        labels.select("file", *PARAMETERS)
+        .filter(usable)
+        .join(
+            truth.select("file", *(pl.col(p).alias(f"{p}_true") for p in PARAMETERS)),
+            on="file",
+            how="inner",
+        )
+    )
+    return joined.select(
+        "file",
+        (pl.col("bt") - pl.col("bt_true")).alias(LABEL_ERROR_COLUMNS["bt"]),
+        (pl.col("re_arcsec") / pl.col("re_arcsec_true") - 1).alias(
+            LABEL_ERROR_COLUMNS["re_arcsec"]
+        ),
+        (pl.col("flux_nJy") / pl.col("flux_nJy_true") - 1).alias(LABEL_ERROR_COLUMNS["flux_nJy"]),
+        *(f"{p}_true" for p in PARAMETERS),
+    ).sort("file")
+
+
+def check_label_errors(table: pl.DataFrame, path: Path | str) -> np.ndarray:
+    """Validate a label-error table; return its ``(R, 3)`` float64 error rows.
+
+    Raises
+    ------
+    LabelledSetError
+        Naming ``path``: a missing column, fewer than :data:`MIN_LABEL_ERROR_ROWS` rows, or
+        a value that is missing, not finite, a B/T error outside [-1, 1] or a relative
+        error <= -1 (a label <= 0), with the first offending rows (1 = first data row).
+    """
+    columns = list(LABEL_ERROR_COLUMNS.values())
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise LabelledSetError(
+            path,
+            f"missing column(s) {missing} of a label-error table; required: "
+            f"{', '.join(columns)} (B/T: label - truth; Re, flux: label / truth - 1)",
+        )
+    if table.height < MIN_LABEL_ERROR_ROWS:
+        raise LabelledSetError(
+            path,
+            f"only {table.height} row(s): a label-error table needs at least "
+            f"{MIN_LABEL_ERROR_ROWS} injected galaxies (its rows are the whole error "
+            "distribution the recalibration deconvolves)",
+        )
+    try:
+        errors = table.select(pl.col(c).cast(pl.Float64) for c in columns).to_numpy()
+    except Exception as exc:  # polars raises several error types for a bad cast
+        raise LabelledSetError(path, f"label errors are not numbers ({exc})") from exc
+    for j, column in enumerate(columns):
+        e = errors[:, j]
+        with np.errstate(invalid="ignore"):
+            for bad, text in (
+                (~np.isfinite(e), "is missing or not finite"),
+                (
+                    (np.abs(e) > 1, "is outside [-1, 1]")
+                    if j == 0
+                    else (e <= -1, "is <= -1 (a label <= 0)")
+                ),
+            ):
+                rows = np.flatnonzero(bad) + 1
+                if len(rows):
+                    raise LabelledSetError(
+                        path,
+                        f"{column} {text} in {len(rows)} row(s), first rows {rows[:5].tolist()}",
+                    )
+    return errors
+
+
+def read_label_errors(folder: Path | str) -> np.ndarray | None:
+    """The ``(R, 3)`` label errors of a labelled folder or stored set; None when it has none.
+
+    Reads ``folder/``:data:`LABEL_ERRORS_FILE` and validates it
+    (:func:`check_label_errors`).
+
+    Raises
+    ------
+    LabelledSetError
+        When the table cannot be read or is invalid (names the file).
+    """
+    path = Path(folder) / LABEL_ERRORS_FILE
+    if not path.is_file():
+        return None
+    try:
+        table = pl.read_parquet(path)
+    except Exception as exc:  # polars raises several error types for a bad file
+        raise LabelledSetError(path, f"cannot read the label-error table ({exc})") from exc
+    return check_label_errors(table, path)
+
+
+def label_errors_record(folder: Path | str) -> dict | None:
+    """What a set's label-error table is, for manifests and model records; None when absent.
+
+    ``{"file", "n_rows", "sha256"}`` (the file's SHA-256).
+    """
+    errors = read_label_errors(folder)
+    if errors is None:
+        return None
+    path = Path(folder) / LABEL_ERRORS_FILE
+    return {"file": LABEL_ERRORS_FILE, "n_rows": int(len(errors)), "sha256": file_sha256(path)}
+
+
+def write_label_errors(
+    labels_path: Path | str, truth_path: Path | str, out: Path | str
+) -> pl.DataFrame:
+    """Measure a labeller's errors on injected galaxies and write the label-error table.
+
+    Parameters
+    ----------
+    labels_path : path
+        The labeller's table on the injected galaxies (``gampen label``'s ``--out``),
+        Parquet or CSV.
+    truth_path : path
+        Their truths: ``file`` (as in the labels table) and ``bt``, ``re_arcsec``,
+        ``flux_nJy``; Parquet or CSV.
+    out : path
+        Where to write the table, normally ``<labelled folder>/``:data:`LABEL_ERRORS_FILE`.
+
+    Returns
+    -------
+    pl.DataFrame
+        The table written (:func:`label_errors_table`), validated by
+        :func:`check_label_errors` first.
+
+    Raises
+    ------
+    LabelledSetError
+        When an input cannot be read or lacks a column, or the table is invalid (names the
+        file).
+    """
+    from gampen_ml.io import atomic_file
+
+    tables = []
+    for path in (Path(labels_path), Path(truth_path)):
+        try:
+            tables.append(pl.read_csv(path) if path.suffix == ".csv" else pl.read_parquet(path))
+        except Exception as exc:  # polars raises several error types for a bad file
+            raise LabelledSetError(path, f"cannot read the table ({exc})") from exc
+    try:
+        table = label_errors_table(*tables)
+    except ValueError as exc:
+        raise LabelledSetError(Path(labels_path), str(exc)) from exc
+    check_label_errors(table, out)
+    with atomic_file(out) as tmp:
+        table.write_parquet(tmp)
+    return table

@@ -115,6 +115,7 @@ def labelled_set(context: AssetExecutionContext, settings: GampenSettings) -> Ma
         "files_quarantined": float(len(manifest["files_quarantined"])),
         "rows_rejected": float(len(manifest["rows_rejected"])),
         "unlabelled_files": float(len(manifest["unlabelled_files"])),
+        "label_errors_rows": float((manifest.get("label_errors") or {}).get("n_rows", 0)),
         "label_set_sha256": result.label_set_sha256,
         "rejected": md_table(rejected),
         "quarantine": MetadataValue.path(
@@ -201,6 +202,9 @@ def finetuned_model(
         "n_val": float(training.n_val),
         "n_test": float(metrics["n_test"]),
         "recalibrated": result.recalibration is not None,
+        # Injected galaxies whose measured label errors the val coverage was deconvolved
+        # from (0: coverage against the labels as given).
+        "label_errors_rows": float((calibration.get("label_errors") or {}).get("n_rows", 0)),
         **coverage,
         **test_sigma,
         "test_residuals": md_table(result.test_summary),

@@ -8,7 +8,9 @@ fine-tuned model must do better on the domain's validation split.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ from gampen_ml.data.transforms import LabelScaler
 from gampen_ml.domains import Domain
 from gampen_ml.finetune import (
     FinetuneConfig,
+    calibrate_on_split,
     finetune_and_publish,
     fit_to_model,
     freeze_layers,
@@ -33,8 +36,10 @@ from gampen_ml.finetune import (
     trainable_parameters,
 )
 from gampen_ml.fits_input import fit_to_stamp
-from gampen_ml.io import partition_dir
+from gampen_ml.io import file_sha256, partition_dir
 from gampen_ml.labelled import (
+    LABEL_ERRORS_FILE,
+    MIN_LABEL_ERROR_ROWS,
     LabelledSetError,
     hash_split,
     label_set_sha256,
@@ -303,6 +308,8 @@ def test_finetune_beats_the_champion_and_publishes_a_calibrated_model(domain_wor
     assert calibration["training_domain"]["psf_fwhm_range_arcsec"] is None
     metrics = json.loads((folder / "metrics.json").read_text())
     assert {r["model"] for r in metrics["test"]} == {"champion", "finetuned"}
+    # No label-error table in this set: coverage against the labels as given.
+    assert calibration["label_errors"] is None and metrics["label_errors"] is None
     assert (folder / "loss_curve.png").stat().st_size > 1000
 
     # The test split through the one prediction path, with the published model.
@@ -326,3 +333,67 @@ def test_fit_to_model_pads_small_stamps_and_keeps_right_sized_ones():
     assert padded.shape == (2, 239, 239) and padded.sum() == small.sum()
     same = np.zeros((1, 239, 239), dtype=np.float32)
     assert fit_to_model(same, 239) is same
+
+
+def write_label_errors(folder: Path, n: int = MIN_LABEL_ERROR_ROWS) -> pl.DataFrame:
+    """A label-error table of ``n`` injected galaxies in ``folder`` (large, seeded errors)."""
+    rng = np.random.default_rng(0)
+    table = pl.DataFrame(
+        {
+            "file": [f"injected/g{i:03d}.fits" for i in range(n)],
+            "bt_error": rng.normal(0.0, 0.1, n),
+            "re_rel_error": np.clip(rng.normal(0.0, 0.3, n), -0.6, None),
+            "flux_rel_error": np.clip(rng.normal(0.0, 0.3, n), -0.6, None),
+        }
+    )
+    table.write_parquet(folder / LABEL_ERRORS_FILE)
+    return table
+
+
+def test_label_error_table_is_stored_with_the_set_and_pinned_by_its_hash(domain_world, tmp_path):
+    root, _, domain, _ = domain_world
+    source = tmp_path / "labelled"
+    write_labelled_folder(root, source, bad_file=False, bad_row=False)
+    write_label_errors(source)
+    out = tmp_path / "set"
+    result = publish_labelled_set(TINY, domain, source, out, tmp_path / "quarantine")
+    stored = out / LABEL_ERRORS_FILE
+    assert stored.read_bytes() == (source / LABEL_ERRORS_FILE).read_bytes()
+    assert result.manifest["label_errors"] == {
+        "file": LABEL_ERRORS_FILE,
+        "n_rows": MIN_LABEL_ERROR_ROWS,
+        "sha256": file_sha256(stored),
+    }
+    assert "_label_errors.parquet" not in result.manifest["files_accepted"]  # not a cutout
+    with_table = label_set_sha256(out)
+    stored.unlink()
+    # Without the table the hash is the one a set has always had; with it, another.
+    text = f"labels.parquet:{file_sha256(out / 'labels.parquet')}\n"
+    text += f"images.npy:{file_sha256(out / 'images.npy')}"
+    assert label_set_sha256(out) == hashlib.sha256(text.encode()).hexdigest() != with_table
+    # A bad table fails the run, naming it, before anything is stored.
+    pl.DataFrame({"bt_error": [0.0]}).write_parquet(source / LABEL_ERRORS_FILE)
+    with pytest.raises(LabelledSetError, match=r"_label_errors.parquet: missing column\(s\)"):
+        publish_labelled_set(TINY, domain, source, tmp_path / "set2", tmp_path / "quarantine")
+    assert not (tmp_path / "set2").exists()
+
+
+def test_calibrate_on_split_deconvolves_a_sets_label_errors(domain_world, published_set, tmp_path):
+    root, _, domain, _ = domain_world
+    stored = partition_dir(root, "labelled_set", domain.name)
+    noisy = tmp_path / "noisy"
+    shutil.copytree(stored, noisy)
+    write_label_errors(noisy)
+    model_dir = stages.champion_model(TINY, root).model_dir
+    kwargs = {"split": "val", "dataset": "tiny-val", "seed": 5, "recalibrate": True}
+    plain, plain_coverage = calibrate_on_split(TINY, model_dir, stored, device="cpu", **kwargs)
+    deconvolved, coverage = calibrate_on_split(TINY, model_dir, noisy, device="cpu", **kwargs)
+    # Same model, samples and labels: only the label errors differ, and they change the fit
+    # and the measured coverage, raw included; the error draws are seeded.
+    assert deconvolved != plain
+    raw = coverage.filter(~pl.col("recalibrated"))["coverage"].to_numpy()
+    plain_raw = plain_coverage.filter(~pl.col("recalibrated"))["coverage"].to_numpy()
+    assert not np.array_equal(raw, plain_raw)
+    assert coverage.height == plain_coverage.height == 18
+    again, again_coverage = calibrate_on_split(TINY, model_dir, noisy, device="cpu", **kwargs)
+    assert again == deconvolved and again_coverage.equals(coverage)
