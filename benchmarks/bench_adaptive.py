@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -29,10 +28,18 @@ import numpy as np
 import torch
 
 from benchmarks.adaptive import adaptive_mc_dropout_samples, stopping_samples, summarize_ragged
-from gampen_ml.config import CREDIBLE_LEVELS, PARAMETERS, dropout_key, get_profile
+from gampen_ml.config import CREDIBLE_LEVELS, PARAMETERS, get_profile
 from gampen_ml.data.datasets import ShardImages
 from gampen_ml.infer import mc_dropout_samples
 from gampen_ml.posterior import coverage, level_tag
+from gampen_ml.settings import Settings
+from gampen_ml.store import (
+    MODEL_JSON_FILE,
+    SIMULATED_GALAXIES,
+    STATE_DICT_FILE,
+    TRAINED_MODEL,
+    Store,
+)
 from gampen_ml.train import load_trained_model
 
 HERE = Path(__file__).resolve().parent
@@ -45,19 +52,20 @@ def default_model_dir() -> Path:
     Falls back to the development model in ``/tmp/exp_b``. A rate of 0 has no epistemic
     spread and is not a useful test of when MC dropout has converged.
     """
-    data = Path(os.environ.get("DAGSTER_HOME", "dagster_home")) / "data"
-    calibration = data / "calibrated_dropout_rate" / "all" / "calibration.json"
-    if calibration.is_file():
-        rate = json.loads(calibration.read_text()).get("chosen_dropout_rate")
-        if rate:
-            chosen = data / "trained_model" / dropout_key(float(rate))
-            if (chosen / "state_dict.pt").is_file():
-                return chosen
+    store = Settings.resolve().store()
+    try:
+        rate = store.read_calibration().chosen_dropout_rate
+    except FileNotFoundError:
+        rate = None
+    if rate and (store.trained_model(rate) / STATE_DICT_FILE).is_file():
+        return store.trained_model(rate)
     rated = []
-    for state in (data / "trained_model").glob("dropout-*/state_dict.pt"):
-        rate = json.loads((state.parent / "model.json").read_text())["dropout_rate"]
-        if rate > 0:
-            rated.append((rate, state.parent))
+    for key in store.partition_keys(TRAINED_MODEL):
+        folder = store.partition(TRAINED_MODEL, key)
+        if (folder / STATE_DICT_FILE).is_file():
+            rate = json.loads((folder / MODEL_JSON_FILE).read_text())["dropout_rate"]
+            if rate > 0:
+                rated.append((rate, folder))
     return min(rated)[1] if rated else Path("/tmp/exp_b")
 
 
@@ -88,10 +96,15 @@ def main() -> None:
     model, scaler, meta = load_trained_model(model_dir)
     profile = get_profile(meta["profile"])
     k = profile.inference.draws_per_pass
-    shards_root = args.shards_root or (model_dir.parent.parent / "simulated_galaxies")
-    if not shards_root.is_dir():
-        shards_root = Path("/tmp/quick_root/simulated_galaxies")
-    test = ShardImages(sorted(shards_root.glob("shard-*")), "test")
+    if args.shards_root is not None:
+        shard_dirs = sorted(args.shards_root.glob("shard-*"))
+    else:
+        # The model's own storage root, else the development one.
+        store = Store(model_dir.parent.parent)
+        if not store.partition_keys(SIMULATED_GALAXIES):
+            store = Store(Path("/tmp/quick_root"))
+        shard_dirs = [store.shard(key) for key in store.partition_keys(SIMULATED_GALAXIES)]
+    test = ShardImages(shard_dirs, "test")
     n = min(args.galaxies, len(test))
     index = np.arange(n)
     images, truth = test.images(index), test.physical_labels()[:n]

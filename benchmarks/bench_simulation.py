@@ -43,6 +43,7 @@ from gampen_ml.sim.render import (
     render_galaxy,
 )
 from gampen_ml.sim.shards import simulate_shard
+from gampen_ml.store import NOISE_POOL, PSF_LIBRARY, Store
 
 RESULTS = Path(__file__).resolve().parent / "results" / "simulation.md"
 
@@ -68,7 +69,7 @@ def main() -> None:
 
     profile = get_profile("quick")
     imaging = profile.imaging
-    cube, _ = synthetic_psf_library(profile.psf, imaging, derive_seed(profile.seed, "psf_library"))
+    cube, _ = synthetic_psf_library(profile.psf, imaging, derive_seed(profile.seed, PSF_LIBRARY))
     rng = np.random.default_rng(derive_seed(profile.seed, "bench_simulation"))
     params = sample_parameters(profile.simulation.priors, args.n_fast, rng)
     psf_id = rng.integers(0, len(cube), size=args.n_fast)
@@ -98,13 +99,14 @@ def main() -> None:
     shard_line = "not run (--skip-shard)"
     if not args.skip_shard:
         with tempfile.TemporaryDirectory() as tmp:
-            tmp = Path(tmp)
-            psf_dir, noise_dir, out = tmp / "psf", tmp / "noise", tmp / "shard"
+            store = Store(tmp)
+            psf_dir, noise_dir = store.psf_library(), store.noise_pool()
+            out = store.shard("shard-000")
             for d in (psf_dir, noise_dir, out):
-                d.mkdir()
+                d.mkdir(parents=True)
             write_psf_library(psf_dir, cube, _)
             pool = synthetic_noise_pool(
-                profile.noise, imaging, derive_seed(profile.seed, "noise_pool")
+                profile.noise, imaging, derive_seed(profile.seed, NOISE_POOL)
             )
             write_noise_pool(noise_dir, pool)
             summary = simulate_shard(

@@ -46,6 +46,7 @@ from gampen_ml.sky_catalog import (
     publish_sky_catalog,
     sky_catalog_dir,
 )
+from gampen_ml.store import CATALOG_FILE, POSTERIOR_CATALOG, Store
 
 HERE = Path(__file__).resolve().parent
 TILE_DEG = 1.0
@@ -95,7 +96,7 @@ def reference_rebuild(root: Path, work: Path, layout: SkyLayout) -> float:
     from hats_import.pipeline import pipeline_with_client
 
     inputs = []
-    for i, source in enumerate(sorted((root / "posterior_catalog").glob("*/catalog.parquet"))):
+    for i, source in enumerate(Store(root).catalog_files().values()):
         inputs.append(work / f"in-{i:04d}.parquet")
         shutil.copy(source, inputs[-1])
     t0 = time.perf_counter()
@@ -172,10 +173,11 @@ def run_size(n: int, args, layout: SkyLayout) -> dict:
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         tmp = Path(tmp)
         incremental_root, bulk_root = tmp / "incremental", tmp / "bulk"
+        incremental, bulk_store = Store(incremental_root), Store(bulk_root)
         per_batch = []
         for i in range(n_tiles):
             df = tile_catalog(rng, i, args.tile_rows)
-            write_catalog(incremental_root / "posterior_catalog" / f"tile-{i:03d}", df)
+            write_catalog(incremental.catalog(f"tile-{i:03d}"), df)
             update = publish_sky_catalog(incremental_root, layout=layout)
             per_batch.append(update)
             print(
@@ -184,12 +186,14 @@ def run_size(n: int, args, layout: SkyLayout) -> dict:
                 f"{update.pixels_linked} linked; catalog {update.total_rows} rows",
                 flush=True,
             )
-        shutil.copytree(incremental_root / "posterior_catalog", bulk_root / "posterior_catalog")
+        shutil.copytree(
+            incremental.asset_dir(POSTERIOR_CATALOG), bulk_store.asset_dir(POSTERIOR_CATALOG)
+        )
         bulk = publish_sky_catalog(bulk_root, layout=layout)
         print(f"  bulk: {bulk.seconds:.1f} s for {bulk.total_rows} rows", flush=True)
         catalog_bytes, n_files = folder_bytes(sky_catalog_dir(bulk_root) / PRIMARY_NAME)
         margin_bytes, _ = folder_bytes(sky_catalog_dir(bulk_root) / layout.margin_name)
-        source_bytes, _ = folder_bytes(bulk_root / "posterior_catalog", "catalog.parquet")
+        source_bytes, _ = folder_bytes(bulk_store.asset_dir(POSTERIOR_CATALOG), CATALOG_FILE)
         ref_s = None
         if n <= args.reference_max:
             work = tmp / "reference"

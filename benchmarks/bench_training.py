@@ -36,6 +36,7 @@ from gampen_ml.data.datasets import ShardImages, epoch_order, iterate_batches, p
 from gampen_ml.data.transforms import LabelScaler, arsinh_image
 from gampen_ml.io import save_npy
 from gampen_ml.model import GaMPEN, gaussian_nll
+from gampen_ml.store import IMAGES_FILE, LABELS_FILE, Store
 from gampen_ml.train import make_optimizer
 
 
@@ -44,9 +45,9 @@ def make_data(folder: Path, n: int, px: int) -> tuple[Path, Path]:
     rng = np.random.default_rng(0)
     images = rng.normal(0, 2.3, size=(n, px, px)).astype(np.float32)
     images[:, px // 2 - 5 : px // 2 + 5, px // 2 - 5 : px // 2 + 5] += 500.0
-    shard = folder / "shard-000"
+    shard = Store(folder).shard("shard-000")
     shard.mkdir(parents=True)
-    save_npy(shard / "images.npy", images)
+    save_npy(shard / IMAGES_FILE, images)
     bt = rng.uniform(0, 1, n)
     bt[:5] = 0.0
     pl.DataFrame(
@@ -56,7 +57,7 @@ def make_data(folder: Path, n: int, px: int) -> tuple[Path, Path]:
             "re_arcsec": rng.uniform(0.2, 4, n),
             "flux_nJy": rng.uniform(1e3, 1e6, n),
         }
-    ).write_parquet(shard / "labels.parquet")
+    ).write_parquet(shard / LABELS_FILE)
     per_file = folder / "per_file"
     per_file.mkdir()
     for i in range(n):

@@ -34,6 +34,7 @@ import torch
 
 from gampen_ml import cli
 from gampen_ml.config import PROFILES, dropout_key, get_profile
+from gampen_ml.store import CALIBRATION_FILE, Store
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,17 +129,18 @@ def _collect(profile, root: Path, report: Path, out: Path, timings: dict) -> Non
         if (report / name).is_file():
             shutil.copy2(report / name, out / name)
     files = [p for p in report.rglob("*") if p.is_file()] if report.is_dir() else []
-    calibration = root / "calibrated_dropout_rate" / "all"
+    store = Store(root)
+    calibration = store.calibration()
     files += [p for p in calibration.glob("*") if p.is_file() and p.suffix != ".npy"]
     curves = {}
     for rate in profile.calibration.dropout_rates:
-        history = root / "trained_model" / dropout_key(rate) / "history.json"
+        history = store.history(rate)
         if history.is_file():
             files.append(history)
             curves[dropout_key(rate)] = json.loads(history.read_text())
     timings["training"] = curves
-    if (calibration / "calibration.json").is_file():
-        timings["calibration"] = json.loads((calibration / "calibration.json").read_text())
+    if (calibration / CALIBRATION_FILE).is_file():
+        timings["calibration"] = json.loads((calibration / CALIBRATION_FILE).read_text())
     with tarfile.open(out / "results.tar.gz", "w:gz") as tar:
         for path in files:
             tar.add(path, arcname=str(path.relative_to(root)))

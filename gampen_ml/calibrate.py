@@ -966,6 +966,65 @@ class CalibrationResult:
     n_galaxies: int
 
 
+def validation_samples(
+    profile: Profile,
+    model,
+    scaler: LabelScaler,
+    images,
+    meta: pl.DataFrame,
+    truths: pl.DataFrame,
+    *,
+    dropout_rate: float,
+    seed: int,
+    dataset: str,
+    device: str | None = None,
+) -> tuple[pl.DataFrame, np.ndarray]:
+    """One model's MC-dropout catalog of validation galaxies and its samples, in memory.
+
+    ``profile.inference.n_passes_calibration`` passes of ``draws_per_pass`` draws each
+    (:func:`gampen_ml.catalog.catalog_from_images`, seeded by ``seed``); the samples are
+    kept as the float16 values ``samples.npy`` would hold. Both calibrations call it: every
+    dropout rate of :func:`choose_dropout_rate` and a fine-tuned model on its labelled
+    ``val`` split (:func:`gampen_ml.finetune.calibrate_on_split`).
+
+    Parameters
+    ----------
+    model, scaler
+        The network (:func:`gampen_ml.train.load_trained_model`) and its label scaler.
+    images : (N, S, S) sliceable
+        Validation images.
+    meta, truths : pl.DataFrame
+        ``N`` rows: ``galaxy_id`` (+ catalog meta columns) and the true labels.
+
+    Returns
+    -------
+    (catalog, samples)
+        The catalog with truths, and ``(N, T, 3)`` float32 samples in the scaled label space.
+    """
+    from gampen_ml.catalog import catalog_from_images
+
+    inference = profile.inference
+    n_samples = inference.n_passes_calibration * inference.draws_per_pass
+    buffer = np.empty((len(images), n_samples, len(PARAMETERS)), dtype=np.float16)
+    catalog = catalog_from_images(
+        model,
+        scaler,
+        images,
+        meta,
+        n_passes=inference.n_passes_calibration,
+        draws_per_pass=inference.draws_per_pass,
+        seed=seed,
+        samples_out=buffer,
+        truths=truths,
+        dataset=dataset,
+        dropout_rate=dropout_rate,
+        galaxies_per_batch=inference.galaxies_per_batch,
+        flags=profile.flags,
+        device=device,
+    )
+    return catalog, np.asarray(buffer, dtype=np.float32)
+
+
 def choose_dropout_rate(
     profile: Profile,
     model_dirs: Mapping[float, Path],
@@ -978,8 +1037,8 @@ def choose_dropout_rate(
 ) -> CalibrationResult:
     """Coverage of every dropout model on validation galaxies; recalibrate; choose (paper §5).
 
-    Per rate: MC-dropout samples of the validation ``images`` (seeded per rate), their raw
-    coverage (:func:`coverage_table`), then with ``profile.calibration.recalibrate`` its
+    Per rate: MC-dropout samples of the validation ``images`` (seeded per rate,
+    :func:`validation_samples`), their raw coverage (:func:`coverage_table`), then with ``profile.calibration.recalibrate`` its
     recalibration (:func:`recalibrate_on_validation`) on the same samples, kept in memory
     as the float16 values ``samples.npy`` would hold. The choice
     (:func:`select_dropout_rate`) is the sharpest rate within the coverage tolerance:
@@ -995,32 +1054,24 @@ def choose_dropout_rate(
     meta, truths : pl.DataFrame
         ``N`` rows: ``galaxy_id`` (+ ``psf_id``) and the true labels.
     """
-    from gampen_ml.catalog import catalog_from_images
     from gampen_ml.train import load_trained_model
 
-    inference = profile.inference
     levels = profile.calibration.levels
-    n_samples = inference.n_passes_calibration * inference.draws_per_pass
     raw_tables, recalibrated_tables = [], []
     recalibrations: dict[float, Recalibration | None] = {}
     sharpness: dict[float, float] = {}
     for rate, model_dir in model_dirs.items():
         model, scaler, _ = load_trained_model(model_dir, device)
-        buffer = np.empty((len(images), n_samples, len(PARAMETERS)), dtype=np.float16)
-        catalog = catalog_from_images(
+        catalog, samples = validation_samples(
+            profile,
             model,
             scaler,
             images,
             meta,
-            n_passes=inference.n_passes_calibration,
-            draws_per_pass=inference.draws_per_pass,
-            seed=derive_seed(profile.seed, CALIBRATED_DROPOUT_RATE, dropout_key(rate)),
-            samples_out=buffer,
-            truths=truths,
-            dataset="sim-val",
+            truths,
             dropout_rate=rate,
-            galaxies_per_batch=inference.galaxies_per_batch,
-            flags=profile.flags,
+            seed=derive_seed(profile.seed, CALIBRATED_DROPOUT_RATE, dropout_key(rate)),
+            dataset="sim-val",
             device=device,
         )
         table = coverage_table(catalog, None, levels, dropout_rate=rate, split="val")
@@ -1032,7 +1083,6 @@ def choose_dropout_rate(
                 for r in table.iter_rows(named=True)
             )
         )
-        samples = np.asarray(buffer, dtype=np.float32)
         recalibrations[rate] = None
         if profile.calibration.recalibrate:
             recalibration, recalibrated = recalibrate_on_validation(

@@ -1,5 +1,8 @@
 """Real survey cutouts from FITS files: validation, light repairs, quarantine.
 
+(Over 600 lines: one input contract -- read, validate, repair, quarantine cutouts and their
+PSFs -- whose rules must agree; the FITS header rules live in :mod:`gampen_ml.fits_image`.)
+
 A *batch* is a FITS file or a folder of FITS files (searched recursively). Each file
 holds one cutout (a 2-D image) or a cube of cutouts (3-D, one cutout per plane). The
 **file is the unit of acceptance**: a file is accepted only when every one of its

@@ -1,5 +1,8 @@
 """Labels for a survey's cutouts from a profile fitter: ``gampen label FOLDER --out labels.parquet``.
 
+(Over 600 lines: the profile fit -- moments, PSF, pysersic model, optimizer, Laplace
+posterior -- and the resumable folder job that runs it; the seam is :class:`LabelRun`.)
+
 Transfer learning (``docs/transfer.md``) fine-tunes the network on real galaxies labelled
 by a classical profile fit. This module is that labeller: it fits every cutout of a folder
 with pysersic's Sérsic renderer (Pasha & Miller 2023, ``pip install

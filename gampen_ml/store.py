@@ -259,9 +259,13 @@ class Store:
         """Folder of one asset partition (:func:`gampen_ml.io.partition_dir`)."""
         return partition_dir(self.root, asset, key)
 
+    def asset_dir(self, asset: str) -> Path:
+        """``<root>/<asset>``: the folder holding every partition of ``asset``."""
+        return self.partition(asset).parent
+
     def partition_keys(self, asset: str) -> list[str]:
         """Keys of the partitions of ``asset`` present (folder names, temporaries left out)."""
-        base = self.root / asset
+        base = self.asset_dir(asset)
         if not base.is_dir():
             return []
         return sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))

@@ -40,9 +40,17 @@ from gampen_assets.assets.model_assets import GPU_K8S_TAGS
 from gampen_assets.partitions import domains
 from gampen_assets.resources import GampenSettings
 from gampen_ml import finetune, labelled, plots
-from gampen_ml.config import PARAMETERS, dropout_key
+from gampen_ml.config import PARAMETERS
 from gampen_ml.domains import find_domain
-from gampen_ml.io import partition_dir
+from gampen_ml.store import (
+    CALIBRATED_DROPOUT_RATE,
+    CALIBRATION_FILE,
+    FINETUNED_MODEL,
+    IMAGES_FILE,
+    LABELLED_SET,
+    LABELS_FILE,
+    TRAINED_MODEL,
+)
 
 GROUP = "transfer"
 
@@ -68,7 +76,7 @@ class FinetuneRunConfig(Config):
 
 
 @asset(
-    name=finetune.LABELLED_ASSET,
+    name=LABELLED_SET,
     group_name=GROUP,
     owners=OWNERS,
     code_version="1",
@@ -87,9 +95,8 @@ class FinetuneRunConfig(Config):
 def labelled_set(context: AssetExecutionContext, settings: GampenSettings) -> MaterializeResult:
     started_at = datetime.now(UTC)
     profile, resolved = settings.profile(), settings.settings()
-    root = resolved.storage_root
     key = context.partition_key
-    out = partition_dir(root, finetune.LABELLED_ASSET, key)
+    out = resolved.store().labelled_set(key)
     with fail_fast_on_bad_input():
         domain = find_domain(resolved.domains, key)
         source = resolved.labelled / domain.name
@@ -125,7 +132,7 @@ def labelled_set(context: AssetExecutionContext, settings: GampenSettings) -> Ma
     }
     lineage.record_materialization(
         context,
-        asset=finetune.LABELLED_ASSET,
+        asset=LABELLED_SET,
         partition=key,
         data_version=version,
         upstream=[],
@@ -137,13 +144,13 @@ def labelled_set(context: AssetExecutionContext, settings: GampenSettings) -> Ma
 
 
 @asset(
-    name=finetune.FINETUNED_ASSET,
+    name=FINETUNED_MODEL,
     group_name=GROUP,
     owners=OWNERS,
     code_version="1",
     kinds={"pytorch", "mlflow"},
     partitions_def=domains,
-    deps=[AssetDep(finetune.LABELLED_ASSET), AssetDep("calibrated_dropout_rate")],
+    deps=[AssetDep(LABELLED_SET), AssetDep(CALIBRATED_DROPOUT_RATE)],
     pool="gpu",
     op_tags=GPU_K8S_TAGS,
     retry_policy=TRANSIENT_RETRY,
@@ -161,14 +168,14 @@ def finetuned_model(
 ) -> MaterializeResult:
     started_at = datetime.now(UTC)
     profile, resolved = settings.profile(), settings.settings()
-    root = resolved.storage_root
+    store = resolved.store()
     key = context.partition_key
-    out = partition_dir(root, finetune.FINETUNED_ASSET, key)
+    out = store.finetuned_model(key)
     with fail_fast_on_bad_input():
         find_domain(resolved.domains, key)
         result = finetune.finetune_and_publish(
             profile,
-            root,
+            store,
             key,
             config=config.finetune_config(),
             device=settings.torch_device(),
@@ -215,21 +222,18 @@ def finetuned_model(
         "mlflow_run_id": result.mlflow_run_id or "",
         "path": MetadataValue.path(str(out)),
     }
-    base_key = dropout_key(float(calibration["dropout_rate"]))
+    base_model = store.trained_model(float(calibration["dropout_rate"]))
     lineage.record_materialization(
         context,
-        asset=finetune.FINETUNED_ASSET,
+        asset=FINETUNED_MODEL,
         partition=key,
         data_version=version,
         upstream=[
-            upstream_version(context, root, finetune.LABELLED_ASSET, key),
-            upstream_version(context, root, "calibrated_dropout_rate"),
-            upstream_version(context, root, "trained_model", base_key),
+            upstream_version(context, store, LABELLED_SET, key),
+            upstream_version(context, store, CALIBRATED_DROPOUT_RATE),
+            upstream_version(context, store, TRAINED_MODEL, base_model.name),
         ],
-        input_paths=[
-            partition_dir(root, finetune.LABELLED_ASSET, key),
-            partition_dir(root, "trained_model", base_key),
-        ],
+        input_paths=[store.labelled_set(key), base_model],
         row_count=training.n_train,
         started_at=started_at,
         mlflow_run_id=result.mlflow_run_id,
@@ -242,9 +246,9 @@ def check_labelled_set(settings: GampenSettings, key: str) -> AssetCheckResult:
     """The body of ``labelled_set_valid`` for partition ``key``, callable without Dagster."""
     from gampen_ml.io import load_npy_mmap
 
-    folder = partition_dir(settings.root(), finetune.LABELLED_ASSET, key)
-    images = load_npy_mmap(folder / "images.npy")
-    labels = pl.read_parquet(folder / "labels.parquet")
+    folder = settings.store().labelled_set(key)
+    images = load_npy_mmap(folder / IMAGES_FILE)
+    labels = pl.read_parquet(folder / LABELS_FILE)
     manifest = labelled.read_manifest(folder)
     problems: list[str] = []
     if images.ndim != 3 or images.dtype != np.float32 or len(images) != labels.height:
@@ -277,13 +281,13 @@ def check_finetuned_model(settings: GampenSettings, key: str) -> AssetCheckResul
 
     from gampen_ml.train import load_trained_model
 
-    folder = partition_dir(settings.root(), finetune.FINETUNED_ASSET, key)
+    folder = settings.store().finetuned_model(key)
     problems: list[str] = []
     try:
         load_trained_model(folder)
     except Exception as exc:  # any failure to load is the finding
         problems.append(f"model does not load: {exc}")
-    calibration = json.loads((folder / finetune.CALIBRATION_FILE).read_text())
+    calibration = json.loads((folder / CALIBRATION_FILE).read_text())
     required = ("model_name", "model_version", "dropout_rate", "recalibration", "base_model_name",
                 "base_model_version", "label_set_sha256", "domain", "coverage")  # fmt: skip
     missing = [k for k in required if k not in calibration]
