@@ -858,6 +858,20 @@ LABEL_ERROR_COLUMNS: dict[str, str] = {
 }
 
 
+#: Injected galaxies whose errors a posterior draw may get: one of the
+#: :data:`LABEL_NOISE_NEIGHBOURS` nearest truths to the draw (:class:`LabelNoise`).
+LABEL_NOISE_NEIGHBOURS = 15
+#: Cells per axis of the lookup grid of :class:`LabelNoise`'s nearest-truth search (B/T,
+#: log Re and log flux standardised by the table's truths): a cell is ~1/40 of the truths'
+#: range, much finer than a neighbourhood of 15 among a few hundred truths.
+LABEL_NOISE_GRID = 40
+#: Weight of the pure-disk and pure-bulge flags (true B/T exactly 0, exactly 1) in the
+#: neighbour distance: larger than any distance of the standardised coordinates, so a draw
+#: at exactly 0 or 1 gets the errors of pure disks or bulges, and a draw inside (0, 1) those
+#: of two-component galaxies, as long as the table has that many of them.
+_SINGLE_WEIGHT = 1e3
+
+
 @dataclass(frozen=True)
 class LabelNoise:
     """A labeller's measured errors, to convolve posterior samples with before comparing to labels.
@@ -866,59 +880,167 @@ class LabelNoise:
     carry the fitter's error; a posterior whose intervals cover the *labels* at nominal
     covers the *truth* too often. When the labeller's errors are known (measured by
     injection-recovery: :func:`gampen_ml.labelled.label_errors_table`), each posterior draw
-    gets one error row drawn at random before being compared to a label: the labels are then
-    treated as what they are, truth plus the labeller's error, and the recalibration fit to
-    them describes the truth (errors in variables). Rows are drawn whole, so the errors keep
-    their correlation and heavy tails; the draw is a fixed function of ``seed`` and the
-    samples' shape, so every candidate of a fit sees the same noise.
+    gets one error row before being compared to a label: the labels are then treated as
+    what they are, truth plus the labeller's error, and the recalibration fit to them
+    describes the truth (errors in variables).
+
+    The error depends on the galaxy (a fitter puts a small bulge in a knotty pure disk,
+    misses the size of galaxies smaller than the PSF): a label is ``truth + e(truth)``. So
+    each draw ``theta`` (physical B/T, Re, flux) gets the error row of an injected galaxy
+    whose truth is near ``theta``: one of the :data:`LABEL_NOISE_NEIGHBOURS` nearest truths
+    in (B/T, log Re, log flux), each standardised by the truths' standard deviation, picked
+    at random. Single-component galaxies are their own kind: a draw at B/T exactly 0 or 1
+    gets the errors of injected pure disks or bulges, a draw inside (0, 1) those of
+    two-component galaxies (:data:`_SINGLE_WEIGHT`), while the table has at least that many
+    of the kind. The nearest truths are looked up in a grid of :data:`LABEL_NOISE_GRID`
+    cells per axis (each cell's neighbours found once, at construction, with a k-d tree),
+    so a draw costs an index computation: the recalibration search convolves its 100,000
+    draws a few thousand times. Rows are used whole, so the errors keep their correlation
+    and heavy tails; the random pick among the neighbours is a fixed function of ``seed``
+    and the samples' shape, so every candidate of a fit sees the same noise.
 
     Attributes
     ----------
     errors : (R, 3) ndarray
         float64 rows ``[bt_error, re_rel_error, flux_rel_error]``: B/T absolute, Re and flux
         relative (:data:`LABEL_ERROR_COLUMNS`).
+    truths : (R, 3) ndarray
+        float64 truths ``[bt, re_arcsec, flux_nJy]`` of the injected galaxy of each row.
     seed : int
-        Seeds the row draws.
+        Seeds the random pick among the neighbours.
+    neighbours : int
+        How many nearest truths a draw's row is picked from (at most ``R``).
     """
 
     errors: np.ndarray
+    truths: np.ndarray
     seed: int = 0
+    neighbours: int = LABEL_NOISE_NEIGHBOURS
 
     def __post_init__(self) -> None:
         errors = np.asarray(self.errors, dtype=np.float64)
+        truths = np.asarray(self.truths, dtype=np.float64)
         if errors.ndim != 2 or errors.shape[1] != len(PARAMETERS) or len(errors) == 0:
             raise CalibrationError(f"LabelNoise: errors must be (R >= 1, 3), got {errors.shape}")
-        if not np.isfinite(errors).all():
-            raise CalibrationError("LabelNoise: errors must be finite")
+        if truths.shape != errors.shape:
+            raise CalibrationError(
+                f"LabelNoise: truths must be (R, 3) like the errors {errors.shape}, "
+                f"got {truths.shape}"
+            )
+        if not (np.isfinite(errors).all() and np.isfinite(truths).all()):
+            raise CalibrationError("LabelNoise: errors and truths must be finite")
         if (errors[:, 1:] <= -1).any():
             raise CalibrationError("LabelNoise: relative errors of Re and flux must be > -1")
+        if ((truths[:, 0] < 0) | (truths[:, 0] > 1)).any() or (truths[:, 1:] <= 0).any():
+            raise CalibrationError("LabelNoise: true B/T must be in [0, 1], Re and flux > 0")
+        if self.neighbours < 1:
+            raise CalibrationError(f"LabelNoise: neighbours must be >= 1, got {self.neighbours}")
         object.__setattr__(self, "errors", errors)
+        object.__setattr__(self, "truths", truths)
+        object.__setattr__(self, "neighbours", min(int(self.neighbours), len(errors)))
+        self._build_grid()
 
-    def rows(self, shape: tuple[int, int]) -> np.ndarray:
-        """``(N, T)`` int64 indices of the error row each posterior draw gets."""
-        return np.random.default_rng(self.seed).integers(len(self.errors), size=shape)
+    @classmethod
+    def from_table(cls, table: pl.DataFrame, seed: int = 0, **kwargs) -> LabelNoise:
+        """From a label-error table (:data:`LABEL_ERROR_COLUMNS` and ``<parameter>_true``)."""
+        errors = table.select(LABEL_ERROR_COLUMNS[p] for p in PARAMETERS).to_numpy()
+        truths = table.select(f"{p}_true" for p in PARAMETERS).to_numpy()
+        return cls(errors, truths, seed, **kwargs)
 
-    def add(self, physical: np.ndarray, index: int) -> np.ndarray:
-        """One parameter's ``(N, T)`` physical samples, each with its drawn label error; float64.
+    def _coordinates(self, physical: np.ndarray) -> np.ndarray:
+        """``(..., 3)`` physical values -> standardised (B/T, log Re, log flux)."""
+        x = np.asarray(physical, dtype=np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = np.stack([x[..., 0], np.log(x[..., 1]), np.log(x[..., 2])], axis=-1)
+        return (z - self._centre) / self._spread
 
-        ``index`` into :data:`~gampen_ml.config.PARAMETERS`: B/T gets its absolute error
-        added and is clipped to [0, 1]; Re and flux are multiplied by ``1 + error``. Every
-        parameter uses the same row draws (:meth:`rows`), so the errors stay joint.
+    def _build_grid(self) -> None:
+        """Each grid cell's nearest truths: ``(3 G^3 + ... , k)`` row indices, once."""
+        from scipy.spatial import cKDTree
+
+        t = self.truths
+        z = np.stack([t[:, 0], np.log(t[:, 1]), np.log(t[:, 2])], axis=1)
+        spread = z.std(axis=0)
+        object.__setattr__(self, "_centre", z.mean(axis=0))
+        object.__setattr__(self, "_spread", np.where(spread > 0, spread, 1.0))
+        zs = self._coordinates(t)
+        kind = _SINGLE_WEIGHT * np.column_stack([t[:, 0] == 0.0, t[:, 0] == 1.0])
+        tree = cKDTree(np.column_stack([zs, kind]))
+        g = LABEL_NOISE_GRID
+        # Re and flux: cells over the truths' range (draws beyond it use the edge cells);
+        # B/T: cells over (0, 1) for two-component draws, plus 0 and 1 exactly.
+        low, high = zs[:, 1:].min(axis=0), zs[:, 1:].max(axis=0)
+        width = np.where(high > low, (high - low) / g, 1.0)
+        object.__setattr__(self, "_low", low)
+        object.__setattr__(self, "_width", width)
+        centres = [low[i] + (np.arange(g) + 0.5) * width[i] for i in range(2)]
+        bt_two = (np.arange(g) + 0.5) / g
+        # Cell layout: B/T index 0..g-1 two-component, g = exactly 0, g + 1 = exactly 1.
+        bt_values = np.concatenate([bt_two, [0.0, 1.0]])
+        disk = np.concatenate([np.zeros(g), [1.0, 0.0]])
+        bulge = np.concatenate([np.zeros(g), [0.0, 1.0]])
+        b, r, f = np.meshgrid(np.arange(g + 2), np.arange(g), np.arange(g), indexing="ij")
+        queries = np.column_stack(
+            [
+                (bt_values[b.ravel()] - self._centre[0]) / self._spread[0],
+                centres[0][r.ravel()],
+                centres[1][f.ravel()],
+                _SINGLE_WEIGHT * disk[b.ravel()],
+                _SINGLE_WEIGHT * bulge[b.ravel()],
+            ]
+        )
+        _, index = tree.query(queries, k=self.neighbours)
+        object.__setattr__(
+            self, "_cells", np.asarray(index, dtype=np.int32).reshape(-1, self.neighbours)
+        )
+
+    def rows(self, physical: np.ndarray) -> np.ndarray:
+        """``(N, T)`` int indices of the error row each draw of ``(N, T, 3)`` physical samples gets.
+
+        Row of one of the :attr:`neighbours` injected galaxies whose truths are nearest the
+        draw (the class docstring), the pick seeded by :attr:`seed` and the samples' shape.
         """
         x = np.asarray(physical, dtype=np.float64)
-        if x.ndim != 2:
-            raise CalibrationError(f"LabelNoise.add: samples must be (N, T), got {x.shape}")
-        error = self.errors[self.rows(x.shape), index]
+        if x.ndim != 3 or x.shape[2] != len(PARAMETERS):
+            raise CalibrationError(f"LabelNoise.rows: samples must be (N, T, 3), got {x.shape}")
+        g = LABEL_NOISE_GRID
+        z = self._coordinates(x)
+        bt = x[..., 0]
+        bt_cell = np.clip((bt * g).astype(np.int64), 0, g - 1)
+        bt_cell = np.where(bt <= 0.0, g, np.where(bt >= 1.0, g + 1, bt_cell))
+        other = []
+        for i in (1, 2):
+            with np.errstate(invalid="ignore"):
+                cell = np.floor((z[..., i] - self._low[i - 1]) / self._width[i - 1])
+            other.append(np.clip(np.nan_to_num(cell, nan=0.0), 0, g - 1).astype(np.int64))
+        cell = (bt_cell * g + other[0]) * g + other[1]
+        pick = np.random.default_rng(self.seed).integers(self.neighbours, size=x.shape[:2])
+        return self._cells[cell, pick].astype(np.int64)
+
+    def add(self, physical: np.ndarray, index: int, rows: np.ndarray) -> np.ndarray:
+        """One parameter's ``(N, T)`` physical samples, each with its row's label error; float64.
+
+        ``index`` into :data:`~gampen_ml.config.PARAMETERS`: B/T gets its absolute error
+        added and is clipped to [0, 1]; Re and flux are multiplied by ``1 + error``.
+        ``rows`` (:meth:`rows` of the joint draws) keeps the errors of the three joint.
+        """
+        x = np.asarray(physical, dtype=np.float64)
+        if x.ndim != 2 or np.shape(rows) != x.shape:
+            raise CalibrationError(
+                f"LabelNoise.add: samples must be (N, T) like rows {np.shape(rows)}, got {x.shape}"
+            )
+        error = self.errors[rows, index]
         if index == 0:
             return np.clip(x + error, 0.0, 1.0)
         return x * (1.0 + error)
 
     def add_all(self, physical: np.ndarray) -> np.ndarray:
-        """``(N, T, 3)`` physical samples with a drawn label-error row each; float64."""
+        """``(N, T, 3)`` physical samples with their draws' label-error rows; float64."""
         x = np.asarray(physical, dtype=np.float64)
         if x.ndim != 3 or x.shape[2] != len(PARAMETERS):
             raise CalibrationError(f"LabelNoise.add_all: samples must be (N, T, 3), got {x.shape}")
-        return np.stack([self.add(x[:, :, j], j) for j in range(x.shape[2])], axis=2)
+        rows = self.rows(x)
+        return np.stack([self.add(x[:, :, j], j, rows) for j in range(x.shape[2])], axis=2)
 
     def noised_scaled(self, samples_scaled: np.ndarray, scaler) -> np.ndarray:
         """``(N, T, 3)`` scaled samples convolved with the label errors, back in the scaled space.
@@ -930,12 +1052,24 @@ class LabelNoise:
         with np.errstate(over="ignore"):  # exp of far-out B/T logits: 0 or 1, as meant
             return scaler.transform(self.add_all(scaler.inverse(samples_scaled)))
 
-    def physical(self, scaler, index: int) -> Callable[[np.ndarray], np.ndarray]:
-        """``to_physical`` of :func:`search_physical_recalibration`: inverse-scale, add errors."""
+    def physical(
+        self, scaler, index: int, context_scaled: np.ndarray
+    ) -> Callable[[np.ndarray], np.ndarray]:
+        """``to_physical`` of :func:`search_physical_recalibration`: inverse-scale, add errors.
+
+        The search varies one parameter (``index``); the error rows are those of the joint
+        draws, that parameter's candidate values with the other two from
+        ``context_scaled`` (``(N, T, 3)`` scaled samples, e.g. after the mean shift).
+        """
+        with np.errstate(over="ignore"):
+            context = scaler.inverse(np.asarray(context_scaled, dtype=np.float32))
 
         def to_physical(x: np.ndarray) -> np.ndarray:
             with np.errstate(over="ignore"):  # exp of far-out B/T logits: 0 or 1, as meant
-                return self.add(scaler.inverse_parameter(x, index), index)
+                value = scaler.inverse_parameter(x, index)
+            joint = context.copy()
+            joint[:, :, index] = value
+            return self.add(value, index, self.rows(joint))
 
         return to_physical
 
@@ -1205,7 +1339,7 @@ def recalibrate_on_validation(
             g, k, f, _ = search_physical_with_floors(
                 shifted[:, :, j],
                 truths[p].to_numpy(),
-                label_noise.physical(scaler, j),
+                label_noise.physical(scaler, j, shifted),
                 levels,
                 candidates=[(scaled_fit.exponent[j], scaled_fit.scale[j])],
                 floors=FLOOR_GRID,

@@ -1,5 +1,8 @@
 """Fine-tune the champion on a domain's labelled set, recalibrate it there, publish, register.
 
+(Over 600 lines: one procedure read top to bottom -- config, data view, freezing, the
+training loop, recalibration, scoring, publication -- whose steps the list below numbers.)
+
 A network trained on simulations meets a survey's galaxies with another PSF, noise and
 pixel scale; a few hundred to a few thousand fitter-labelled galaxies of that survey
 (:mod:`gampen_ml.labelled`) adapt it. Read :func:`finetune_and_publish` top to bottom:
@@ -68,7 +71,6 @@ import copy
 import dataclasses
 import json
 import math
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -79,11 +81,15 @@ import polars as pl
 import torch
 from torch import nn
 
-from gampen_ml.calibrate import Recalibration, coverage_table
+from gampen_ml.calibrate import (
+    Recalibration,
+    coverage_table,
+    recalibrate_on_validation,
+    validation_samples,
+)
 from gampen_ml.config import PARAMETERS, ConfigError, NetworkConfig, Profile, derive_seed
 from gampen_ml.data.datasets import ShardImages, epoch_order, iterate_batches, prefetch
 from gampen_ml.data.transforms import LabelScaler
-from gampen_ml.io import atomic_partition_dir, load_npy_mmap, partition_dir
 from gampen_ml.labelled import (
     LabelledSetError,
     label_errors_record,
@@ -92,10 +98,18 @@ from gampen_ml.labelled import (
     read_manifest,
 )
 from gampen_ml.model import GaMPEN, gaussian_nll
+from gampen_ml.store import (
+    CALIBRATION_FILE,
+    COVERAGE_FILE,
+    FINETUNED_MODEL,
+    LABELLED_SET,
+    UNREGISTERED,
+    ModelInfo,
+    Store,
+)
 
-#: Asset (and storage folder) names of the two stages of transfer learning.
-LABELLED_ASSET = "labelled_set"
-FINETUNED_ASSET = "finetuned_model"
+#: The two assets of transfer learning (:mod:`gampen_ml.store`), by their older names.
+LABELLED_ASSET, FINETUNED_ASSET = LABELLED_SET, FINETUNED_MODEL
 #: What each ``FinetuneConfig.freeze`` choice keeps fixed.
 FREEZE_CHOICES: dict[str, str] = {
     "convolutions": "STN and every convolution frozen (batch-norm statistics too); "
@@ -109,8 +123,6 @@ INIT_CHOICES: dict[str, str] = {
     "random": "the champion's architecture and label scaler, weights freshly initialised "
     "(seeded) as the profile's training initialises them",
 }
-CALIBRATION_FILE = "calibration.json"
-COVERAGE_FILE = "coverage.parquet"
 METRICS_FILE = "metrics.json"
 LOSS_CURVE_FILE = "loss_curve.png"
 #: Model-version tags of a fine-tuned model in MLflow.
@@ -549,9 +561,10 @@ def calibrate_on_split(
 ) -> tuple[Recalibration | None, pl.DataFrame]:
     """Validation coverage of a model on one labelled split and, if asked, its recalibration.
 
-    The champion's method (:func:`gampen_ml.stages.calibrate_dropout_rates`): MC-dropout
-    samples with ``profile.inference.n_passes_calibration`` passes, the raw HPD coverage,
-    then :func:`gampen_ml.stages.recalibrate_on_validation` fit on these galaxies only.
+    The champion's method (:func:`gampen_ml.calibrate.choose_dropout_rate`): MC-dropout
+    samples in memory (:func:`gampen_ml.calibrate.validation_samples`), the raw HPD
+    coverage, then :func:`gampen_ml.calibrate.recalibrate_on_validation` fit on these
+    galaxies only.
 
     When ``labelled_dir`` holds a label-error table
     (:data:`gampen_ml.labelled.LABEL_ERRORS_FILE`), every coverage, raw and recalibrated, is
@@ -566,36 +579,21 @@ def calibrate_on_split(
         (``gampen_ml.calibrate.COVERAGE_TABLE_SCHEMA``).
     """
     from gampen_ml.calibrate import LabelNoise
-    from gampen_ml.catalog import SAMPLES_FILE, catalog_from_images
     from gampen_ml.posterior import summarize
-    from gampen_ml.stages import recalibrate_on_validation
     from gampen_ml.train import load_trained_model
 
     net, scaler, meta = load_trained_model(model_dir, device)
     rate = float(meta["dropout_rate"])
     errors = read_label_errors(labelled_dir)
-    label_noise = None if errors is None else LabelNoise(errors, derive_seed(seed, "label_noise"))
+    label_noise = (
+        None if errors is None else LabelNoise.from_table(errors, derive_seed(seed, "label_noise"))
+    )
     images, ids, truths = labelled_split(labelled_dir, split, int(meta["image_px"]))
-    inference, levels = profile.inference, profile.calibration.levels
-    with tempfile.TemporaryDirectory(prefix="gampen-finetune-") as work:
-        catalog = catalog_from_images(
-            net,
-            scaler,
-            images,
-            ids,
-            n_passes=inference.n_passes_calibration,
-            draws_per_pass=inference.draws_per_pass,
-            seed=seed,
-            store_samples=True,
-            out_dir=work,
-            truths=truths,
-            dataset=dataset,
-            dropout_rate=rate,
-            galaxies_per_batch=inference.galaxies_per_batch,
-            flags=profile.flags,
-            device=device,
-        )
-        samples = np.array(load_npy_mmap(Path(work) / SAMPLES_FILE), dtype=np.float32)
+    levels = profile.calibration.levels
+    catalog, samples = validation_samples(
+        profile, net, scaler, images, ids, truths,
+        dropout_rate=rate, seed=seed, dataset=dataset, device=device,
+    )  # fmt: skip
     if label_noise is None:
         raw = coverage_table(catalog, None, levels, dropout_rate=rate, split=split)
     else:
@@ -698,7 +696,7 @@ class FinetuneResult:
 
 def finetune_and_publish(
     profile: Profile,
-    root: Path,
+    root: Store | Path,
     domain: str,
     *,
     config: FinetuneConfig | None = None,
@@ -712,7 +710,8 @@ def finetune_and_publish(
     Parameters
     ----------
     profile, root
-        Profile and storage root (the champion is ``calibrated_dropout_rate``'s choice).
+        Profile and the store or storage root (the champion is
+        ``calibrated_dropout_rate``'s choice).
     domain : str
         Domain name = partition key.
     config : FinetuneConfig, optional
@@ -730,11 +729,12 @@ def finetune_and_publish(
     """
     from gampen_ml import plots
     from gampen_ml.registry import domain_model_name
-    from gampen_ml.stages import REGISTRY_FILE, PredictionModel, champion_model
+    from gampen_ml.stages import PredictionModel, champion_model
 
     config = config or FinetuneConfig()
     base = champion_model(profile, root)
-    labelled_dir = partition_dir(root, LABELLED_ASSET, domain)
+    store = Store.of(root)
+    labelled_dir = store.labelled_set(domain)
     manifest = read_manifest(labelled_dir)
     sha = label_set_sha256(labelled_dir)
     if sha != manifest.get("label_set_sha256"):
@@ -743,11 +743,11 @@ def finetune_and_publish(
             f"content SHA-256 {sha[:16]} differs from its manifest's "
             f"{str(manifest.get('label_set_sha256'))[:16]}: materialize labelled_set again",
         )
-    seed = derive_seed(profile.seed, FINETUNED_ASSET, domain)
+    seed = derive_seed(profile.seed, FINETUNED_MODEL, domain)
     name = domain_model_name(profile.name, domain)
-    out = partition_dir(root, FINETUNED_ASSET, domain)
+    out = store.finetuned_model(domain)
     log(f"{domain}: fine-tuning {base.model_name} v{base.model_version} on label set {sha[:16]}")
-    with atomic_partition_dir(out) as tmp:
+    with store.publish(out) as tmp:
         training = finetune_model(
             profile,
             base.model_dir,
@@ -779,7 +779,7 @@ def finetune_and_publish(
         coverage.write_parquet(tmp / COVERAGE_FILE)
         # The labeller's measured errors the val coverage was deconvolved from (None: none).
         label_errors = label_errors_record(labelled_dir)
-        candidate = PredictionModel(tmp, name, "unregistered", base.dropout_rate, recalibration)
+        candidate = PredictionModel(tmp, name, UNREGISTERED, base.dropout_rate, recalibration)
         test_summary = []
         n_test = int(manifest["splits"].get("test", 0))
         if n_test:
@@ -819,7 +819,7 @@ def finetune_and_publish(
             log(f"MLflow run {run_id}: {name} v{version}")
         calibration = {
             "model_name": name,
-            "model_version": version or "unregistered",
+            "model_version": version or UNREGISTERED,
             "mlflow_run_id": run_id,
             "dropout_rate": base.dropout_rate,
             "recalibration": recalibration.to_dict() if recalibration is not None else None,
@@ -836,10 +836,7 @@ def finetune_and_publish(
             ).to_dict(),
         }
         (tmp / CALIBRATION_FILE).write_text(json.dumps(calibration, indent=2) + "\n")
-        (tmp / REGISTRY_FILE).write_text(
-            json.dumps({"mlflow_run_id": run_id, "model_name": name, "model_version": version})
-            + "\n"
-        )
+        ModelInfo(model_name=name, model_version=version, mlflow_run_id=run_id).write(tmp)
     if mlflow_tracking_uri and version:
         from gampen_ml.registry import set_champion
 

@@ -1,5 +1,8 @@
 """A labelled set: a domain's real cutouts with fitter labels, validated like the inbox.
 
+(Over 600 lines: the labelled-set format -- labels table, cutouts, splits, content hash,
+publication -- and its label-error table, read together by fine-tuning.)
+
 A *labelled set* is what a survey's galaxies look like to fine-tuning
 (:mod:`gampen_ml.finetune`): one folder per domain, ``<Settings.labelled>/<domain>/``
 (= ``$DAGSTER_HOME/labelled/<domain>/``), holding FITS cutouts (sub-folders allowed) and
@@ -44,9 +47,10 @@ the set's SHA-256, :func:`label_set_sha256`).
 errors measured by injection-recovery, one row per injected galaxy (rendered like the
 survey, labelled by the same labeller, compared to its truth; :func:`label_errors_table`
 builds it). Columns :data:`LABEL_ERROR_COLUMNS`: ``bt_error`` = label - truth,
-``re_rel_error`` and ``flux_rel_error`` = label / truth - 1; ``file`` and the truths
-(``bt_true``, ``re_arcsec_true``, ``flux_nJy_true``) may be kept for reference. It is
-validated (:func:`check_label_errors`) and stored with the set, which its SHA-256 then
+``re_rel_error`` and ``flux_rel_error`` = label / truth - 1, and the injected galaxies'
+truths :data:`LABEL_ERROR_TRUTH_COLUMNS` (``bt_true``, ``re_arcsec_true``,
+``flux_nJy_true``: the errors depend on the galaxy, and each posterior draw gets the errors
+of an injected galaxy like it); ``file`` may be kept for reference. It is validated (:func:`check_label_errors`) and stored with the set, which its SHA-256 then
 covers; fine-tuning recalibrates against the labels *deconvolved* from these errors
 (:class:`gampen_ml.calibrate.LabelNoise`).
 """
@@ -65,14 +69,15 @@ import polars as pl
 
 from gampen_ml.calibrate import LABEL_ERROR_COLUMNS
 from gampen_ml.config import PARAMETERS, Profile
-from gampen_ml.data.datasets import IMAGES_FILE, LABELS_FILE, SPLITS
+from gampen_ml.data.datasets import SPLITS
 from gampen_ml.domains import Domain
 from gampen_ml.fits_input import CutoutBatch, Rejection, load_cutouts, quarantine
-from gampen_ml.io import atomic_partition_dir, file_sha256, save_npy
+from gampen_ml.io import file_sha256, save_npy
 from gampen_ml.sim.errors import InputFileError
+from gampen_ml.store import IMAGES_FILE, LABELS_FILE, Store
 
 #: Names of the labels table in a labelled folder (exactly one of them).
-LABEL_TABLE_NAMES = ("labels.parquet", "labels.csv")
+LABEL_TABLE_NAMES = (LABELS_FILE, "labels.csv")
 #: The labeller's uncertainty column of each parameter.
 SIGMA_COLUMNS: dict[str, str] = {
     "bt": "bt_sigma",
@@ -86,6 +91,8 @@ SPLIT_FRACTIONS = (0.70, 0.15, 0.15)
 MANIFEST_FILE = "manifest.json"
 #: The labeller's measured errors, in a labelled folder and in the stored set (optional).
 LABEL_ERRORS_FILE = "_label_errors.parquet"
+#: The injected galaxies' truths in a label-error table, per parameter.
+LABEL_ERROR_TRUTH_COLUMNS: dict[str, str] = {p: f"{p}_true" for p in PARAMETERS}
 #: Fewest injected galaxies a label-error table may hold: its rows are the whole error
 #: distribution (tails included) that the recalibration deconvolves.
 MIN_LABEL_ERROR_ROWS = 50
@@ -479,7 +486,7 @@ def publish_labelled_set(
             "no usable labelled cutout" + (f" ({'; '.join(reasons)})" if reasons else ""),
         )
     counts = {s: int((data.labels["split"] == s).sum()) for s in SPLITS}
-    with atomic_partition_dir(out_dir) as tmp:
+    with Store.publish(out_dir) as tmp:
         save_npy(tmp / IMAGES_FILE, data.images.astype(np.float32, copy=False))
         data.labels.write_parquet(tmp / LABELS_FILE)
         if errors is not None:
@@ -577,27 +584,38 @@ def label_errors_table(labels: pl.DataFrame, truth: pl.DataFrame) -> pl.DataFram
             LABEL_ERROR_COLUMNS["re_arcsec"]
         ),
         (pl.col("flux_nJy") / pl.col("flux_nJy_true") - 1).alias(LABEL_ERROR_COLUMNS["flux_nJy"]),
-        *(f"{p}_true" for p in PARAMETERS),
+        *LABEL_ERROR_TRUTH_COLUMNS.values(),
     ).sort("file")
 
 
-def check_label_errors(table: pl.DataFrame, path: Path | str) -> np.ndarray:
-    """Validate a label-error table; return its ``(R, 3)`` float64 error rows.
+def check_label_errors(table: pl.DataFrame, path: Path | str) -> pl.DataFrame:
+    """Validate a label-error table; return its errors and truths as float64.
+
+    Returns
+    -------
+    pl.DataFrame
+        The columns :data:`LABEL_ERROR_COLUMNS` and :data:`LABEL_ERROR_TRUTH_COLUMNS`, float64,
+        one row per injected galaxy (:meth:`gampen_ml.calibrate.LabelNoise.from_table`).
 
     Raises
     ------
     LabelledSetError
         Naming ``path``: a missing column, fewer than :data:`MIN_LABEL_ERROR_ROWS` rows, or
-        a value that is missing, not finite, a B/T error outside [-1, 1] or a relative
-        error <= -1 (a label <= 0), with the first offending rows (1 = first data row).
+        a value that is missing, not finite, a B/T error outside [-1, 1], a relative error
+        <= -1 (a label <= 0), a true B/T outside [0, 1] or a true Re or flux <= 0, with the
+        first offending rows (1 = first data row).
     """
-    columns = list(LABEL_ERROR_COLUMNS.values())
+    errors = list(LABEL_ERROR_COLUMNS.values())
+    truths = list(LABEL_ERROR_TRUTH_COLUMNS.values())
+    columns = errors + truths
     missing = [c for c in columns if c not in table.columns]
     if missing:
         raise LabelledSetError(
             path,
             f"missing column(s) {missing} of a label-error table; required: "
-            f"{', '.join(columns)} (B/T: label - truth; Re, flux: label / truth - 1)",
+            f"{', '.join(columns)} (B/T: label - truth; Re, flux: label / truth - 1; the "
+            "injected galaxies' truths, whose errors each posterior draw is matched to; "
+            "`gampen label-errors` writes them all)",
         )
     if table.height < MIN_LABEL_ERROR_ROWS:
         raise LabelledSetError(
@@ -607,34 +625,36 @@ def check_label_errors(table: pl.DataFrame, path: Path | str) -> np.ndarray:
             "distribution the recalibration deconvolves)",
         )
     try:
-        errors = table.select(pl.col(c).cast(pl.Float64) for c in columns).to_numpy()
+        values = table.select(pl.col(c).cast(pl.Float64) for c in columns)
     except Exception as exc:  # polars raises several error types for a bad cast
         raise LabelledSetError(path, f"label errors are not numbers ({exc})") from exc
-    for j, column in enumerate(columns):
-        e = errors[:, j]
+    limits = {
+        errors[0]: (lambda e: np.abs(e) > 1, "is outside [-1, 1]"),
+        errors[1]: (lambda e: e <= -1, "is <= -1 (a label <= 0)"),
+        errors[2]: (lambda e: e <= -1, "is <= -1 (a label <= 0)"),
+        truths[0]: (lambda t: (t < 0) | (t > 1), "is outside [0, 1]"),
+        truths[1]: (lambda t: t <= 0, "is <= 0"),
+        truths[2]: (lambda t: t <= 0, "is <= 0"),
+    }
+    for column in columns:
+        e = values[column].to_numpy()
+        impossible, what = limits[column]
         with np.errstate(invalid="ignore"):
-            for bad, text in (
-                (~np.isfinite(e), "is missing or not finite"),
-                (
-                    (np.abs(e) > 1, "is outside [-1, 1]")
-                    if j == 0
-                    else (e <= -1, "is <= -1 (a label <= 0)")
-                ),
-            ):
+            for bad, text in ((~np.isfinite(e), "is missing or not finite"), (impossible(e), what)):
                 rows = np.flatnonzero(bad) + 1
                 if len(rows):
                     raise LabelledSetError(
                         path,
                         f"{column} {text} in {len(rows)} row(s), first rows {rows[:5].tolist()}",
                     )
-    return errors
+    return values
 
 
-def read_label_errors(folder: Path | str) -> np.ndarray | None:
-    """The ``(R, 3)`` label errors of a labelled folder or stored set; None when it has none.
+def read_label_errors(folder: Path | str) -> pl.DataFrame | None:
+    """The label-error table of a labelled folder or stored set; None when it has none.
 
     Reads ``folder/``:data:`LABEL_ERRORS_FILE` and validates it
-    (:func:`check_label_errors`).
+    (:func:`check_label_errors`, whose float64 errors and truths it returns).
 
     Raises
     ------

@@ -344,6 +344,9 @@ def write_label_errors(folder: Path, n: int = MIN_LABEL_ERROR_ROWS) -> pl.DataFr
             "bt_error": rng.normal(0.0, 0.1, n),
             "re_rel_error": np.clip(rng.normal(0.0, 0.3, n), -0.6, None),
             "flux_rel_error": np.clip(rng.normal(0.0, 0.3, n), -0.6, None),
+            "bt_true": rng.uniform(0.0, 1.0, n),
+            "re_arcsec_true": rng.uniform(0.3, 3.0, n),
+            "flux_nJy_true": 10 ** rng.uniform(3.0, 5.0, n),
         }
     )
     table.write_parquet(folder / LABEL_ERRORS_FILE)
