@@ -91,12 +91,9 @@ TEST_DOMAIN = "sim-knots-test"
 FIT_CHUNK = 20
 LEVEL_KEYS = ("coverage_68", "coverage_95", "coverage_99")
 NOMINAL = {"coverage_68": 0.6827, "coverage_95": 0.9545, "coverage_99": 0.9973}
+#: The from-scratch row is its own script (hours of rendering and training on 2 cores).
 FROM_SCRATCH_NOTE = (
-    "not run: training from scratch on 10x the largest label set (10,000 domain sims) costs "
-    "about 3.6x the quick profile's training (~800-900 s per 2,800-galaxy model on these 2 "
-    "shared cores), i.e. ~50-60 min of training plus the rendering of 10,000 knotty galaxies "
-    "(~45 min here: 266 s per 1,000 with 2 workers) and a dropout calibration: hours on this "
-    "machine"
+    "separate run: `python -m benchmarks.transfer_scratch` (results/transfer_scratch.md)"
 )
 
 
