@@ -7,7 +7,7 @@ A network trained on simulations meets a survey's galaxies with another PSF, noi
 pixel scale; a few hundred to a few thousand fitter-labelled galaxies of that survey
 (:mod:`gampen_ml.labelled`) adapt it. Read :func:`finetune_and_publish` top to bottom:
 
-1. **Start from the champion** (:func:`gampen_ml.stages.champion_model`): its weights, its
+1. **Start from the champion** (:func:`gampen_ml.prediction.champion_model`): its weights, its
    dropout rate and its label scaler, which stays (the network's output space is the
    champion's, so its heads are reused as they are).
 2. **Freeze** (:class:`FinetuneConfig` ``freeze``; :data:`FREEZE_CHOICES`):
@@ -25,7 +25,7 @@ pixel scale; a few hundred to a few thousand fitter-labelled galaxies of that su
    included, and training stops after ``patience`` epochs without improvement.
 4. **Recalibrate** on the same ``val`` split with the champion's method: the dropout rate
    is the champion's, and when the champion is recalibrated its recalibration is refit
-   (:func:`gampen_ml.stages.recalibrate_on_validation`: mean shift, tail exponent, spread factor and
+   (:func:`gampen_ml.calibrate.recalibrate_on_validation`: mean shift, tail exponent, spread factor and
    error floor on the physical coverage), never copied; against the labels deconvolved from
    the labeller's measured errors when the set has them (**Label noise** below).
 5. **Score** the ``test`` split with the fine-tuned model and with the champion (same MC
@@ -33,8 +33,8 @@ pixel scale; a few hundred to a few thousand fitter-labelled galaxies of that su
 6. **Publish** ``<root>/finetuned_model/<domain>/`` atomically: the files of a
    ``trained_model`` partition (``state_dict.pt``, ``model.json``, ``label_scaler.json``,
    ``history.json``; :func:`gampen_ml.train.load_trained_model` reads it) plus
-   ``calibration.json`` (:func:`gampen_ml.stages.finetuned_model` reads it back as a
-   :class:`~gampen_ml.stages.PredictionModel`; its ``training_domain`` is the labelled
+   ``calibration.json`` (:func:`gampen_ml.prediction.finetuned_model` reads it back as a
+   :class:`~gampen_ml.prediction.PredictionModel`; its ``training_domain`` is the labelled
    train split's PSF and noise range, :func:`labelled_training_domain`),
    ``coverage.parquet``, ``metrics.json``, ``registry.json`` and ``loss_curve.png``; with a
    tracking URI the model is registered
@@ -275,7 +275,7 @@ def labelled_split(
 def labelled_training_domain(profile: Profile, labelled_dir: Path | str, image_px: int):
     """What the fine-tuned model was trained on, for its catalogs' out-of-domain flags.
 
-    A :class:`~gampen_ml.stages.TrainingDomain`: the PSF FWHM range of the labelled
+    A :class:`~gampen_ml.prediction.TrainingDomain`: the PSF FWHM range of the labelled
     ``train`` cutouts (None when none carries a PSF) and their sky-noise range measured as a
     catalog measures it (:func:`gampen_ml.flags.image_statistics` on the images as the model
     sees them), with the profile's priors.
@@ -663,9 +663,9 @@ def domain_catalog(
     domain: str,
     device: str | None = None,
 ) -> pl.DataFrame:
-    """Catalog of one labelled split (the labels as truths) through ``stages.predict_catalog``.
+    """Catalog of one labelled split (the labels as truths) through ``prediction.predict_catalog``.
 
-    ``model`` is a :class:`~gampen_ml.stages.PredictionModel`; the images are sized for it
+    ``model`` is a :class:`~gampen_ml.prediction.PredictionModel`; the images are sized for it
     (:func:`fit_to_model`); the dataset is ``<domain>-<split>``.
     """
     from gampen_ml.stages import predict_catalog
