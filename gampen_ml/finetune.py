@@ -46,7 +46,7 @@ pixel scale; a few hundred to a few thousand fitter-labelled galaxies of that su
 model keeps the champion's ``image_px``: a labelled set stored at another stamp size is
 centre-cropped or zero-padded to it for training (:func:`fit_to_model`, the platform's
 crop/pad rule), as prediction reads a domain's cutouts straight to the model's size
-(:func:`gampen_ml.stages.cutout_imaging`). Re-initialising the shape-dependent layers instead would
+(:func:`gampen_ml.prediction.cutout_imaging`). Re-initialising the shape-dependent layers instead would
 throw away trained weights, and fails outright for small stamps (the localisation
 convolutions need at least 41 px after pooling).
 
@@ -58,7 +58,7 @@ What is used, when the labelled set has one, is the labeller's *measured* error
 distribution: a table of its errors on injected galaxies
 (:data:`gampen_ml.labelled.LABEL_ERRORS_FILE`). The recalibration then compares each val
 label with the posterior convolved with those errors (:class:`gampen_ml.calibrate.LabelNoise`:
-every draw gets an error row drawn from the table), so the intervals it fits describe the
+every draw gets the error row of an injected galaxy whose truth is near it), so the intervals it fits describe the
 truth rather than truth plus label noise; they are applied to the plain posterior. Without
 such a table the validation coverage is measured against the labels themselves, and the
 intervals come out as wide as the label noise demands.
