@@ -82,7 +82,7 @@ from gampen_ml.sim.target_domain import (
     TargetDomainConfig,
     render_target_domain,
     target_domain_parameters,
-    write_cutout,
+    write_target_cutouts,
 )
 from gampen_ml.stages import PredictionModel, champion_model
 
@@ -135,15 +135,7 @@ def render_chunked(
         images, psfs, truth = render_target_domain(
             params.slice(a, chunk), cfg, seed, n_workers=n_workers
         )
-        for i, row in enumerate(truth.iter_rows(named=True)):
-            header = {
-                "BUNIT": ("nJy", "pixel unit"),
-                "PIXSCALE": (cfg.pixel_scale_arcsec, "arcsec per pixel"),
-                "PSF_FWHM": (row["psf_fwhm_arcsec"], "effective PSF FWHM, arcsec"),
-                "GALID": (row["galaxy_id"], "galaxy_id of the truth table"),
-                "DOMAIN": (cfg.name, "simulated target domain"),
-            }
-            write_cutout(folder / row["file"], images[i], psfs[i], header)
+        write_target_cutouts(folder, images, psfs, truth, cfg)
         tmp = part_file.with_suffix(".tmp")
         truth.write_parquet(tmp)
         tmp.rename(part_file)

@@ -370,6 +370,20 @@ def write_target_domain(
     folder.mkdir(parents=True, exist_ok=True)
     params = target_domain_parameters(n, seed, priors, first_id)
     images, psfs, truth = render_target_domain(params, cfg, seed, n_workers=n_workers)
+    write_target_cutouts(folder, images, psfs, truth, cfg)
+    with atomic_file(folder / TRUTH_FILE) as tmp:
+        truth.write_parquet(tmp)
+    return truth
+
+
+def write_target_cutouts(
+    folder: Path | str,
+    images: np.ndarray,
+    psfs: np.ndarray,
+    truth: pl.DataFrame,
+    cfg: TargetDomainConfig,
+) -> None:
+    """One platform FITS cutout per truth row (``truth["file"]``) of rendered ``images``."""
     for k, row in enumerate(truth.iter_rows(named=True)):
         header = {
             "BUNIT": ("nJy", "pixel unit"),
@@ -378,7 +392,4 @@ def write_target_domain(
             "GALID": (row["galaxy_id"], "galaxy_id of the truth table"),
             "DOMAIN": (cfg.name, "simulated target domain"),
         }
-        write_cutout(folder / row["file"], images[k], psfs[k], header)
-    with atomic_file(folder / TRUTH_FILE) as tmp:
-        truth.write_parquet(tmp)
-    return truth
+        write_cutout(Path(folder) / row["file"], images[k], psfs[k], header)
