@@ -505,15 +505,7 @@ def render_variations(
          float(sky_sigma_nJy), int(seed), noise)
         for a, b in zip(bounds[:-1], bounds[1:], strict=True)
     ]  # fmt: skip
-    if n_workers == 1 or len(tasks) <= 1:
-        results = [_render_chunk(task) for task in tasks]
-    else:
-        # An executor, not multiprocessing.Pool: Pool's exit terminates its workers, which can
-        # leave one blocked forever on the task queue's lock (seen under pytest).
-        with ProcessPoolExecutor(
-            max_workers=min(n_workers, len(tasks)), mp_context=multiprocessing.get_context("spawn")
-        ) as pool:
-            results = list(pool.map(_render_chunk, tasks))
+    results = map_in_processes(_render_chunk, tasks, n_workers)
     head = pl.DataFrame({"galaxy_id": pl.Series(galaxy_ids, dtype=pl.Int64)})
     out = {}
     for variation in variations:
@@ -540,3 +532,16 @@ def render_variations(
             pl.concat([head, labels, pl.DataFrame(tail)], how="horizontal"),
         )
     return out
+
+
+def map_in_processes(fn, tasks: list, n_workers: int) -> list:
+    """``[fn(t) for t in tasks]``, in up to ``n_workers`` spawned processes when there are
+    several tasks (``fn`` must be a module-level function)."""
+    if n_workers == 1 or len(tasks) <= 1:
+        return [fn(task) for task in tasks]
+    # An executor, not multiprocessing.Pool: Pool's exit terminates its workers, which can
+    # leave one blocked forever on the task queue's lock (seen under pytest).
+    with ProcessPoolExecutor(
+        max_workers=min(n_workers, len(tasks)), mp_context=multiprocessing.get_context("spawn")
+    ) as pool:
+        return list(pool.map(fn, tasks))

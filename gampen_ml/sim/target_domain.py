@@ -42,9 +42,7 @@ own streams seeded ``(seed, galaxy_id, stream)``, so images do not depend on ``n
 
 from __future__ import annotations
 
-import multiprocessing
 from collections.abc import Mapping
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,7 +54,11 @@ from astropy.io import fits
 from gampen_ml.config import PriorConfig, PSFConfig
 from gampen_ml.domains import Domain
 from gampen_ml.io import atomic_file
-from gampen_ml.sim.independent import draw_population, truncated_lognormal_fwhm_arcsec
+from gampen_ml.sim.independent import (
+    draw_population,
+    map_in_processes,
+    truncated_lognormal_fwhm_arcsec,
+)
 from gampen_ml.sim.parameters import PARAMETER_COLUMNS
 from gampen_ml.sim.psf import measure_fwhm_arcsec
 from gampen_ml.sim.render import galaxy_profile
@@ -312,13 +314,7 @@ def render_target_domain(
         (rows[a:b], ids[a:b], cfg, int(seed), noise, knots)
         for a, b in zip(bounds[:-1], bounds[1:], strict=True)
     ]
-    if n_workers == 1 or len(tasks) <= 1:
-        results = [_render_chunk(task) for task in tasks]
-    else:
-        with ProcessPoolExecutor(
-            max_workers=min(n_workers, len(tasks)), mp_context=multiprocessing.get_context("spawn")
-        ) as pool:
-            results = list(pool.map(_render_chunk, tasks))
+    results = map_in_processes(_render_chunk, tasks, n_workers)
     images = np.concatenate([r[0] for r in results]) if results else np.empty((0, s, s), "f4")
     psfs = np.concatenate([r[1] for r in results]) if results else np.empty((0, p, p), "f4")
     infos = [info for r in results for info in r[2]]
