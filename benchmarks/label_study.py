@@ -29,7 +29,6 @@ Run::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -39,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from benchmarks.study_files import mark_rendered, rendered, write_results
 from gampen_ml.config import get_profile
 from gampen_ml.label import STATUS_OK, label_folder, read_labels
 from gampen_ml.sim.target_domain import (
@@ -61,15 +61,10 @@ def render(work: Path, n: int, seed: int, n_workers: int) -> pl.DataFrame:
     """The study's cutouts and truth table in ``work/cutouts`` (rendered once per n, seed)."""
     cutouts = work / "cutouts"
     marker = work / STUDY_FILE
-    if marker.is_file():
-        known = json.loads(marker.read_text())
-        if (known["n"], known["seed"]) != (n, seed):
-            raise SystemExit(
-                f"{work} holds a study of n={known['n']}, seed={known['seed']}: pass another --work"
-            )
+    if rendered(marker, n, seed, "pass another --work"):
         return pl.read_parquet(cutouts / TRUTH_FILE)
     truth = write_target_domain(cutouts, n, TargetDomainConfig(), seed, n_workers=n_workers)
-    marker.write_text(json.dumps({"n": n, "seed": seed}))
+    mark_rendered(marker, n, seed)
     return truth
 
 
@@ -227,11 +222,7 @@ def main() -> None:
         },
         "parameters": score(table),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "label_study.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = markdown(result)
-    (args.out / "label_study.md").write_text(md)
-    print(md)
+    write_results(args.out, "label_study", result, markdown(result))
 
 
 if __name__ == "__main__":

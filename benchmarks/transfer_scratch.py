@@ -59,6 +59,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from benchmarks.study_files import mark_rendered, rendered, write_results
 from benchmarks.transfer_study import (
     CHAMPION_ASSETS,
     LEVEL_KEYS,
@@ -109,12 +110,7 @@ def render_chunked(
     """
     folder.mkdir(parents=True, exist_ok=True)
     marker = folder / RENDER_DONE
-    if marker.exists():
-        known = json.loads(marker.read_text())
-        if (known["n"], known["seed"]) != (n, seed):
-            raise SystemExit(
-                f"{folder} holds n={known['n']}, seed={known['seed']}, not {n}, {seed}"
-            )
+    if rendered(marker, n, seed, "use another folder"):
         return pl.read_parquet(folder / TRUTH_FILE)
     spec = folder / RENDER_SPEC
     if spec.exists():
@@ -148,7 +144,7 @@ def render_chunked(
     tmp = folder / "_truth.tmp"
     truth.write_parquet(tmp)
     tmp.rename(folder / TRUTH_FILE)
-    marker.write_text(json.dumps({"n": n, "seed": seed}))
+    mark_rendered(marker, n, seed)
     return truth
 
 
@@ -381,12 +377,8 @@ def main() -> None:
         "test_seconds": test_seconds,
         "test": summarise(catalog, "scratch"),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = "transfer_scratch" if args.trainer == "train" else f"transfer_scratch.{args.trainer}"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = markdown_row(result)
-    (args.out / f"{stem}.md").write_text(md)
-    print(md)
+    write_results(args.out, stem, result, markdown_row(result))
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ import polars as pl
 import torch
 
 from benchmarks.label_study import score as score_labeller
+from benchmarks.study_files import mark_rendered, rendered, write_results
 from gampen_ml.config import PARAMETERS, get_profile
 from gampen_ml.domains import load_domain
 from gampen_ml.finetune import (
@@ -100,13 +101,10 @@ FROM_SCRATCH_NOTE = (
 def render(folder: Path, n: int, seed: int, n_workers: int) -> pl.DataFrame:
     """Target-domain cutouts + truth in ``folder`` (rendered once per ``(n, seed)``)."""
     marker = folder / "_render.json"
-    if marker.is_file():
-        known = json.loads(marker.read_text())
-        if (known["n"], known["seed"]) != (n, seed):
-            raise SystemExit(f"{folder} holds n={known['n']}, seed={known['seed']}: use --work")
+    if rendered(marker, n, seed, "use --work"):
         return pl.read_parquet(folder / TRUTH_FILE)
     truth = write_target_domain(folder, n, TargetDomainConfig(), seed, n_workers=n_workers)
-    marker.write_text(json.dumps({"n": n, "seed": seed}))
+    mark_rendered(marker, n, seed)
     return truth
 
 
@@ -617,11 +615,7 @@ def main() -> None:
         },
         "wall_seconds": time.perf_counter() - t0,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "transfer_study.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = markdown(result)
-    (args.out / "transfer_study.md").write_text(md)
-    print(md)
+    write_results(args.out, "transfer_study", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -437,9 +437,8 @@ def stretch_by_mean(samples: np.ndarray, knots, values, drivers=None) -> np.ndar
 
     Parameter ``p`` is stretched by ``interp(mean_d, knots_p, values_p)`` where ``mean_d`` is
     the galaxy's predicted mean of parameter ``d = drivers[p]`` (default: ``p`` itself).
-    ``knots`` / ``values``: per parameter, increasing predicted means and the relative width
-    factors there (:func:`fit_spread_profile`); an empty pair leaves that parameter alone.
-    Linear interpolation, constant beyond the end knots. float32.
+    ``knots`` / ``values`` as in :func:`shift_means`, with relative width factors as the
+    values (:func:`fit_spread_profile`). float32.
     """
     if not any(len(k) for k in knots):  # nothing to stretch: no copy on the catalog's hot path
         return np.asarray(samples, dtype=np.float32)

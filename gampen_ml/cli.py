@@ -448,6 +448,14 @@ def build_parser() -> argparse.ArgumentParser:
             "--tracking-uri", default=None, help="MLflow URI (default sqlite under $DAGSTER_HOME)"
         )
 
+    def domain_opt(p: argparse.ArgumentParser, details: str) -> None:
+        p.add_argument(
+            "--domain",
+            default=None,
+            help="survey domain declared in <dagster_home>/domains/NAME.toml: read the files "
+            "as that survey delivers them" + details,
+        )
+
     p = add("simulate", cmd_simulate, "PSF library, noise pool and simulated shards")
     p.add_argument("--shards", help="comma-separated shard keys (default: all)")
     p.add_argument("--workers", type=int, default=None, help="render processes (default: cores)")
@@ -477,12 +485,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--passes", type=int, default=None, help="MC passes per galaxy (default: profile)"
     )
-    p.add_argument(
-        "--domain",
-        default=None,
-        help="survey domain declared in <dagster_home>/domains/NAME.toml: read the files as "
-        "that survey delivers them and predict with its fine-tuned model when there is one "
-        "(default: the folder's batch.toml, else none)",
+    domain_opt(
+        p,
+        " and predict with its fine-tuned model when there is one (default: the folder's "
+        "batch.toml, else none)",
     )
     p.add_argument(
         "--flags",
@@ -599,12 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("label", cmd_label, "label a folder of cutouts with a profile fitter (pysersic)")
     p.add_argument("folder", help="folder of FITS cutouts (searched recursively)")
     p.add_argument("--out", required=True, help="labels table to write, .parquet or .csv")
-    p.add_argument(
-        "--domain",
-        default=None,
-        help="survey domain declared in <dagster_home>/domains/NAME.toml: read the files as "
-        "that survey delivers them (image, weight, flux unit, PSF)",
-    )
+    domain_opt(p, " (image, weight, flux unit, PSF)")
     p.add_argument(
         "--model",
         default="bulge-disk",

@@ -459,7 +459,17 @@ def query(
         con.close()
 
 
-LINEAGE_CHAIN_SQL = """
+#: The recursive step of both lineage walks: from a chain row ``c`` along its recorded inputs
+#: ``u`` to the materialization ``l`` of each input's recorded data version, at most 32 deep.
+_UPSTREAM_STEP_SQL = """\
+    FROM chain c
+    JOIN lineage_upstream u ON u.lineage_id = c.lineage_id
+    LEFT JOIN lineage_latest l
+      ON l.asset = u.upstream_asset AND l.partition = u.upstream_partition
+     AND l.data_version IS NOT DISTINCT FROM u.upstream_data_version
+    WHERE c.depth < 32"""
+
+LINEAGE_CHAIN_SQL = f"""
 WITH RECURSIVE chain(depth, lineage_id, asset, partition, data_version,
                      downstream_asset, downstream_partition) AS (
     SELECT 0, lineage_id, asset, partition, data_version,
@@ -470,12 +480,7 @@ WITH RECURSIVE chain(depth, lineage_id, asset, partition, data_version,
     UNION
     SELECT c.depth + 1, l.lineage_id, u.upstream_asset, u.upstream_partition,
            u.upstream_data_version, c.asset, c.partition
-    FROM chain c
-    JOIN lineage_upstream u ON u.lineage_id = c.lineage_id
-    LEFT JOIN lineage_latest l
-      ON l.asset = u.upstream_asset AND l.partition = u.upstream_partition
-     AND l.data_version IS NOT DISTINCT FROM u.upstream_data_version
-    WHERE c.depth < 32
+{_UPSTREAM_STEP_SQL}
 )
 SELECT min(c.depth) AS depth, c.asset, c.partition, c.data_version,
        c.downstream_asset, c.downstream_partition,
@@ -506,7 +511,7 @@ def lineage_chain(db_path: Path | str, asset: str, partition: str | None) -> lis
     return query(db_path, LINEAGE_CHAIN_SQL, {"asset": asset, "partition": _partition(partition)})
 
 
-CATALOG_ROW_PROVENANCE_SQL = """
+CATALOG_ROW_PROVENANCE_SQL = f"""
 WITH RECURSIVE chain(depth, lineage_id, asset, partition, data_version) AS (
     SELECT 0, l.lineage_id, l.asset, l.partition, l.data_version
     FROM posterior_catalog c
@@ -516,12 +521,7 @@ WITH RECURSIVE chain(depth, lineage_id, asset, partition, data_version) AS (
     UNION
     SELECT c.depth + 1, l.lineage_id, u.upstream_asset, u.upstream_partition,
            u.upstream_data_version
-    FROM chain c
-    JOIN lineage_upstream u ON u.lineage_id = c.lineage_id
-    LEFT JOIN lineage_latest l
-      ON l.asset = u.upstream_asset AND l.partition = u.upstream_partition
-     AND l.data_version IS NOT DISTINCT FROM u.upstream_data_version
-    WHERE c.depth < 32
+{_UPSTREAM_STEP_SQL}
 )
 SELECT DISTINCT c.asset, c.partition, c.data_version, l.run_id, l.mlflow_run_id,
        l.model_version, l.code_version, l.finished_at

@@ -19,22 +19,9 @@ from urllib.parse import quote
 import pytest
 
 from tests.browser_helpers import dagster_webserver, launch_chromium
+from tests.gampen_assets.test_definitions import ASSETS
 
 REPO = Path(__file__).resolve().parents[1]
-ASSETS = (
-    "psf_library",
-    "noise_pool",
-    "simulated_galaxies",
-    "trained_model",
-    "calibrated_dropout_rate",
-    "posterior_catalog",
-    "qualitative_flags",
-    "diagnostic_plots",
-    "robustness_report",
-    "sky_catalog",
-    "labelled_set",
-    "finetuned_model",
-)
 GROUPS = ("inputs", "model", "catalog", "validation", "transfer")
 STARTUP_TIMEOUT_S = 240.0
 
@@ -68,7 +55,7 @@ def test_asset_graph_shows_every_asset(chromium, screenshot_dir, webserver):
             graph = page.locator("svg foreignObject")
             graph.get_by_text("psf_library", exact=True).wait_for(timeout=120_000)
             # Long names are middle-truncated in the graph nodes ("calibrated_d…_rate").
-            in_graph = [n for n in ASSETS if graph.get_by_text(n, exact=True).count()]
+            in_graph = [n for n in sorted(ASSETS) if graph.get_by_text(n, exact=True).count()]
             assert len(in_graph) >= 8, f"graph nodes show only {in_graph}"
             page.wait_for_timeout(1500)  # let the layout settle before the screenshot
             screenshot = screenshot_dir / "ui-asset-graph.png"
@@ -78,10 +65,10 @@ def test_asset_graph_shows_every_asset(chromium, screenshot_dir, webserver):
             for group in GROUPS:
                 page.get_by_text(group, exact=True).first.click()
                 page.keyboard.press("ArrowRight")
-            for name in ASSETS:
+            for name in sorted(ASSETS):
                 page.get_by_text(name, exact=True).first.wait_for(timeout=30_000)
             body = page.inner_text("body")
-            missing = [name for name in ASSETS if name not in body]
+            missing = [name for name in sorted(ASSETS) if name not in body]
             assert not missing, f"asset graph page lacks {missing}"
         finally:
             browser.close()

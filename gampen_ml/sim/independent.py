@@ -148,12 +148,8 @@ def draw_population(
 
     Parameters
     ----------
-    priors : PriorConfig
-        Parameter ranges.
-    n : int
-        Number of galaxies.
-    rng : numpy.random.Generator
-        The only source of randomness.
+    priors, n, rng
+        As in :func:`~gampen_ml.sim.parameters.sample_parameters`.
     loguniform : bool
         Redraw the disk / single-component Re, the bulge Re (each within its
         :func:`~gampen_ml.sim.parameters.re_limits_arcsec` range) and the total flux

@@ -125,26 +125,13 @@ def test_export_writes_a_catalog_partition_as_votable(env, tmp_path):
 
     from gampen_ml.catalog import build_catalog, write_catalog
     from gampen_ml.posterior import summarize
+    from tests.catalog_helpers import posterior_draws, provenance
 
-    rng = np.random.default_rng(0)
-    samples = np.stack(
-        [
-            rng.uniform(0, 1, (3, 30)),
-            rng.lognormal(0, 0.3, (3, 30)),
-            rng.lognormal(10, 0.2, (3, 30)),
-        ],
-        axis=-1,
-    )
     catalog = build_catalog(
-        summarize(samples),
+        summarize(posterior_draws(np.random.default_rng(0), 3, 30)),
         pl.DataFrame({"galaxy_id": [5, 6, 7], "source_file": ["a.fits", None, "c.fits"]}),
         None,
-        model_name="gampen-tiny",
-        model_version="2",
-        dropout_rate=0.01,
-        n_passes=30,
-        recalibrated=False,
-        dataset="batch-1",
+        **provenance(model_version="2", dropout_rate=0.01, n_passes=30),
     )
     folder = tmp_path / "posterior_catalog" / "batch-1"
     write_catalog(folder, catalog)

@@ -50,6 +50,13 @@ def write_catalog(root: Path, dataset: str) -> None:
     )
 
 
+def assert_lists_datasets(result: subprocess.CompletedProcess, datasets: str) -> None:
+    """``result``, an answer of ``gampen sql`` to :data:`DATASETS`, succeeded and lists
+    ``datasets`` (``+``-joined)."""
+    assert result.returncode == 0, result.stderr
+    assert f"│ {datasets} " in result.stdout
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -90,9 +97,8 @@ def test_sees_partitions_published_after_the_last_lineage_write(home):
     assert query(db, DATASETS) == [{"datasets": None}]
     before = sha256(db)
     result = gampen_sql(DATASETS, env=bare_env(DAGSTER_HOME=str(home)), cwd=home)
-    assert result.returncode == 0, result.stderr
     # ... gampen sql defines its own, over the partitions there now, and writes nothing.
-    assert "│ a+b " in result.stdout
+    assert_lists_datasets(result, "a+b")
     assert sha256(db) == before
     assert sorted(p.name for p in home.iterdir()) == ["data", "gampen.duckdb"]
 
@@ -132,14 +138,9 @@ def test_never_takes_the_write_lock(home):
         result = gampen_sql(DATASETS, env=env, cwd=home, timeout=60)
     finally:
         closer.join()
-    assert result.returncode == 0, result.stderr
-    assert "│ a " in result.stdout
+    assert_lists_datasets(result, "a")
     assert time.monotonic() - start >= WRITER_HOLD_S  # it answered after the writer left
 
-    reader = duckdb.connect(str(db), read_only=True)
-    try:
+    with duckdb.connect(str(db), read_only=True):
         result = gampen_sql(DATASETS, env=env, cwd=home, timeout=40)
-    finally:
-        reader.close()
-    assert result.returncode == 0, result.stderr
-    assert "│ a " in result.stdout
+    assert_lists_datasets(result, "a")

@@ -20,18 +20,15 @@ from gampen_ml.database import query
 
 
 @pytest.fixture
-def tiny_env(tmp_path, monkeypatch):
+def tiny_env(dagster_home):
     """Storage root, DuckDB and MLflow store in tmp; resources for the tiny profile."""
-    monkeypatch.setenv("GAMPEN_STORAGE", str(tmp_path / "storage"))
-    monkeypatch.setenv("GAMPEN_DUCKDB", str(tmp_path / "gampen.duckdb"))
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
     settings = GampenSettings(
         profile_name="tiny",
-        storage_root=str(tmp_path / "storage"),
-        dagster_home=str(tmp_path),
+        storage_root=str(dagster_home / "storage"),
+        dagster_home=str(dagster_home),
         device="cpu",
     )
-    return tmp_path, {"settings": settings}
+    return dagster_home, {"settings": settings}
 
 
 def test_inputs_and_one_shard(tiny_env, tiny_profile):

@@ -29,14 +29,12 @@ TINY = get_profile("tiny")
 
 
 @pytest.fixture
-def env(tmp_path, monkeypatch):
-    monkeypatch.setenv("GAMPEN_STORAGE", str(tmp_path / "storage"))
-    monkeypatch.setenv("GAMPEN_DUCKDB", str(tmp_path / "gampen.duckdb"))
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+def env(dagster_home):
+    storage = dagster_home / "storage"
     settings = GampenSettings(
-        profile_name="tiny", storage_root=str(tmp_path / "storage"), dagster_home=str(tmp_path)
+        profile_name="tiny", storage_root=str(storage), dagster_home=str(dagster_home)
     )
-    return tmp_path / "storage", {"settings": settings}, DagsterInstance.ephemeral()
+    return storage, {"settings": settings}, DagsterInstance.ephemeral()
 
 
 def run_check(check, asset, resources, instance):
@@ -183,6 +181,7 @@ def _write_catalog(root, key, n):
     from gampen_ml.catalog import build_catalog, write_catalog
     from gampen_ml.flags import compute_flags
     from gampen_ml.posterior import summarize
+    from tests.catalog_helpers import provenance
 
     rng = np.random.default_rng(0)
     truth = np.column_stack(
@@ -193,12 +192,7 @@ def _write_catalog(root, key, n):
         summarize(samples),
         pl.DataFrame({"galaxy_id": np.arange(n, dtype=np.int64)}),
         None,
-        model_name="gampen-tiny",
-        model_version="1",
-        dropout_rate=0.05,
-        n_passes=64,
-        recalibrated=False,
-        dataset=key,
+        **provenance(n_passes=64, dataset=key),
     )
     folder = root / "posterior_catalog" / key
     folder.mkdir(parents=True)

@@ -32,6 +32,7 @@ from gampen_assets.schedules import (
 )
 from gampen_assets.sensors import CATALOG_ASSETS
 from gampen_ml.database import LineageRow, query, record_lineage
+from tests.lineage_helpers import sense_run_failure
 
 
 @pytest.fixture
@@ -134,10 +135,6 @@ def test_failure_rows_only_for_assets_without_success(db):
 
 
 def test_failure_sensor_records_a_failed_run(db):
-    from dagster import DagsterEventType, build_run_status_sensor_context
-
-    from gampen_assets.lineage import lineage_failure_sensor
-
     @asset
     def broken_asset() -> None:
         raise RuntimeError("boom")
@@ -145,16 +142,7 @@ def test_failure_sensor_records_a_failed_run(db):
     with instance_for_test() as instance:
         result = materialize([broken_asset], instance=instance, raise_on_error=False)
         assert not result.success
-        failure = next(
-            e for e in result.all_events if e.event_type == DagsterEventType.PIPELINE_FAILURE
-        )
-        context = build_run_status_sensor_context(
-            sensor_name="lineage_failure_sensor",
-            dagster_event=failure,
-            dagster_instance=instance,
-            dagster_run=result.dagster_run,
-        ).for_run_failure()
-        lineage_failure_sensor(context)
+        sense_run_failure(result, instance)
     (row,) = query(db, "SELECT asset, partition, status, run_id FROM lineage")
     assert row == {
         "asset": "broken_asset",

@@ -8,19 +8,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from dagster import (
-    DagsterEventType,
-    DagsterInstance,
-    asset,
-    build_run_status_sensor_context,
-    instance_for_test,
-    materialize,
-)
+from dagster import DagsterInstance, asset, instance_for_test, materialize
 
 from gampen_assets.assets.data_assets import psf_library
-from gampen_assets.lineage import launched_settings, lineage_failure_sensor
+from gampen_assets.lineage import launched_settings
 from gampen_assets.resources import GampenSettings
 from gampen_ml.database import query
+from tests.lineage_helpers import sense_run_failure
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -68,16 +62,7 @@ def test_failure_rows_go_to_the_failed_runs_database(tmp_path, elsewhere):
             raise_on_error=False,
         )
         assert not result.success
-        failure = next(
-            e for e in result.all_events if e.event_type == DagsterEventType.PIPELINE_FAILURE
-        )
-        context = build_run_status_sensor_context(
-            sensor_name="lineage_failure_sensor",
-            dagster_event=failure,
-            dagster_instance=instance,
-            dagster_run=result.dagster_run,
-        ).for_run_failure()
-        lineage_failure_sensor(context)
+        sense_run_failure(result, instance)
     rows = query(home / "gampen.duckdb", "SELECT asset, status, run_id FROM lineage")
     assert rows == [{"asset": "broken_asset", "status": "failure", "run_id": result.run_id}]
     assert not elsewhere.exists()

@@ -24,7 +24,7 @@ from gampen_assets.sensors import (
 from gampen_ml.config import get_profile
 from gampen_ml.fits_input import load_cutouts
 from gampen_ml.inbox import PROCESSING
-from tests.inbox_helpers import ingest_requested
+from tests.inbox_helpers import ingest_requested, watch_inbox
 
 S = get_profile("tiny").imaging.stamp_size_px
 
@@ -41,12 +41,9 @@ def write(path, data):
 
 @pytest.fixture
 def env(tmp_path, monkeypatch, storage_root):
-    home = tmp_path / "home"
-    inbox = tmp_path / "inbox"
+    home, inbox = tmp_path / "home", tmp_path / "inbox"
     inbox.mkdir(parents=True)
-    monkeypatch.setenv("GAMPEN_INBOX", str(inbox))
-    monkeypatch.setenv("GAMPEN_PROFILE", "tiny")
-    monkeypatch.setenv("GAMPEN_INBOX_SETTLE_S", "600")
+    watch_inbox(monkeypatch, inbox, settle_s=600)
     with instance_for_test() as instance:
         # instance_for_test points DAGSTER_HOME at its own folder: point it back.
         monkeypatch.setenv("DAGSTER_HOME", str(home))

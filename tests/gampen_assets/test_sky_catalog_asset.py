@@ -41,12 +41,11 @@ def catalog_rows(dataset: str, n: int, seed: int, positioned: bool = True) -> pl
 
 
 @pytest.fixture
-def env(tmp_path, monkeypatch):
-    monkeypatch.setenv("GAMPEN_STORAGE", str(tmp_path / "storage"))
-    monkeypatch.setenv("GAMPEN_DUCKDB", str(tmp_path / "gampen.duckdb"))
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
-    settings = GampenSettings(storage_root=str(tmp_path / "storage"), dagster_home=str(tmp_path))
-    return tmp_path, settings
+def env(dagster_home):
+    settings = GampenSettings(
+        storage_root=str(dagster_home / "storage"), dagster_home=str(dagster_home)
+    )
+    return dagster_home, settings
 
 
 def _materialize(settings, instance):

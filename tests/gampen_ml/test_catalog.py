@@ -24,6 +24,7 @@ from gampen_ml.data.transforms import LabelScaler
 from gampen_ml.infer import mc_dropout_samples
 from gampen_ml.model import GaMPEN
 from gampen_ml.posterior import summarize
+from tests.catalog_helpers import posterior_draws, provenance
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "catalog.md"
 
@@ -46,15 +47,7 @@ def test_schema_matches_docs():
 
 def fake_summary(n: int, seed: int = 0) -> pl.DataFrame:
     rng = np.random.default_rng(seed)
-    samples = np.stack(
-        [
-            rng.uniform(0, 1, (n, 50)),
-            rng.lognormal(0, 0.2, (n, 50)),
-            rng.lognormal(11, 0.1, (n, 50)),
-        ],
-        axis=-1,
-    )
-    return summarize(samples)
+    return summarize(posterior_draws(rng, n, 50, re_sigma=0.2, flux_mu=11, flux_sigma=0.1))
 
 
 def test_build_catalog_simulation_and_real():
@@ -68,14 +61,7 @@ def test_build_catalog_simulation_and_real():
             "component": ["bulge+disk"] * 3 + ["disk"],
         }
     )
-    kw = dict(
-        model_name="gampen",
-        model_version="3",
-        dropout_rate=0.01,
-        n_passes=50,
-        recalibrated=False,
-        dataset="sim-test",
-    )
+    kw = provenance(model_name="gampen", model_version="3", dropout_rate=0.01, dataset="sim-test")
     cat = build_catalog(summary, meta, truths, **kw)
     assert cat.columns == list(CATALOG_SCHEMA) and cat.schema == pl.Schema(CATALOG_SCHEMA)
     expected_mag = 31.4 - 2.5 * np.log10(summary["flux_nJy_mode"].to_numpy())
@@ -102,12 +88,7 @@ def test_write_read_round_trip_and_validation(tmp_path):
         summary,
         pl.DataFrame({"galaxy_id": [1, 2, 3]}),
         None,
-        model_name="m",
-        model_version="1",
-        dropout_rate=0.0,
-        n_passes=50,
-        recalibrated=True,
-        dataset="d",
+        **provenance(model_name="m", dropout_rate=0.0, recalibrated=True, dataset="d"),
     )
     path = write_catalog(tmp_path, cat)
     assert path.name == "catalog.parquet"

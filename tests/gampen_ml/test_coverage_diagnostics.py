@@ -11,6 +11,7 @@ from gampen_ml.data.transforms import LabelScaler
 from gampen_ml.infer import predict_physical
 from gampen_ml.posterior import summarize
 from gampen_ml.stages import coverage_diagnostics
+from tests.catalog_helpers import provenance
 
 
 def test_calibrated_draws_give_a_diagonal_curve_and_small_tarp_error(tmp_path):
@@ -33,12 +34,7 @@ def test_calibrated_draws_give_a_diagonal_curve_and_small_tarp_error(tmp_path):
         summarize(predict_physical(samples, scaler)),
         pl.DataFrame({"galaxy_id": np.arange(n)}),
         truths,
-        model_name="m",
-        model_version="1",
-        dropout_rate=0.0,
-        n_passes=t,
-        recalibrated=False,
-        dataset="sim-test",
+        **provenance(model_name="m", dropout_rate=0.0, n_passes=t, dataset="sim-test"),
     )
     paths = coverage_diagnostics(catalog, samples, scaler, tmp_path, seed=3)
     assert paths["expected_coverage"].stat().st_size > 10_000

@@ -37,6 +37,7 @@ from gampen_ml.flags import (
 )
 from gampen_ml.io import folder_sha256, partition_dir
 from gampen_ml.posterior import summarize
+from tests.catalog_helpers import posterior_draws, provenance
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "catalog.md"
 READ_FORMAT = {"fits": "fits", "votable": "votable", "ecsv": "ascii.ecsv"}
@@ -45,14 +46,7 @@ READ_FORMAT = {"fits": "fits", "votable": "votable", "ecsv": "ascii.ecsv"}
 def small_catalog(n: int = 5, dataset: str = "batch-7") -> pl.DataFrame:
     """Real-cutout-like rows with nulls in every nullable kind (str, int32, float)."""
     rng = np.random.default_rng(3)
-    samples = np.stack(
-        [
-            rng.uniform(0, 1, (n, 40)),
-            rng.lognormal(0, 0.3, (n, 40)),
-            rng.lognormal(10, 0.2, (n, 40)),
-        ],
-        axis=-1,
-    )
+    samples = posterior_draws(rng, n, 40)
     meta = pl.DataFrame(
         {
             "galaxy_id": np.arange(n, dtype=np.int64) + 100,
@@ -75,12 +69,7 @@ def small_catalog(n: int = 5, dataset: str = "batch-7") -> pl.DataFrame:
         summarize(samples),
         meta,
         truths,
-        model_name="gampen-tiny",
-        model_version="7",
-        dropout_rate=0.05,
-        n_passes=40,
-        recalibrated=True,
-        dataset=dataset,
+        **provenance(model_version="7", n_passes=40, recalibrated=True, dataset=dataset),
     )
 
 

@@ -29,6 +29,7 @@ from gampen_ml.model_archive import (
     open_model_archive,
 )
 from gampen_ml.posterior import summarize
+from tests.catalog_helpers import posterior_draws
 from tests.reliability.conftest import RATE, TINY, copy_world, tiny_world  # noqa: F401
 
 RECAL = Recalibration(
@@ -52,14 +53,7 @@ def champion_world(tiny_world, tmp_path_factory):  # noqa: F811
         json.dumps({**record, "recalibrated": True, "n_val_galaxies": 8})
     )
     rng = np.random.default_rng(1)
-    samples = np.stack(
-        [
-            rng.uniform(0, 1, (8, 40)),
-            rng.lognormal(0, 0.3, (8, 40)),
-            rng.lognormal(9, 0.3, (8, 40)),
-        ],
-        axis=-1,
-    )
+    samples = posterior_draws(rng, 8, 40, flux_mu=9, flux_sigma=0.3)
     truths = pl.DataFrame({"bt": rng.uniform(0, 1, 8), "re_arcsec": rng.lognormal(0, 0.3, 8),
                            "flux_nJy": rng.lognormal(9, 0.3, 8)})  # fmt: skip
     summary = summarize(samples)

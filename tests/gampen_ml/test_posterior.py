@@ -240,13 +240,20 @@ def test_binned_coverage_by_column():
     assert row["coverage"].to_list() == [0.5, 0.5]
 
 
-def test_tarp_joint_coverage_detects_miscalibration():
-    rng = np.random.default_rng(8)
-    n, t = 1000, 200
+def _joint_draws(n: int, narrow_scale: float, seed: int, t: int = 200):
+    """Truths ``(n, 3)``, and ``(n, t, 3)`` draws of calibrated (unit-width) posteriors about
+    ``n`` random centres and of posteriors ``narrow_scale`` times as wide."""
+    rng = np.random.default_rng(seed)
     centre = rng.normal(size=(n, 3))
     truth = centre + rng.standard_normal((n, 3))
     good = centre[:, None] + rng.standard_normal((n, t, 3))
-    narrow = centre[:, None] + 0.4 * rng.standard_normal((n, t, 3))
+    narrow = centre[:, None] + narrow_scale * rng.standard_normal((n, t, 3))
+    return truth, good, narrow
+
+
+def test_tarp_joint_coverage_detects_miscalibration():
+    n = 1000
+    truth, good, narrow = _joint_draws(n, narrow_scale=0.4, seed=8)
     state = np.random.get_state()  # noqa: NPY002
     ecp, alpha, err_good = tarp_coverage(good, truth, seed=1)
     assert np.random.get_state()[1][0] == state[1][0]  # noqa: NPY002 (global RNG untouched)
@@ -260,12 +267,7 @@ def test_tarp_null_is_the_scale_of_calibrated():
     """A calibrated model's TARP error lies inside the null; a 2x too narrow one far beyond."""
     from gampen_ml.posterior import tarp_null_errors
 
-    rng = np.random.default_rng(9)
-    n, t = 500, 200
-    centre = rng.normal(size=(n, 3))
-    truth = centre + rng.standard_normal((n, 3))
-    good = centre[:, None] + rng.standard_normal((n, t, 3))
-    narrow = centre[:, None] + 0.5 * rng.standard_normal((n, t, 3))
+    truth, good, narrow = _joint_draws(500, narrow_scale=0.5, seed=9)
     null = tarp_null_errors(good, seed=3, n_replicates=8)
     assert null.shape == (8,) and (null > 0).all()  # finite N: never exactly 0
     err_good = tarp_coverage(good, truth, seed=1)[2]

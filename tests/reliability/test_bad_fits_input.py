@@ -21,7 +21,7 @@ from fits_cases import BAD, CASES, GOOD, IMAGING, S, add_symlink, galaxy, write_
 from gampen_assets.sensors import MANIFEST, STORED_BATCHES, inbox_sensor
 from gampen_ml import stages
 from gampen_ml.fits_input import CutoutError, load_cutout_file, load_cutouts
-from tests.inbox_helpers import ingest_requested
+from tests.inbox_helpers import ingest_requested, watch_inbox
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -75,13 +75,10 @@ def test_repairs_keep_the_pixel_values(tmp_path):
 
 
 def _sensor_env(tmp_path, monkeypatch, storage_root):
-    home = tmp_path / "home"
-    inbox = tmp_path / "inbox"
+    home, inbox = tmp_path / "home", tmp_path / "inbox"
     inbox.mkdir(parents=True)
-    monkeypatch.setenv("GAMPEN_INBOX", str(inbox))
-    monkeypatch.setenv("GAMPEN_PROFILE", "tiny")
+    watch_inbox(monkeypatch, inbox)
     monkeypatch.setenv("GAMPEN_STORAGE", str(storage_root))
-    monkeypatch.setenv("GAMPEN_INBOX_SETTLE_S", "0")
     return home, inbox
 
 

@@ -25,7 +25,7 @@ from gampen_ml.config import InputLimits, get_profile
 from gampen_ml.inbox import MANIFEST, PROCESSING, STORED_BATCHES, ingest_claimed
 from gampen_ml.io import atomic_partition_dir
 from gampen_ml.settings import Settings
-from tests.inbox_helpers import ingest_requested
+from tests.inbox_helpers import ingest_requested, watch_inbox
 
 TINY = get_profile("tiny")
 
@@ -34,9 +34,7 @@ TINY = get_profile("tiny")
 def inbox_env(tmp_path, monkeypatch, storage_root):
     home, inbox = tmp_path / "home", tmp_path / "inbox"
     inbox.mkdir()
-    for key, value in {"GAMPEN_INBOX": inbox, "GAMPEN_PROFILE": "tiny",
-                       "GAMPEN_INBOX_SETTLE_S": 0}.items():  # fmt: skip
-        monkeypatch.setenv(key, str(value))
+    watch_inbox(monkeypatch, inbox)
     with instance_for_test() as instance:
         monkeypatch.setenv("DAGSTER_HOME", str(home))
 

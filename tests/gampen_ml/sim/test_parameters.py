@@ -138,13 +138,8 @@ def test_quantize_sersic_n_recomputes_re(params):
     n = q["bulge_n"].drop_nulls().to_numpy()
     np.testing.assert_allclose(n / 0.02, np.round(n / 0.02), atol=1e-9)
     assert np.abs(q["disk_n"].drop_nulls() - params["disk_n"].drop_nulls()).max() <= 0.01 + 1e-9
-    expect = composite_re_arcsec(
-        q["bt"].to_numpy(),
-        q["disk_n"].to_numpy(),
-        q["disk_re_arcsec"].to_numpy(),
-        q["bulge_n"].to_numpy(),
-        q["bulge_re_arcsec"].to_numpy(),
-    )
+    components = ("bt", "disk_n", "disk_re_arcsec", "bulge_n", "bulge_re_arcsec")
+    expect = composite_re_arcsec(*(q[c].to_numpy() for c in components))
     np.testing.assert_allclose(q["re_arcsec"], expect)
 
 

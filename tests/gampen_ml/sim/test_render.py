@@ -9,6 +9,7 @@ from gampen_ml.config import ImagingConfig, NoiseConfig, PriorConfig, PSFConfig
 from gampen_ml.sim.parameters import composite_re_arcsec, quantize_sersic_n, sample_parameters
 from gampen_ml.sim.psf import synthetic_psf_library
 from gampen_ml.sim.render import SERSIC_N_STEP, FastRenderer, render_galaxy
+from tests.gampen_ml.sim.stamp_photometry import half_light_radius_arcsec
 
 IMAGING = ImagingConfig()
 NAN = float("nan")
@@ -20,18 +21,6 @@ def _row(bt, flux, disk=(NAN, NAN, NAN, NAN), bulge=(NAN, NAN, NAN, NAN)):
         for name, v in zip(("n", "re_arcsec", "q", "pa_deg"), vals, strict=True):
             row[f"{prefix}_{name}"] = None if np.isnan(v) else v
     return row
-
-
-def circularized_half_light_radius(image, q, pa_deg, scale):
-    """Radius r such that the ellipse (axis ratio q, PA) of circularized radius r holds half."""
-    s = image.shape[0]
-    y, x = (np.mgrid[0:s, 0:s] - (s - 1) / 2) * scale
-    t = np.radians(pa_deg)
-    xp, yp = x * np.cos(t) + y * np.sin(t), -x * np.sin(t) + y * np.cos(t)
-    r = np.sqrt(q * xp**2 + yp**2 / q).ravel()
-    order = np.argsort(r)
-    cum = np.cumsum(image.ravel()[order].astype(np.float64))
-    return float(np.interp(0.5 * cum[-1], cum, r[order]))
 
 
 @pytest.mark.parametrize(
@@ -53,7 +42,7 @@ def test_psf_free_render_flux_and_half_light_radius(row, q, pa):
         np.array([row["bulge_n"] or NAN]),
         np.array([row["bulge_re_arcsec"] or NAN]),
     )[0]
-    measured = circularized_half_light_radius(image, q, pa, IMAGING.pixel_scale_arcsec)
+    measured = half_light_radius_arcsec(image, q, pa, IMAGING.pixel_scale_arcsec)
     assert measured == pytest.approx(expect, rel=0.03)
     # Centred on the central pixel.
     assert np.unravel_index(image.argmax(), image.shape) == (119, 119)
