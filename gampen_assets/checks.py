@@ -12,23 +12,17 @@ import math
 
 import numpy as np
 import polars as pl
-from dagster import (
-    AssetCheckExecutionContext,
-    AssetCheckResult,
-    AssetCheckSeverity,
-    asset_check,
-)
+from dagster import AssetCheckResult, AssetCheckSeverity, asset_check
 
-from gampen_assets.assets._common import md_table
+from gampen_assets.assets._common import partition_check
+from gampen_assets.assets._metadata import md_table
 from gampen_assets.assets.data_assets import (
     noise_pool,
     psf_library,
-    shard_partitions,
     simulated_galaxies,
 )
 from gampen_assets.assets.model_assets import (
     calibrated_dropout_rate,
-    dropout_partitions,
     trained_model,
 )
 from gampen_assets.assets.prediction_assets import (
@@ -37,7 +31,7 @@ from gampen_assets.assets.prediction_assets import (
     qualitative_flags,
     robustness_report,
 )
-from gampen_assets.partitions import SIM_TEST, datasets
+from gampen_assets.partitions import SIM_TEST
 from gampen_assets.resources import GampenSettings
 from gampen_ml.metrics import coverage_bounds, non_nested_intervals
 from gampen_ml.plots.common import PNG_MAGIC
@@ -418,66 +412,41 @@ def check_plots(settings: GampenSettings, key: str) -> AssetCheckResult:
 
 
 # ---------------------------------------------------------------- partitioned checks
-# Thin wrappers: the bodies above take the partition key explicitly, so they also run on
-# files alone (Dagster 1.13 cannot execute a partitioned check without its asset).
+# One check per partition of its asset, running the body above that takes the key.
 
-
-@asset_check(
+simulated_galaxies_valid = partition_check(
+    check_shard,
+    name="simulated_galaxies_valid",
     asset=simulated_galaxies,
     blocking=True,
-    partitions_def=shard_partitions,
     description="Label schema and dtypes, finite images/labels, Table-1 ranges, split fractions",
 )
-def simulated_galaxies_valid(
-    context: AssetCheckExecutionContext, settings: GampenSettings
-) -> AssetCheckResult:
-    return check_shard(settings, context.partition_key)
-
-
-@asset_check(
+trained_model_valid = partition_check(
+    check_model,
+    name="trained_model_valid",
     asset=trained_model,
     blocking=True,
-    partitions_def=dropout_partitions,
     description="Model files present; training and validation loss finite and falling",
 )
-def trained_model_valid(
-    context: AssetCheckExecutionContext, settings: GampenSettings
-) -> AssetCheckResult:
-    return check_model(settings, context.partition_key)
-
-
-@asset_check(
+posterior_catalog_valid = partition_check(
+    check_catalog,
+    name="posterior_catalog_valid",
     asset=posterior_catalog,
     blocking=True,
-    partitions_def=datasets,
     description="Catalog schema, finite values, nested HPD intervals, one row per input galaxy",
 )
-def posterior_catalog_valid(
-    context: AssetCheckExecutionContext, settings: GampenSettings
-) -> AssetCheckResult:
-    return check_catalog(settings, context.partition_key)
-
-
-@asset_check(
+flags_consistent_with_catalog = partition_check(
+    check_flags,
+    name="flags_consistent_with_catalog",
     asset=qualitative_flags,
-    partitions_def=datasets,
     description="One flag row per catalog galaxy; flags equal those recomputed from the catalog",
 )
-def flags_consistent_with_catalog(
-    context: AssetCheckExecutionContext, settings: GampenSettings
-) -> AssetCheckResult:
-    return check_flags(settings, context.partition_key)
-
-
-@asset_check(
+plots_written = partition_check(
+    check_plots,
+    name="plots_written",
     asset=diagnostic_plots,
-    partitions_def=datasets,
     description="index.md present; every figure a non-empty PNG",
 )
-def plots_written(
-    context: AssetCheckExecutionContext, settings: GampenSettings
-) -> AssetCheckResult:
-    return check_plots(settings, context.partition_key)
 
 
 # ---------------------------------------------------------------- validation

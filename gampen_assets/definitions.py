@@ -27,41 +27,37 @@ from gampen_assets.sensors import CATALOG_ASSETS, inbox_sensor
 from gampen_ml import store
 
 # A job holds one partitioning, so the pipeline is one job per partitioning; `make pipeline`
-# (gampen_assets.pipeline) runs them in order.
-inputs_job = define_asset_job(
-    "inputs_job",
-    selection=AssetSelection.assets(store.PSF_LIBRARY, store.NOISE_POOL),
-    description="PSF library and sky-noise pool (unpartitioned).",
-)
-simulation_job = define_asset_job(
-    "simulation_job",
-    selection=AssetSelection.assets(store.SIMULATED_GALAXIES),
-    description="Simulate one shard per partition.",
-)
-training_job = define_asset_job(
-    "training_job",
-    selection=AssetSelection.assets(store.TRAINED_MODEL),
-    description="Train one GaMPEN per dropout-rate partition (pool gpu).",
-)
-calibration_job = define_asset_job(
-    "calibration_job",
-    selection=AssetSelection.assets(store.CALIBRATED_DROPOUT_RATE),
-    description="Pick the dropout rate whose validation coverage is closest to nominal.",
-)
-catalog_job = define_asset_job(
-    "catalog_job",
-    selection=AssetSelection.assets(*CATALOG_ASSETS),
-    description="Posterior catalog, flags and plots of one dataset partition.",
-)
+# (gampen_assets.pipeline) runs them in order. The transfer job (one ``domains`` partition)
+# is not part of the pipeline.
+JOB_ASSETS_AND_DESCRIPTIONS = {
+    "inputs_job": (
+        [store.PSF_LIBRARY, store.NOISE_POOL],
+        "PSF library and sky-noise pool (unpartitioned).",
+    ),
+    "simulation_job": ([store.SIMULATED_GALAXIES], "Simulate one shard per partition."),
+    "training_job": (
+        [store.TRAINED_MODEL],
+        "Train one GaMPEN per dropout-rate partition (pool gpu).",
+    ),
+    "calibration_job": (
+        [store.CALIBRATED_DROPOUT_RATE],
+        "Pick the dropout rate whose validation coverage is closest to nominal.",
+    ),
+    "catalog_job": (
+        CATALOG_ASSETS,
+        "Posterior catalog, flags and plots of one dataset partition.",
+    ),
+    "transfer_job": (
+        [store.LABELLED_SET, store.FINETUNED_MODEL],
+        "A survey domain's labelled set, then the champion fine-tuned on it (one "
+        "domains partition; not part of the pipeline).",
+    ),
+}
 
-transfer_job = define_asset_job(
-    "transfer_job",
-    selection=AssetSelection.assets(store.LABELLED_SET, store.FINETUNED_MODEL),
-    description="A survey domain's labelled set, then the champion fine-tuned on it (one "
-    "domains partition; not part of the pipeline).",
-)
-
-JOBS = [inputs_job, simulation_job, training_job, calibration_job, catalog_job, transfer_job]
+JOBS = [
+    define_asset_job(name, selection=AssetSelection.assets(*assets), description=description)
+    for name, (assets, description) in JOB_ASSETS_AND_DESCRIPTIONS.items()
+]
 
 
 def build_definitions(executor: ExecutorDefinition | None = None) -> Definitions:

@@ -1,6 +1,7 @@
 """Lineage of every materialization into the DuckDB database, from Dagster.
 
-Every asset body ends with :func:`record_materialization`; :data:`lineage_failure_sensor`
+Every asset body ends with :func:`record_materialization` (through
+:meth:`gampen_assets.assets._common.AssetRun.result`); :data:`lineage_failure_sensor`
 records failed runs. The database and storage root come from the run's ``settings``
 resource (``GampenSettings.settings()``), so they are the paths the run wrote to; outside
 a run, :func:`database_path` resolves them from the environment
@@ -83,12 +84,12 @@ def record_materialization(
     context,
     *,
     asset: str,
-    partition: str | None,
     data_version: str,
-    upstream: Sequence[tuple[str, str | None, str | None]],
-    input_paths: Sequence[Path | str],
     row_count: int | None,
     started_at: datetime,
+    partition: str | None = None,
+    upstream: Sequence[tuple[str, str | None, str | None]] = (),
+    input_paths: Sequence[Path | str] = (),
     mlflow_run_id: str | None = None,
     model_version: str | None = None,
     status: str = "success",
@@ -101,18 +102,20 @@ def record_materialization(
         Supplies the run id and the ``settings`` resource (database and storage root,
         :func:`run_settings`); the row, and any partition file left out of the views,
         are logged to ``context.log``.
-    asset, partition : str, str or None
-        The asset key (single component) and partition key (None if unpartitioned).
+    asset : str
+        The asset key (single component).
     data_version : str
         Content version of what was written (e.g. a hash of the partition folder).
-    upstream : sequence of (asset, partition, data_version)
-        The exact input partitions read.
-    input_paths : sequence of Path
-        Input files or folders; each is fingerprinted (:func:`input_fingerprint`).
     row_count : int or None
         Rows (galaxies, PSFs, ...) written.
     started_at : datetime
         When the asset body started (UTC or naive UTC).
+    partition : str or None
+        The partition key (None if unpartitioned).
+    upstream : sequence of (asset, partition, data_version)
+        The exact input partitions read (none for an asset without inputs in the store).
+    input_paths : sequence of Path
+        Input files or folders; each is fingerprinted (:func:`input_fingerprint`).
     mlflow_run_id, model_version : str, optional
         MLflow run and registered model version involved.
     status : str

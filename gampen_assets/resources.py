@@ -12,6 +12,7 @@ asset therefore checks that its partition key belongs to the profile it runs wit
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from dagster import ConfigurableResource, Failure
 from pydantic import Field
@@ -32,6 +33,11 @@ def load_time_profile() -> Profile:
     return get_profile(None)
 
 
+def _resolved_when_empty(description: str) -> Any:
+    """A setting whose empty default is resolved when the run starts (:class:`GampenSettings`)."""
+    return Field(default="", description=description)
+
+
 class GampenSettings(ConfigurableResource):
     """Profile, storage root, MLflow tracking URI and device for every asset.
 
@@ -41,25 +47,20 @@ class GampenSettings(ConfigurableResource):
     serves any machine; the device ``auto`` is CUDA when present, else CPU.
     """
 
-    profile_name: str = Field(
-        default="",
-        description=f"Profile name (paper, quick, tiny); empty: ${PROFILE_ENV_VAR} else {DEFAULT_PROFILE}.",
+    profile_name: str = _resolved_when_empty(
+        f"Profile name (paper, quick, tiny); empty: ${PROFILE_ENV_VAR} else {DEFAULT_PROFILE}."
     )
-    storage_root: str = Field(
-        default="",
-        description="Root folder of every asset partition; empty: $GAMPEN_STORAGE, else $DAGSTER_HOME/data.",
+    storage_root: str = _resolved_when_empty(
+        "Root folder of every asset partition; empty: $GAMPEN_STORAGE, else $DAGSTER_HOME/data."
     )
-    dagster_home: str = Field(
-        default="",
-        description="Folder holding gampen.duckdb and the embedded MLflow store; empty: $DAGSTER_HOME.",
+    dagster_home: str = _resolved_when_empty(
+        "Folder holding gampen.duckdb and the embedded MLflow store; empty: $DAGSTER_HOME."
     )
-    database: str = Field(
-        default="",
-        description="Lineage/catalog DuckDB file; empty: $GAMPEN_DUCKDB, else <dagster_home>/gampen.duckdb.",
+    database: str = _resolved_when_empty(
+        "Lineage/catalog DuckDB file; empty: $GAMPEN_DUCKDB, else <dagster_home>/gampen.duckdb."
     )
-    mlflow_tracking_uri: str = Field(
-        default="",
-        description="MLflow tracking/registry URI; empty: $MLFLOW_TRACKING_URI, else sqlite:///<dagster_home>/mlflow.db.",
+    mlflow_tracking_uri: str = _resolved_when_empty(
+        "MLflow tracking/registry URI; empty: $MLFLOW_TRACKING_URI, else sqlite:///<dagster_home>/mlflow.db."
     )
     device: str = Field(
         default="auto", description="Torch device: auto (CUDA when present), cpu, cuda, cuda:1 ..."

@@ -1,28 +1,38 @@
-"""What every GaMPEN asset shares: owners, retry policy, versions and metadata helpers.
+"""What every GaMPEN asset and check shares: owners, retry policy, fail-fast errors, lineage.
 
-No science here: only the glue that turns a ``gampen_ml`` result into Dagster metadata,
-data versions and a lineage row.
+No science here: only the glue that declares an asset, runs its body and records the lineage
+row of what it wrote. The metadata an asset reports is built with
+:mod:`gampen_assets.assets._metadata`.
 """
 
-from __future__ import annotations
-
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, Self
 
 from dagster import (
+    AssetCheckExecutionContext,
+    AssetCheckResult,
+    AssetChecksDefinition,
     AssetExecutionContext,
     AssetKey,
     AssetRecordsFilter,
+    AssetsDefinition,
     Backoff,
+    DataVersion,
     Failure,
-    MetadataValue,
+    MaterializeResult,
     RetryPolicy,
+    asset,
+    asset_check,
 )
 
+from gampen_assets import lineage
 from gampen_assets.lineage import input_fingerprint
+from gampen_assets.resources import GampenSettings
 from gampen_ml.config import ConfigError
-from gampen_ml.io import folder_sha256
 from gampen_ml.store import Store
 
 OWNERS = ["team:gampen"]
@@ -33,6 +43,15 @@ OWNERS = ["team:gampen"]
 TRANSIENT_RETRY = RetryPolicy(max_retries=3, delay=5, backoff=Backoff.EXPONENTIAL)
 
 DATA_VERSION_TAG = "dagster/data_version"
+
+
+def gampen_asset(group_name: str, **asset_kwargs: Any) -> Callable[[Callable], AssetsDefinition]:
+    """``@asset`` in group ``group_name`` with what every GaMPEN asset shares.
+
+    The team owns it and :data:`TRANSIENT_RETRY` retries it; ``asset_kwargs`` (code
+    version, kinds, partitions, deps, pool, description ...) go to ``dagster.asset``.
+    """
+    return asset(group_name=group_name, owners=OWNERS, retry_policy=TRANSIENT_RETRY, **asset_kwargs)
 
 
 @contextlib.contextmanager
@@ -81,32 +100,70 @@ def upstream_version(
     return (asset, partition, version)
 
 
-def folder_version(folder: Path) -> str:
-    """Data version of a written partition: SHA-256 over its files, first 16 hex digits."""
-    return folder_sha256(folder)[:16]
+@dataclass(frozen=True)
+class AssetRun:
+    """One run of an asset body: where it reads and writes, and when it started.
+
+    An asset body begins with :meth:`start` and ends with :meth:`result`, which writes the
+    lineage row of what it wrote (:func:`gampen_assets.lineage.record_materialization`)
+    and returns Dagster's result with the same data version.
+    """
+
+    context: AssetExecutionContext
+    store: Store
+    started_at: datetime
+
+    @classmethod
+    def start(cls, context: AssetExecutionContext, settings: GampenSettings) -> Self:
+        """The run of ``context``, started now, over the store of ``settings``."""
+        started_at = datetime.now(UTC)
+        return cls(context, settings.store(), started_at)
+
+    def upstream(self, asset: str, partition: str | None = None) -> tuple[str, str | None, str]:
+        """``(asset, partition, data_version)`` of an input read (:func:`upstream_version`)."""
+        return upstream_version(self.context, self.store, asset, partition)
+
+    def result(
+        self, asset: str, data_version: str, metadata: Mapping[str, Any], **lineage_row: Any
+    ) -> MaterializeResult:
+        """Record the lineage row of ``asset`` and return its Dagster result at ``data_version``.
+
+        ``lineage_row``: the other arguments of
+        :func:`gampen_assets.lineage.record_materialization` (``partition``, ``upstream``,
+        ``input_paths``, ``row_count`` ...); ``metadata`` goes to the result only.
+        """
+        lineage.record_materialization(
+            self.context,
+            asset=asset,
+            data_version=data_version,
+            started_at=self.started_at,
+            **lineage_row,
+        )
+        return MaterializeResult(metadata=metadata, data_version=DataVersion(data_version))
 
 
-def md_table(rows: Sequence[Mapping[str, object]], float_format: str = "{:.4g}") -> MetadataValue:
-    """A list of dicts (same keys) as a Markdown table for the Dagster UI."""
-    if not rows:
-        return MetadataValue.md("_(empty)_")
-    columns = list(rows[0])
+def partition_check(
+    body: Callable[[GampenSettings, str], AssetCheckResult],
+    *,
+    name: str,
+    asset: AssetsDefinition,
+    description: str,
+    blocking: bool = False,
+) -> AssetChecksDefinition:
+    """The check ``name`` of each partition of ``asset``: ``body(settings, partition_key)``.
 
-    def cell(value: object) -> str:
-        if isinstance(value, float):
-            return float_format.format(value)
-        return str(value)
+    The body takes the partition key explicitly so that it also runs on the files alone,
+    without Dagster (Dagster 1.13 cannot execute a partitioned check without its asset).
+    """
 
-    lines = [
-        "| " + " | ".join(columns) + " |",
-        "|" + "|".join("---" for _ in columns) + "|",
-    ]
-    lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]
-    return MetadataValue.md("\n".join(lines))
+    @asset_check(
+        name=name,
+        asset=asset,
+        blocking=blocking,
+        partitions_def=asset.partitions_def,
+        description=description,
+    )
+    def check(context: AssetCheckExecutionContext, settings: GampenSettings) -> AssetCheckResult:
+        return body(settings, context.partition_key)
 
-
-def level_suffix(level: float) -> str:
-    """Metadata key suffix of a credible level: ``0.6827 -> "68"``, ``0.9973 -> "99"``."""
-    from gampen_ml.posterior import level_tag
-
-    return level_tag(level).removeprefix("hpd")
+    return check

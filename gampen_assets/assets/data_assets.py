@@ -4,27 +4,17 @@ Each asset writes one partition folder of the store (``GampenSettings.store()``)
 ``Store.publish`` and returns only metadata.
 """
 
-from datetime import UTC, datetime
-
 import numpy as np
 from dagster import (
     AssetExecutionContext,
     AssetKey,
-    DataVersion,
     MaterializeResult,
     MetadataValue,
     StaticPartitionsDefinition,
-    asset,
 )
 
-from gampen_assets import lineage
-from gampen_assets.assets._common import (
-    OWNERS,
-    TRANSIENT_RETRY,
-    fail_fast_on_bad_input,
-    folder_version,
-    upstream_version,
-)
+from gampen_assets.assets._common import AssetRun, fail_fast_on_bad_input, gampen_asset
+from gampen_assets.assets._metadata import folder_version
 from gampen_assets.resources import GampenSettings, load_time_profile
 from gampen_ml import plots, stages
 from gampen_ml.config import shard_keys
@@ -36,12 +26,10 @@ shard_partitions = StaticPartitionsDefinition(shard_keys(load_time_profile()))
 GROUP = "inputs"
 
 
-@asset(
-    group_name=GROUP,
-    owners=OWNERS,
+@gampen_asset(
+    GROUP,
     code_version="1",
     kinds={"python", "fits"},
-    retry_policy=TRANSIENT_RETRY,
     description=(
         'PSF images at the survey pixel scale (HSC g band, 0.168"/px): a synthetic '
         "Moffat library with the profile's seeing distribution, or the real PSF FITS files "
@@ -49,9 +37,9 @@ GROUP = "inputs"
     ),
 )
 def psf_library(context: AssetExecutionContext, settings: GampenSettings) -> MaterializeResult:
-    started_at = datetime.now(UTC)
+    run = AssetRun.start(context, settings)
     profile = settings.profile()
-    out = settings.store().psf_library()
+    out = run.store.psf_library()
     with fail_fast_on_bad_input():
         cube, table = stages.build_psf_library(profile, out, log=context.log.info)
     version = folder_version(out)
@@ -74,25 +62,14 @@ def psf_library(context: AssetExecutionContext, settings: GampenSettings) -> Mat
             "fwhm_min_arcsec": float(np.min(fwhm)),
             "fwhm_max_arcsec": float(np.max(fwhm)),
         }
-    lineage.record_materialization(
-        context,
-        asset=PSF_LIBRARY,
-        partition=None,
-        data_version=version,
-        upstream=[],
-        input_paths=[profile.psf.source_dir] if profile.psf.source_dir else [],
-        row_count=len(table),
-        started_at=started_at,
-    )
-    return MaterializeResult(metadata=metadata, data_version=DataVersion(version))
+    inputs = [profile.psf.source_dir] if profile.psf.source_dir else []
+    return run.result(PSF_LIBRARY, version, metadata, input_paths=inputs, row_count=len(table))
 
 
-@asset(
-    group_name=GROUP,
-    owners=OWNERS,
+@gampen_asset(
+    GROUP,
     code_version="1",
     kinds={"python", "numpy"},
-    retry_policy=TRANSIENT_RETRY,
     description=(
         "Sky-noise pixel pool: synthetic sky at the profile's depth (optionally GalSim "
         "correlated noise), or the real 'sky object' FITS cutouts of profile.noise.source_dir. "
@@ -100,9 +77,9 @@ def psf_library(context: AssetExecutionContext, settings: GampenSettings) -> Mat
     ),
 )
 def noise_pool(context: AssetExecutionContext, settings: GampenSettings) -> MaterializeResult:
-    started_at = datetime.now(UTC)
+    run = AssetRun.start(context, settings)
     profile = settings.profile()
-    out = settings.store().noise_pool()
+    out = run.store.noise_pool()
     with fail_fast_on_bad_input():
         pool = stages.build_noise_pool(profile, out, log=context.log.info)
     version = folder_version(out)
@@ -122,27 +99,18 @@ def noise_pool(context: AssetExecutionContext, settings: GampenSettings) -> Mate
             plots.png_markdown(plots.thumbnail_grid(np.asarray(pool.sky_objects[:16])), title="sky")
         ),
     }
-    lineage.record_materialization(
-        context,
-        asset=NOISE_POOL,
-        partition=None,
-        data_version=version,
-        upstream=[],
-        input_paths=[profile.noise.source_dir] if profile.noise.source_dir else [],
-        row_count=stats["n_pixels"],
-        started_at=started_at,
+    inputs = [profile.noise.source_dir] if profile.noise.source_dir else []
+    return run.result(
+        NOISE_POOL, version, metadata, input_paths=inputs, row_count=stats["n_pixels"]
     )
-    return MaterializeResult(metadata=metadata, data_version=DataVersion(version))
 
 
-@asset(
-    group_name=GROUP,
-    owners=OWNERS,
+@gampen_asset(
+    GROUP,
     code_version="1",
     kinds={"galsim", "numpy", "parquet"},
     partitions_def=shard_partitions,
     deps=[AssetKey(PSF_LIBRARY), AssetKey(NOISE_POOL)],
-    retry_policy=TRANSIENT_RETRY,
     description=(
         "One shard of GalSim bulge+disk / single-Sersic galaxies with the paper's Table-1 "
         "priors, PSF-convolved and with pooled sky noise. images.npy (N, S, S) float32 nJy/px "
@@ -154,9 +122,8 @@ def simulated_galaxies(
 ) -> MaterializeResult:
     from gampen_ml.sim import shards
 
-    started_at = datetime.now(UTC)
-    profile = settings.profile()
-    store = settings.store()
+    run = AssetRun.start(context, settings)
+    profile, store = settings.profile(), run.store
     key = context.partition_key
     with fail_fast_on_bad_input():
         settings.require_partition(key, shard_keys(profile), "simulation shard")
@@ -188,17 +155,12 @@ def simulated_galaxies(
             plots.png_markdown(plots.thumbnail_grid(np.asarray(images[:16])), title="galaxies")
         ),
     }
-    lineage.record_materialization(
-        context,
-        asset=SIMULATED_GALAXIES,
+    return run.result(
+        SIMULATED_GALAXIES,
+        version,
+        metadata,
         partition=key,
-        data_version=version,
-        upstream=[
-            upstream_version(context, store, PSF_LIBRARY),
-            upstream_version(context, store, NOISE_POOL),
-        ],
+        upstream=[run.upstream(PSF_LIBRARY), run.upstream(NOISE_POOL)],
         input_paths=[store.psf_library(), store.noise_pool()],
         row_count=labels.height,
-        started_at=started_at,
     )
-    return MaterializeResult(metadata=metadata, data_version=DataVersion(version))

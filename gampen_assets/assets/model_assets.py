@@ -1,32 +1,19 @@
 """Models: one GaMPEN network per dropout rate, and the calibrated choice among them."""
 
 import json
-from datetime import UTC, datetime
 
 import polars as pl
 from dagster import (
     AllPartitionMapping,
     AssetDep,
     AssetExecutionContext,
-    DataVersion,
     MaterializeResult,
     MetadataValue,
     StaticPartitionsDefinition,
-    asset,
 )
 
-from gampen_assets import lineage
-from gampen_assets.assets._common import (
-    OWNERS,
-    TRANSIENT_RETRY,
-    fail_fast_on_bad_input,
-    folder_version,
-    md_table,
-    upstream_version,
-)
-from gampen_assets.assets._common import (
-    level_suffix as _level,
-)
+from gampen_assets.assets._common import AssetRun, fail_fast_on_bad_input, gampen_asset
+from gampen_assets.assets._metadata import coverage_metadata, folder_version, md_table
 from gampen_assets.assets.data_assets import shard_partitions
 from gampen_assets.resources import GampenSettings, load_time_profile
 from gampen_ml import plots, stages
@@ -62,16 +49,14 @@ GPU_K8S_TAGS = {
 }
 
 
-@asset(
-    group_name=GROUP,
-    owners=OWNERS,
+@gampen_asset(
+    GROUP,
     code_version="1",
     kinds={"pytorch", "mlflow"},
     partitions_def=dropout_partitions,
     deps=[AssetDep(SIMULATED_GALAXIES, partition_mapping=AllPartitionMapping())],
     pool="gpu",
     op_tags=GPU_K8S_TAGS,
-    retry_policy=TRANSIENT_RETRY,
     description=(
         "GaMPEN (STN + VGG-16, dropout before every conv and FC layer, full-covariance "
         "Gaussian NLL) trained with one dropout rate on the train split of every shard, "
@@ -79,9 +64,8 @@ GPU_K8S_TAGS = {
     ),
 )
 def trained_model(context: AssetExecutionContext, settings: GampenSettings) -> MaterializeResult:
-    started_at = datetime.now(UTC)
-    profile = settings.profile()
-    store = settings.store()
+    run = AssetRun.start(context, settings)
+    profile, store = settings.profile(), run.store
     key = context.partition_key
     with fail_fast_on_bad_input():
         allowed = [dropout_key(r) for r in profile.calibration.dropout_rates]
@@ -127,26 +111,21 @@ def trained_model(context: AssetExecutionContext, settings: GampenSettings) -> M
             plots.png_markdown(plots.loss_curve(history), title="loss curve")
         ),
     }
-    lineage.record_materialization(
-        context,
-        asset=TRAINED_MODEL,
+    return run.result(
+        TRAINED_MODEL,
+        version,
+        metadata,
         partition=key,
-        data_version=version,
-        upstream=[
-            upstream_version(context, store, SIMULATED_GALAXIES, s) for s in shard_keys(profile)
-        ],
+        upstream=[run.upstream(SIMULATED_GALAXIES, s) for s in shard_keys(profile)],
         input_paths=shard_dirs,
         row_count=len(history),
-        started_at=started_at,
         mlflow_run_id=result.mlflow_run_id,
         model_version=str(result.model_version) if result.model_version else None,
     )
-    return MaterializeResult(metadata=metadata, data_version=DataVersion(version))
 
 
-@asset(
-    group_name=GROUP,
-    owners=OWNERS,
+@gampen_asset(
+    GROUP,
     code_version="1",
     kinds={"pytorch", "mlflow"},
     deps=[
@@ -155,7 +134,6 @@ def trained_model(context: AssetExecutionContext, settings: GampenSettings) -> M
     ],
     pool="gpu",
     op_tags=GPU_K8S_TAGS,
-    retry_policy=TRANSIENT_RETRY,
     description=(
         "MC-dropout inference on the validation split for every dropout partition; HPD "
         "coverage at 68.27/95.45/99.73 %; the rate closest to nominal wins and becomes the "
@@ -166,9 +144,8 @@ def trained_model(context: AssetExecutionContext, settings: GampenSettings) -> M
 def calibrated_dropout_rate(
     context: AssetExecutionContext, settings: GampenSettings
 ) -> MaterializeResult:
-    started_at = datetime.now(UTC)
-    profile = settings.profile()
-    store = settings.store()
+    run = AssetRun.start(context, settings)
+    profile, store = settings.profile(), run.store
     rates = profile.calibration.dropout_rates
     keys = [dropout_key(r) for r in rates]
     model_dirs = [store.trained_model(r) for r in rates]
@@ -203,10 +180,7 @@ def calibrated_dropout_rate(
         "recalibrated": result.recalibration is not None,
         "n_val_galaxies": float(result.n_galaxies),
         "max_abs_coverage_error": float((final["coverage"] - final["level"]).abs().max()),
-        **{
-            f"coverage_{row['parameter']}_{_level(row['level'])}": float(row["coverage"])
-            for row in final.iter_rows(named=True)
-        },
+        **coverage_metadata("coverage", final.iter_rows(named=True)),
         "coverage_table": md_table(
             table.sort("dropout_rate", "recalibrated", "parameter", "level").to_dicts()
         ),
@@ -222,19 +196,16 @@ def calibrated_dropout_rate(
     }
     if result.recalibration is not None:
         metadata["recalibration_scale"] = MetadataValue.json(result.recalibration.to_dict())
-    lineage.record_materialization(
-        context,
-        asset=CALIBRATED_DROPOUT_RATE,
-        partition=None,
-        data_version=version,
-        upstream=[upstream_version(context, store, TRAINED_MODEL, k) for k in keys]
-        + [upstream_version(context, store, SIMULATED_GALAXIES, s) for s in shard_keys(profile)],
+    return run.result(
+        CALIBRATED_DROPOUT_RATE,
+        version,
+        metadata,
+        upstream=[run.upstream(TRAINED_MODEL, k) for k in keys]
+        + [run.upstream(SIMULATED_GALAXIES, s) for s in shard_keys(profile)],
         input_paths=model_dirs,
         row_count=table.height,
-        started_at=started_at,
         model_version=model_version,
     )
-    return MaterializeResult(metadata=metadata, data_version=DataVersion(version))
 
 
 __all__ = ["calibrated_dropout_rate", "dropout_partitions", "shard_partitions", "trained_model"]

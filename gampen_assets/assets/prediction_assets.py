@@ -10,7 +10,6 @@ is one, else by the champion; the metadata says which.
 
 import dataclasses
 import os
-from datetime import UTC, datetime
 
 import polars as pl
 from dagster import (
@@ -18,28 +17,16 @@ from dagster import (
     AssetDep,
     AssetExecutionContext,
     Config,
-    DataVersion,
     Failure,
     MaterializeResult,
     MetadataValue,
     TableColumn,
     TableColumnConstraints,
     TableSchema,
-    asset,
 )
 
-from gampen_assets import lineage
-from gampen_assets.assets._common import (
-    OWNERS,
-    TRANSIENT_RETRY,
-    fail_fast_on_bad_input,
-    folder_version,
-    md_table,
-    upstream_version,
-)
-from gampen_assets.assets._common import (
-    level_suffix as _level,
-)
+from gampen_assets.assets._common import AssetRun, fail_fast_on_bad_input, gampen_asset
+from gampen_assets.assets._metadata import coverage_metadata, folder_version, md_table
 from gampen_assets.assets.model_assets import GPU_K8S_TAGS
 from gampen_assets.partitions import SIM_TEST, datasets
 from gampen_assets.resources import GampenSettings
@@ -165,9 +152,8 @@ class CatalogExportConfig(Config):
     formats: list[ExportFormat] = []
 
 
-@asset(
-    group_name=GROUP,
-    owners=OWNERS,
+@gampen_asset(
+    GROUP,
     code_version="1",
     kinds={"pytorch", "parquet"},
     partitions_def=datasets,
@@ -178,7 +164,6 @@ class CatalogExportConfig(Config):
     ],
     pool="gpu",
     op_tags=GPU_K8S_TAGS,
-    retry_policy=TRANSIENT_RETRY,
     description=(
         "Bayesian posteriors of B/T, Re (arcsec) and flux (nJy) per galaxy from T MC-dropout "
         "passes of the champion model, or for a batch whose batch.toml names a survey domain "
@@ -196,10 +181,8 @@ def posterior_catalog(
     from gampen_ml.catalog import CATALOG_COLUMN_INFO, NULLABLE_COLUMNS
     from gampen_ml.inbox import stored_batch_domain
 
-    started_at = datetime.now(UTC)
-    profile = settings.profile()
-    resolved = settings.settings()
-    store = resolved.store()
+    run = AssetRun.start(context, settings)
+    profile, resolved, store = settings.profile(), settings.settings(), run.store
     key = context.partition_key
     device = settings.torch_device()
     n_chunk = profile.inference.galaxies_per_batch
@@ -262,48 +245,39 @@ def posterior_catalog(
     if key == SIM_TEST:
         test_coverage = coverage_table(catalog, None, profile.calibration.levels, rate, "test")
         metadata["test_coverage"] = md_table(test_coverage.to_dicts())
-        for row in test_coverage.iter_rows(named=True):
-            metadata[f"test_coverage_{row['parameter']}_{_level(row['level'])}"] = float(
-                row["coverage"]
-            )
+        metadata |= coverage_metadata("test_coverage", test_coverage.iter_rows(named=True))
         metadata["bt_mode_mae"] = float((catalog["bt_mode"] - catalog["bt_true"]).abs().mean())
     if model.finetuned_for is not None:
-        upstream = [upstream_version(context, store, FINETUNED_MODEL, model.finetuned_for)]
+        upstream = [run.upstream(FINETUNED_MODEL, model.finetuned_for)]
     else:
         upstream = [
-            upstream_version(context, store, CALIBRATED_DROPOUT_RATE),
-            upstream_version(context, store, TRAINED_MODEL, dropout_key(rate)),
+            run.upstream(CALIBRATED_DROPOUT_RATE),
+            run.upstream(TRAINED_MODEL, dropout_key(rate)),
         ]
     if key == SIM_TEST:
-        upstream += [
-            upstream_version(context, store, SIMULATED_GALAXIES, s) for s in shard_keys(profile)
-        ]
+        upstream += [run.upstream(SIMULATED_GALAXIES, s) for s in shard_keys(profile)]
         inputs = store.shards(profile)
     else:
         inputs = [store.inbox_batch(key)]
-    lineage.record_materialization(
-        context,
-        asset=POSTERIOR_CATALOG,
+    return run.result(
+        POSTERIOR_CATALOG,
+        version,
+        metadata,
         partition=key,
-        data_version=version,
         upstream=upstream,
         input_paths=[*inputs, model_dir],
         row_count=catalog.height,
-        started_at=started_at,
         model_version=str(model.model_version),
     )
-    return MaterializeResult(metadata=metadata, data_version=DataVersion(version))
 
 
-@asset(
-    group_name=GROUP,
-    owners=OWNERS,
+@gampen_asset(
+    GROUP,
     code_version="2",
     kinds={"polars", "parquet"},
     partitions_def=datasets,
     deps=[POSTERIOR_CATALOG, PSF_LIBRARY],
     pool="duckdb",
-    retry_policy=TRANSIENT_RETRY,
     description=(
         "Qualitative flags per galaxy (paper §6.4, §7): bulge-dominated (B/T >= 0.85), "
         'disk-dominated (B/T <= 0.1), small (Re < 1"); beyond the training set: '
@@ -320,9 +294,8 @@ def qualitative_flags(
     from gampen_ml.catalog import read_catalog
     from gampen_ml.flags import FLAG_COLUMNS, FLAGS_COLUMN_INFO, OPTIONAL_FLAG_COLUMNS
 
-    started_at = datetime.now(UTC)
-    profile = settings.profile()
-    store = settings.store()
+    run = AssetRun.start(context, settings)
+    profile, store = settings.profile(), run.store
     key = context.partition_key
     catalog = read_catalog(store.catalog(key))
     out = store.flags(key)
@@ -344,31 +317,24 @@ def qualitative_flags(
             flags, FLAGS_COLUMN_INFO, frozenset({"ood_reason"})
         ),
     }
-    lineage.record_materialization(
-        context,
-        asset=QUALITATIVE_FLAGS,
+    return run.result(
+        QUALITATIVE_FLAGS,
+        version,
+        metadata,
         partition=key,
-        data_version=version,
-        upstream=[
-            upstream_version(context, store, POSTERIOR_CATALOG, key),
-            upstream_version(context, store, PSF_LIBRARY),
-        ],
+        upstream=[run.upstream(POSTERIOR_CATALOG, key), run.upstream(PSF_LIBRARY)],
         input_paths=[store.catalog_file(key)],
         row_count=flags.height,
-        started_at=started_at,
     )
-    return MaterializeResult(metadata=metadata, data_version=DataVersion(version))
 
 
-@asset(
-    group_name=GROUP,
-    owners=OWNERS,
+@gampen_asset(
+    GROUP,
     code_version="1",
     kinds={"matplotlib"},
     partitions_def=datasets,
     deps=[POSTERIOR_CATALOG, QUALITATIVE_FLAGS, CALIBRATED_DROPOUT_RATE],
     pool="duckdb",
-    retry_policy=TRANSIENT_RETRY,
     description=(
         "The paper's diagnostic figures that apply to the dataset (coverage vs dropout, "
         "predicted vs true, residuals, uncertainties, flag regions, confusion matrix; "
@@ -377,9 +343,8 @@ def qualitative_flags(
     ),
 )
 def diagnostic_plots(context: AssetExecutionContext, settings: GampenSettings) -> MaterializeResult:
-    started_at = datetime.now(UTC)
-    profile = settings.profile()
-    store = settings.store()
+    run = AssetRun.start(context, settings)
+    profile, store = settings.profile(), run.store
     key = context.partition_key
     out = store.plots(key)
     with fail_fast_on_bad_input():
@@ -398,21 +363,19 @@ def diagnostic_plots(context: AssetExecutionContext, settings: GampenSettings) -
     report = paths.get("validation")
     if report is not None and report.is_file():
         metadata["validation_report"] = MetadataValue.md(report.read_text())
-    lineage.record_materialization(
-        context,
-        asset=DIAGNOSTIC_PLOTS,
+    return run.result(
+        DIAGNOSTIC_PLOTS,
+        folder_version(out),
+        metadata,
         partition=key,
-        data_version=folder_version(out),
         upstream=[
-            upstream_version(context, store, POSTERIOR_CATALOG, key),
-            upstream_version(context, store, QUALITATIVE_FLAGS, key),
-            upstream_version(context, store, CALIBRATED_DROPOUT_RATE),
+            run.upstream(POSTERIOR_CATALOG, key),
+            run.upstream(QUALITATIVE_FLAGS, key),
+            run.upstream(CALIBRATED_DROPOUT_RATE),
         ],
         input_paths=[store.catalog_file(key), store.flags_file(key)],
         row_count=len(figures),
-        started_at=started_at,
     )
-    return MaterializeResult(metadata=metadata, data_version=DataVersion(folder_version(out)))
 
 
 __all__ = ["diagnostic_plots", "posterior_catalog", "qualitative_flags"]
@@ -426,14 +389,12 @@ class RobustnessConfig(Config):
     seed: int | None = None
 
 
-@asset(
-    group_name="validation",
-    owners=OWNERS,
+@gampen_asset(
+    "validation",
     code_version="1",
     kinds={"pytorch", "galsim"},
     deps=[CALIBRATED_DROPOUT_RATE, PSF_LIBRARY, NOISE_POOL],
     pool="gpu",
-    retry_policy=TRANSIENT_RETRY,
     description=(
         "Calibration under survey shifts: Table-1 galaxies rendered by independent GalSim code "
         "(bulge tied to the disk, Moffat/Kolmogorov PSFs, sky noise +-25 %, sub-pixel offsets, "
@@ -448,9 +409,8 @@ def robustness_report(
 ) -> MaterializeResult:
     from gampen_ml import robustness
 
-    started_at = datetime.now(UTC)
-    profile = settings.profile()
-    store = settings.store()
+    run = AssetRun.start(context, settings)
+    profile, store = settings.profile(), run.store
     out = store.robustness_report()
     with fail_fast_on_bad_input():
         model = stages.champion_model(profile, store)
@@ -474,19 +434,16 @@ def robustness_report(
         ),
         "path": MetadataValue.path(str(out / robustness.MD_FILE)),
     }
-    lineage.record_materialization(
-        context,
-        asset=ROBUSTNESS_REPORT,
-        partition=None,
-        data_version=version,
+    return run.result(
+        ROBUSTNESS_REPORT,
+        version,
+        metadata,
         upstream=[
-            upstream_version(context, store, CALIBRATED_DROPOUT_RATE),
-            upstream_version(context, store, PSF_LIBRARY),
-            upstream_version(context, store, NOISE_POOL),
+            run.upstream(CALIBRATED_DROPOUT_RATE),
+            run.upstream(PSF_LIBRARY),
+            run.upstream(NOISE_POOL),
         ],
         input_paths=[model.model_dir],
         row_count=table.height,
-        started_at=started_at,
         model_version=model.model_version,
     )
-    return MaterializeResult(metadata=metadata, data_version=DataVersion(version))

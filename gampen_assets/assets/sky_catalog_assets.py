@@ -7,8 +7,6 @@ incrementally (``gampen_ml.sky_catalog.publish_sky_catalog``). Open the result w
 ``lsdb.open_catalog("<root>/sky_catalog/all")``.
 """
 
-from datetime import UTC, datetime
-
 from dagster import (
     AllPartitionMapping,
     AssetCheckResult,
@@ -18,17 +16,15 @@ from dagster import (
     AssetSelection,
     AutomationCondition,
     AutomationConditionSensorDefinition,
-    DataVersion,
     DefaultSensorStatus,
     Failure,
     MaterializeResult,
     MetadataValue,
-    asset,
     asset_check,
 )
 
-from gampen_assets import lineage
-from gampen_assets.assets._common import OWNERS, TRANSIENT_RETRY, md_table, upstream_version
+from gampen_assets.assets._common import AssetRun, gampen_asset
+from gampen_assets.assets._metadata import md_table
 from gampen_assets.resources import GampenSettings
 from gampen_ml.sky_catalog import (
     SKY_CATALOG_ASSET,
@@ -49,15 +45,13 @@ SKY_CATALOG_CONDITION = (
 )
 
 
-@asset(
+@gampen_asset(
+    GROUP,
     name=SKY_CATALOG_ASSET,
-    group_name=GROUP,
-    owners=OWNERS,
     code_version="1",
     kinds={"parquet"},
     deps=[AssetDep(SOURCE_ASSET, partition_mapping=AllPartitionMapping())],
     automation_condition=SKY_CATALOG_CONDITION,
-    retry_policy=TRANSIENT_RETRY,
     description=(
         "Every posterior-catalog row with a sky position (ra_deg/dec_deg from the cutouts' "
         "WCS) as one HATS catalog partitioned by HEALPix, with a 10 arcsec margin cache: "
@@ -67,8 +61,8 @@ SKY_CATALOG_CONDITION = (
     ),
 )
 def sky_catalog(context: AssetExecutionContext, settings: GampenSettings) -> MaterializeResult:
-    started_at = datetime.now(UTC)
-    store = settings.store()
+    run = AssetRun.start(context, settings)
+    store = run.store
     root = store.root
     try:
         update = publish_sky_catalog(root, log=context.log.info)
@@ -102,20 +96,17 @@ def sky_catalog(context: AssetExecutionContext, settings: GampenSettings) -> Mat
     # An incremental build reads its previous version and the partitions it (re)publishes
     # (nothing when nothing changed: the version is the previous one).
     read = [*update.added, *update.replaced]
-    upstream = [upstream_version(context, store, SOURCE_ASSET, key) for key in read]
+    upstream = [run.upstream(SOURCE_ASSET, key) for key in read]
     if update.changed and update.previous_version is not None:
         upstream.insert(0, (SKY_CATALOG_ASSET, None, update.previous_version))
-    lineage.record_materialization(
-        context,
-        asset=SKY_CATALOG_ASSET,
-        partition=None,
-        data_version=update.version,
+    return run.result(
+        SKY_CATALOG_ASSET,
+        update.version,
+        metadata,
         upstream=upstream,
         input_paths=[store.catalog_file(key) for key in read],
         row_count=update.total_rows,
-        started_at=started_at,
     )
-    return MaterializeResult(metadata=metadata, data_version=DataVersion(update.version))
 
 
 def check_sky_catalog(settings: GampenSettings) -> AssetCheckResult:

@@ -9,33 +9,24 @@ the partition ``<name>`` in the dialog the first time (``docs/transfer.md``). A 
 a domain file fails at once, listing the declared domains.
 """
 
-from datetime import UTC, datetime
-
 import numpy as np
 import polars as pl
 from dagster import (
-    AssetCheckExecutionContext,
     AssetCheckResult,
     AssetDep,
     AssetExecutionContext,
     Config,
-    DataVersion,
     MaterializeResult,
     MetadataValue,
-    asset,
-    asset_check,
 )
 
-from gampen_assets import lineage
 from gampen_assets.assets._common import (
-    OWNERS,
-    TRANSIENT_RETRY,
+    AssetRun,
     fail_fast_on_bad_input,
-    folder_version,
-    md_table,
-    upstream_version,
+    gampen_asset,
+    partition_check,
 )
-from gampen_assets.assets._common import level_suffix as _level
+from gampen_assets.assets._metadata import coverage_metadata, folder_version, md_table
 from gampen_assets.assets.model_assets import GPU_K8S_TAGS
 from gampen_assets.partitions import domains
 from gampen_assets.resources import GampenSettings
@@ -75,14 +66,12 @@ class FinetuneRunConfig(Config):
         return finetune.FinetuneConfig(**self.model_dump())
 
 
-@asset(
+@gampen_asset(
+    GROUP,
     name=LABELLED_SET,
-    group_name=GROUP,
-    owners=OWNERS,
     code_version="1",
     kinds={"parquet"},
     partitions_def=domains,
-    retry_policy=TRANSIENT_RETRY,
     description=(
         "A survey domain's fitter-labelled galaxies: <dagster_home>/labelled/<domain>/ (FITS "
         "cutouts + labels.parquet or labels.csv: file, hdu, bt, re_arcsec, flux_nJy, optional "
@@ -93,10 +82,10 @@ class FinetuneRunConfig(Config):
     ),
 )
 def labelled_set(context: AssetExecutionContext, settings: GampenSettings) -> MaterializeResult:
-    started_at = datetime.now(UTC)
+    run = AssetRun.start(context, settings)
     profile, resolved = settings.profile(), settings.settings()
     key = context.partition_key
-    out = resolved.store().labelled_set(key)
+    out = run.store.labelled_set(key)
     with fail_fast_on_bad_input():
         domain = find_domain(resolved.domains, key)
         source = resolved.labelled / domain.name
@@ -130,30 +119,25 @@ def labelled_set(context: AssetExecutionContext, settings: GampenSettings) -> Ma
         ),
         "path": MetadataValue.path(str(out)),
     }
-    lineage.record_materialization(
-        context,
-        asset=LABELLED_SET,
+    return run.result(
+        LABELLED_SET,
+        version,
+        metadata,
         partition=key,
-        data_version=version,
-        upstream=[],
         input_paths=[source, resolved.domains / f"{key}.toml"],
         row_count=result.n_galaxies,
-        started_at=started_at,
     )
-    return MaterializeResult(metadata=metadata, data_version=DataVersion(version))
 
 
-@asset(
+@gampen_asset(
+    GROUP,
     name=FINETUNED_MODEL,
-    group_name=GROUP,
-    owners=OWNERS,
     code_version="1",
     kinds={"pytorch", "mlflow"},
     partitions_def=domains,
     deps=[AssetDep(LABELLED_SET), AssetDep(CALIBRATED_DROPOUT_RATE)],
     pool="gpu",
     op_tags=GPU_K8S_TAGS,
-    retry_policy=TRANSIENT_RETRY,
     description=(
         "The champion fine-tuned on a domain's labelled set (freezing per run config: STN + "
         "convolutions by default), early-stopped on its val split, its posteriors "
@@ -166,9 +150,8 @@ def labelled_set(context: AssetExecutionContext, settings: GampenSettings) -> Ma
 def finetuned_model(
     context: AssetExecutionContext, config: FinetuneRunConfig, settings: GampenSettings
 ) -> MaterializeResult:
-    started_at = datetime.now(UTC)
-    profile, resolved = settings.profile(), settings.settings()
-    store = resolved.store()
+    run = AssetRun.start(context, settings)
+    profile, resolved, store = settings.profile(), settings.settings(), run.store
     key = context.partition_key
     out = store.finetuned_model(key)
     with fail_fast_on_bad_input():
@@ -185,10 +168,7 @@ def finetuned_model(
         )
     calibration, metrics, training = result.calibration, result.metrics, result.training
     version = folder_version(out)
-    coverage = {
-        f"val_coverage_{r['parameter']}_{_level(r['level'])}": float(r["coverage"])
-        for r in metrics["val_coverage"]
-    }
+    coverage = coverage_metadata("val_coverage", metrics["val_coverage"])
     test_sigma = {
         f"test_sigma_{r['parameter']}_{r['model']}": float(r["sigma"]) for r in result.test_summary
     }
@@ -223,23 +203,21 @@ def finetuned_model(
         "path": MetadataValue.path(str(out)),
     }
     base_model = store.trained_model(float(calibration["dropout_rate"]))
-    lineage.record_materialization(
-        context,
-        asset=FINETUNED_MODEL,
+    return run.result(
+        FINETUNED_MODEL,
+        version,
+        metadata,
         partition=key,
-        data_version=version,
         upstream=[
-            upstream_version(context, store, LABELLED_SET, key),
-            upstream_version(context, store, CALIBRATED_DROPOUT_RATE),
-            upstream_version(context, store, TRAINED_MODEL, base_model.name),
+            run.upstream(LABELLED_SET, key),
+            run.upstream(CALIBRATED_DROPOUT_RATE),
+            run.upstream(TRAINED_MODEL, base_model.name),
         ],
         input_paths=[store.labelled_set(key), base_model],
         row_count=training.n_train,
-        started_at=started_at,
         mlflow_run_id=result.mlflow_run_id,
         model_version=result.model_version,
     )
-    return MaterializeResult(metadata=metadata, data_version=DataVersion(version))
 
 
 def check_labelled_set(settings: GampenSettings, key: str) -> AssetCheckResult:
@@ -311,30 +289,22 @@ def check_finetuned_model(settings: GampenSettings, key: str) -> AssetCheckResul
     )
 
 
-@asset_check(
+labelled_set_valid = partition_check(
+    check_labelled_set,
+    name="labelled_set_valid",
     asset=labelled_set,
     blocking=True,
-    partitions_def=domains,
     description="Images finite and aligned with the labels; labels in range; train and val "
     "galaxies present; content matches the manifest's SHA-256",
 )
-def labelled_set_valid(
-    context: AssetCheckExecutionContext, settings: GampenSettings
-) -> AssetCheckResult:
-    return check_labelled_set(settings, context.partition_key)
-
-
-@asset_check(
+finetuned_model_valid = partition_check(
+    check_finetuned_model,
+    name="finetuned_model_valid",
     asset=finetuned_model,
     blocking=True,
-    partitions_def=domains,
     description="Model loads; calibration.json complete and for this domain; validation "
     "loss not above the champion's; coverages in [0, 1]",
 )
-def finetuned_model_valid(
-    context: AssetCheckExecutionContext, settings: GampenSettings
-) -> AssetCheckResult:
-    return check_finetuned_model(settings, context.partition_key)
 
 
 TRANSFER_ASSETS = [labelled_set, finetuned_model]
