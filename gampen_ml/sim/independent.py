@@ -6,7 +6,7 @@ relaxed folding threshold, a library of Moffat PSFs used as ``InterpolatedImage`
 PSFs drawn with ``method="no_pixel"``, and noise resampled from a sky-pixel pool. A network
 that learned any artefact of that path would be miscalibrated on real data. This module
 draws galaxies from the same Table-1 priors (:func:`draw_population`) and renders them
-without any of those shortcuts (:func:`render_independent`):
+without any of those shortcuts (:func:`render_variations`):
 
 * continuous Sérsic indices (no quantization) and GalSim's *default* ``GSParams``;
 * components ``galsim.Sersic(n, half_light_radius=Re, flux=...)`` sheared to ``(q, PA)``
@@ -395,8 +395,8 @@ def _galaxy_ids(params: pl.DataFrame) -> np.ndarray:
     return ids.to_numpy().astype(np.int64)
 
 
-def render_independent(
-    variation: str,
+def render_variations(
+    variations: Sequence[str],
     params: pl.DataFrame,
     imaging: ImagingConfig,
     psf_cfg: PSFConfig,
@@ -405,13 +405,18 @@ def render_independent(
     *,
     n_workers: int = 1,
     noise: bool = True,
-) -> tuple[np.ndarray, pl.DataFrame]:
-    """Render ``params`` in one variation of the shift suite (see the module docstring).
+) -> dict[str, tuple[np.ndarray, pl.DataFrame]]:
+    """Render ``params`` in each of ``variations`` of the shift suite (module docstring).
+
+    Each galaxy is rendered in every variation before the next, so GalSim builds its
+    Sérsic tables once per galaxy instead of once per variation (about a third of the
+    cost for continuous indices); every variation's images and labels are what rendering
+    it alone gives.
 
     Parameters
     ----------
-    variation : str
-        One of :data:`VARIATIONS`.
+    variations : sequence of str
+        Each one of :data:`VARIATIONS`.
     params : polars.DataFrame
         :func:`draw_population` output (any parameter table with the columns of
         :data:`~gampen_ml.sim.parameters.PARAMETER_COLUMNS`; ``galaxy_id`` defaults to the
@@ -434,6 +439,8 @@ def render_independent(
 
     Returns
     -------
+    dict
+        ``{variation: (images, labels)}``:
     images : (N, S, S) float32
         nJy per pixel, ``S = imaging.stamp_size_px``, in the row order of ``params``.
     labels : polars.DataFrame
@@ -451,30 +458,6 @@ def render_independent(
     IndependentRenderError
         Unknown variation, missing parameter columns, bad ``galaxy_id``, even stamp,
         negative seed or sky r.m.s., ``n_workers < 1``.
-    """
-    return render_variations(
-        (variation,), params, imaging, psf_cfg, sky_sigma_nJy, seed, n_workers=n_workers,
-        noise=noise,
-    )[variation]  # fmt: skip
-
-
-def render_variations(
-    variations: Sequence[str],
-    params: pl.DataFrame,
-    imaging: ImagingConfig,
-    psf_cfg: PSFConfig,
-    sky_sigma_nJy: float,
-    seed: int,
-    *,
-    n_workers: int = 1,
-    noise: bool = True,
-) -> dict[str, tuple[np.ndarray, pl.DataFrame]]:
-    """:func:`render_independent` of several variations of the same galaxies at once.
-
-    Each galaxy is rendered in every variation before the next, so GalSim builds its
-    Sérsic tables once per galaxy instead of once per variation (about a third of the
-    cost for continuous indices). Returns ``{variation: (images, labels)}``, each exactly
-    what :func:`render_independent` returns.
     """
     variations = tuple(variations)
     for variation in variations:

@@ -19,14 +19,7 @@ from fits_cases import galaxy, write_fits
 from gampen_assets.sensors import STORED_BATCHES, inbox_sensor, sanitize_batch_name
 from gampen_ml import stages
 from gampen_ml.config import dropout_key
-from gampen_ml.database import (
-    LineageRow,
-    catalog_row_provenance,
-    ensure_schema,
-    lineage_chain,
-    query,
-    record_lineage,
-)
+from gampen_ml import database as db_api
 from gampen_ml.fits_input import CutoutError, Rejection, quarantine
 from gampen_ml.io import StorageError, load_npy_mmap, partition_dir
 from tests.inbox_helpers import ingest_requested, watch_inbox
@@ -173,20 +166,20 @@ def test_malicious_dataset_names_are_stored_verbatim_and_drop_nothing(tmp_path):
     pl.DataFrame({"galaxy_id": [0, 1], "dataset": [MALICIOUS, MALICIOUS]}).write_parquet(
         catalog_dir / "catalog.parquet"
     )
-    ensure_schema(db, root)
-    record_lineage(db, LineageRow("simulated_galaxies", MALICIOUS, "v1"))
-    record_lineage(db, LineageRow("posterior_catalog", MALICIOUS, "v2",
+    db_api.ensure_schema(db, root)
+    db_api.record_lineage(db, db_api.LineageRow("simulated_galaxies", MALICIOUS, "v1"))
+    db_api.record_lineage(db, db_api.LineageRow("posterior_catalog", MALICIOUS, "v2",
                                   upstream=[("simulated_galaxies", MALICIOUS, "v1")]),
                    storage_root=root)  # fmt: skip
-    chain = lineage_chain(db, "posterior_catalog", MALICIOUS)
+    chain = db_api.lineage_chain(db, "posterior_catalog", MALICIOUS)
     assert [(r["asset"], r["partition"]) for r in chain] == [
         ("posterior_catalog", MALICIOUS),
         ("simulated_galaxies", MALICIOUS),
     ]
-    provenance = catalog_row_provenance(db, MALICIOUS, 1)
+    provenance = db_api.catalog_row_provenance(db, MALICIOUS, 1)
     assert {r["asset"] for r in provenance} == {"posterior_catalog", "simulated_galaxies"}
-    assert query(db, "SELECT count(*) AS n FROM lineage")[0]["n"] == 2
-    assert query(db, "SELECT count(*) AS n FROM posterior_catalog")[0]["n"] == 2
+    assert db_api.query(db, "SELECT count(*) AS n FROM lineage")[0]["n"] == 2
+    assert db_api.query(db, "SELECT count(*) AS n FROM posterior_catalog")[0]["n"] == 2
     # `gampen sql` opens the database read-only: a destructive statement is refused.
     out = subprocess.run(
         [sys.executable, "-m", "gampen_ml.cli", "sql", "DROP TABLE lineage", "--db", str(db),
@@ -194,7 +187,7 @@ def test_malicious_dataset_names_are_stored_verbatim_and_drop_nothing(tmp_path):
         cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert out.returncode != 0 and "read-only" in out.stderr.lower()
-    assert query(db, "SELECT count(*) AS n FROM lineage")[0]["n"] == 2
+    assert db_api.query(db, "SELECT count(*) AS n FROM lineage")[0]["n"] == 2
 
 
 @pytest.mark.parametrize("name", ["../x", "..", "a/../../b", "/etc", "x\x00y", ""])

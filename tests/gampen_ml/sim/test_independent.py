@@ -15,7 +15,6 @@ from gampen_ml.sim.independent import (
     draw_psf,
     galaxy_streams,
     intrinsic_profile,
-    render_independent,
     render_variations,
 )
 from gampen_ml.sim.parameters import (
@@ -30,6 +29,11 @@ IMAGING = ImagingConfig(stamp_size_px=63)
 WIDE = ImagingConfig(stamp_size_px=95)  # 16": the wings of a compact galaxy fit
 PSF_CFG = PSFConfig()
 SKY_NJY = 2.3
+
+
+def render_independent(variation, *args, **kwargs):
+    """One variation of :func:`render_variations`: ``(images, labels)``."""
+    return render_variations((variation,), *args, **kwargs)[variation]
 
 
 def compact(n: int, seed: int = 0, bulge_disk_fraction: float = 1.0) -> pl.DataFrame:
