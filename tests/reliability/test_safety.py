@@ -17,9 +17,9 @@ from dagster import build_sensor_context, instance_for_test
 from fits_cases import galaxy, write_fits
 
 from gampen_assets.sensors import STORED_BATCHES, inbox_sensor, sanitize_batch_name
+from gampen_ml import database as db_api
 from gampen_ml import stages
 from gampen_ml.config import dropout_key
-from gampen_ml import database as db_api
 from gampen_ml.fits_input import CutoutError, Rejection, quarantine
 from gampen_ml.io import StorageError, load_npy_mmap, partition_dir
 from tests.inbox_helpers import ingest_requested, watch_inbox
