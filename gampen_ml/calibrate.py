@@ -264,6 +264,11 @@ class Recalibration:
     spread_knots: tuple[tuple[float, ...], ...] = ((), (), ())
     spread_values: tuple[tuple[float, ...], ...] = ((), (), ())
     spread_drivers: tuple[int, int, int] = (0, 1, 2)
+    #: A second width profile, fit after the first on what it leaves (e.g. by the predicted
+    #: flux after the predicted size: a separable profile over the size-brightness plane).
+    second_spread_knots: tuple[tuple[float, ...], ...] = ((), (), ())
+    second_spread_values: tuple[tuple[float, ...], ...] = ((), (), ())
+    second_spread_drivers: tuple[int, int, int] = (2, 2, 2)
 
     def apply(self, samples_scaled: np.ndarray) -> np.ndarray:
         """Shift, reshape, stretch and floor ``(N, T, 3)`` scaled samples; float32.
@@ -281,6 +286,9 @@ class Recalibration:
             )
         x = shift_means(samples_scaled, self.shift_knots, self.shift_values)
         x = stretch_by_mean(x, self.spread_knots, self.spread_values, self.spread_drivers)
+        x = stretch_by_mean(
+            x, self.second_spread_knots, self.second_spread_values, self.second_spread_drivers
+        )
         return recalibrate_samples(x, self.exponent, self.scale, self.floor)
 
     def to_dict(self) -> dict:
@@ -298,6 +306,9 @@ class Recalibration:
             "spread_knots": [list(k) for k in self.spread_knots],
             "spread_values": [list(v) for v in self.spread_values],
             "spread_drivers": list(self.spread_drivers),
+            "second_spread_knots": [list(k) for k in self.second_spread_knots],
+            "second_spread_values": [list(v) for v in self.second_spread_values],
+            "second_spread_drivers": list(self.second_spread_drivers),
         }
 
     @classmethod
@@ -326,15 +337,9 @@ class Recalibration:
             floor = tuple(float(v) for v in data.get("floor", [0.0] * 3))
             knots = tuple(tuple(float(v) for v in k) for k in data.get("shift_knots", [[]] * 3))
             values = tuple(tuple(float(v) for v in k) for k in data.get("shift_values", [[]] * 3))
-            spread_knots = tuple(
-                tuple(float(v) for v in k) for k in data.get("spread_knots", [[]] * 3)
-            )
-            spread_values = tuple(
-                tuple(float(v) for v in k) for k in data.get("spread_values", [[]] * 3)
-            )
         except (TypeError, ValueError) as exc:
             raise CalibrationError(
-                f"Recalibration.from_dict: bad field 'floor', 'shift_*' or 'spread_*': {exc!r}"
+                f"Recalibration.from_dict: bad field 'floor' or 'shift_*': {exc!r}"
             ) from exc
         if len(floor) != 3 or min(floor) < 0:
             raise CalibrationError(
@@ -345,35 +350,52 @@ class Recalibration:
                 "Recalibration.from_dict: fields 'shift_knots' and 'shift_values' must be 3 "
                 "lists of equal lengths"
             )
-        if len(spread_knots) != 3 or [len(k) for k in spread_knots] != [
-            len(v) for v in spread_values
-        ]:
-            raise CalibrationError(
-                "Recalibration.from_dict: fields 'spread_knots' and 'spread_values' must be 3 "
-                "lists of equal lengths"
-            )
-        if any(v <= 0 for values_p in spread_values for v in values_p):
-            raise CalibrationError("Recalibration.from_dict: 'spread_values' must be > 0")
-        drivers = data.get("spread_drivers", [0, 1, 2])
-        if not (
-            isinstance(drivers, list) and len(drivers) == 3 and all(d in (0, 1, 2) for d in drivers)
-        ):
-            raise CalibrationError(
-                f"Recalibration.from_dict: 'spread_drivers' must be 3 of 0, 1, 2; got {drivers!r}"
-            )
+        spread = {
+            prefix: _width_profile_from_dict(data, prefix, default_drivers)
+            for prefix, default_drivers in (("spread", [0, 1, 2]), ("second_spread", [2, 2, 2]))
+        }
         return cls(
             scale=scale,
             exponent=exponent,
             floor=floor,
             shift_knots=knots,
             shift_values=values,
-            spread_knots=spread_knots,
-            spread_values=spread_values,
-            spread_drivers=tuple(int(d) for d in drivers),
+            spread_knots=spread["spread"][0],
+            spread_values=spread["spread"][1],
+            spread_drivers=spread["spread"][2],
+            second_spread_knots=spread["second_spread"][0],
+            second_spread_values=spread["second_spread"][1],
+            second_spread_drivers=spread["second_spread"][2],
             error_before=tuple(float(v) for v in data.get("error_before", [float("nan")] * 3)),
             error_after=tuple(float(v) for v in data.get("error_after", [float("nan")] * 3)),
             levels=tuple(float(v) for v in data.get("levels", RECALIBRATION_LEVELS)),
         )
+
+
+def _width_profile_from_dict(data: dict, prefix: str, default_drivers: list[int]) -> tuple:
+    """``(knots, values, drivers)`` of one width profile for :meth:`Recalibration.from_dict`."""
+    try:
+        knots = tuple(tuple(float(v) for v in k) for k in data.get(f"{prefix}_knots", [[]] * 3))
+        values = tuple(tuple(float(v) for v in k) for k in data.get(f"{prefix}_values", [[]] * 3))
+    except (TypeError, ValueError) as exc:
+        raise CalibrationError(
+            f"Recalibration.from_dict: bad field '{prefix}_knots' or '{prefix}_values': {exc!r}"
+        ) from exc
+    if len(knots) != 3 or [len(k) for k in knots] != [len(v) for v in values]:
+        raise CalibrationError(
+            f"Recalibration.from_dict: fields '{prefix}_knots' and '{prefix}_values' must be 3 "
+            "lists of equal lengths"
+        )
+    if any(v <= 0 for values_p in values for v in values_p):
+        raise CalibrationError(f"Recalibration.from_dict: '{prefix}_values' must be > 0")
+    drivers = data.get(f"{prefix}_drivers", default_drivers)
+    if not (
+        isinstance(drivers, list) and len(drivers) == 3 and all(d in (0, 1, 2) for d in drivers)
+    ):
+        raise CalibrationError(
+            f"Recalibration.from_dict: '{prefix}_drivers' must be 3 of 0, 1, 2; got {drivers!r}"
+        )
+    return knots, values, tuple(int(d) for d in drivers)
 
 
 def reshape_tails(samples: np.ndarray, exponent: np.ndarray | float) -> np.ndarray:
@@ -1221,6 +1243,7 @@ def choose_dropout_rate(
             recalibration, recalibrated = recalibrate_on_validation(
                 samples, scaler, truths, table, levels, rate, log,
                 spread_drivers=profile.calibration.spread_drivers,
+                second_spread_drivers=profile.calibration.second_spread_drivers,
             )  # fmt: skip
             recalibrations[rate] = recalibration
             recalibrated_tables.append(recalibrated)
@@ -1255,13 +1278,15 @@ def recalibrate_on_validation(
     log: Callable[[str], None],
     spread_drivers: Sequence[str] | None = None,
     label_noise: LabelNoise | None = None,
+    second_spread_drivers: Sequence[str] | None = None,
 ) -> tuple[Recalibration, pl.DataFrame]:
     """Fit one model's recalibration on validation; return it and the coverage it gives.
 
     First the mean shift (:func:`gampen_ml.calibrate.fit_mean_shift`: the validation bias
     as a function of the predicted mean), with ``spread_drivers`` (parameter names, one per
     parameter) a relative width profile over the predicted mean of the named parameter
-    (:func:`gampen_ml.calibrate.fit_spread_profile`), then, per parameter, the exact scaled-space fit of
+    (:func:`gampen_ml.calibrate.fit_spread_profile`), with ``second_spread_drivers`` a second
+    one fit on what the first leaves, then, per parameter, the exact scaled-space fit of
     tail exponent, spread factor and error floor (:func:`gampen_ml.calibrate.fit_recalibration`,
     judged also on the 68.27 % coverage in bins of true size and magnitude,
     :func:`gampen_ml.calibrate.calibration_groups`) is the starting candidate of a search on
@@ -1305,18 +1330,20 @@ def recalibrate_on_validation(
         ]
     knots, values = tuple(k for k, _ in shifts), tuple(v for _, v in shifts)
     shifted = shift_means(samples, knots, values)
-    spread_knots, spread_values = ((), (), ()), ((), (), ())
-    drivers = tuple(PARAMETERS.index(p) for p in spread_drivers or PARAMETERS)
-    if spread_drivers:
+    profiles = {}
+    for stage, names in (("first", spread_drivers), ("second", second_spread_drivers)):
+        drivers = tuple(PARAMETERS.index(p) for p in names or PARAMETERS)
+        if not names:
+            profiles[stage] = (((), (), ()), ((), (), ()), drivers)
+            continue
         means = shifted.mean(axis=1)
         noised = compared(shifted)
-        profiles = [
+        fits = [
             fit_spread_profile(noised[:, :, j], truths_scaled[:, j], driver=means[:, drivers[j]])
             for j in range(len(PARAMETERS))
         ]
-        spread_knots = tuple(k for k, _ in profiles)
-        spread_values = tuple(v for _, v in profiles)
-        shifted = stretch_by_mean(shifted, spread_knots, spread_values, drivers)
+        profiles[stage] = (tuple(k for k, _ in fits), tuple(v for _, v in fits), drivers)
+        shifted = stretch_by_mean(shifted, *profiles[stage])
     groups = calibration_groups(truths)
     scaled_fit = fit_recalibration(
         shifted, truths_scaled, RECALIBRATION_LEVELS, floors=FLOOR_GRID, groups=groups
@@ -1360,9 +1387,12 @@ def recalibrate_on_validation(
         floor=tuple(floor),
         shift_knots=knots,
         shift_values=values,
-        spread_knots=spread_knots,
-        spread_values=spread_values,
-        spread_drivers=drivers,
+        spread_knots=profiles["first"][0],
+        spread_values=profiles["first"][1],
+        spread_drivers=profiles["first"][2],
+        second_spread_knots=profiles["second"][0],
+        second_spread_values=profiles["second"][1],
+        second_spread_drivers=profiles["second"][2],
         error_before=tuple(_coverage_error(raw, p) for p in PARAMETERS),
         levels=tuple(float(v) for v in levels),
     )

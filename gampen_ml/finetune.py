@@ -620,6 +620,7 @@ def calibrate_on_split(
         log,
         spread_drivers=profile.calibration.spread_drivers,
         label_noise=label_noise,
+        second_spread_drivers=profile.calibration.second_spread_drivers,
     )
     return recalibration, pl.concat([raw, recalibrated])
 

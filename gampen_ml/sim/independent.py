@@ -67,6 +67,7 @@ training renderer. ``n_workers > 1`` spreads galaxies over processes.
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -81,9 +82,6 @@ from scipy.special import ndtr, ndtri
 from gampen_ml.config import ImagingConfig, PriorConfig, PSFConfig
 from gampen_ml.sim.parameters import (
     PARAMETER_COLUMNS,
-    composite_re_arcsec,
-    flux_to_magnitude,
-    re_limits_arcsec,
     sample_parameters,
 )
 from gampen_ml.sim.psf import measure_fwhm_arcsec
@@ -146,15 +144,18 @@ def draw_population(
 ) -> pl.DataFrame:
     """Draw ``n`` galaxies from the Table-1 priors with continuous Sérsic indices.
 
+    The suite's population does not follow a profile's training mixture: its
+    ``loguniform_fraction`` is replaced by 0 (the paper's uniform draws) or, with
+    ``loguniform``, by 1.
+
     Parameters
     ----------
     priors, n, rng
         As in :func:`~gampen_ml.sim.parameters.sample_parameters`.
     loguniform : bool
-        Redraw the disk / single-component Re, the bulge Re (each within its
+        Draw the disk / single-component Re, the bulge Re (each within its
         :func:`~gampen_ml.sim.parameters.re_limits_arcsec` range) and the total flux
-        log-uniformly over the same ranges, then recompute ``re_arcsec`` (composite) and
-        ``magnitude``. Everything else is as in :func:`sample_parameters`.
+        log-uniformly over the same ranges. Everything else is as without it.
 
     Returns
     -------
@@ -162,42 +163,8 @@ def draw_population(
         ``galaxy_id`` (Int64, ``0 .. n-1``) then the columns of
         :func:`~gampen_ml.sim.parameters.sample_parameters`.
     """
-    params = sample_parameters(priors, n, rng)
-    if loguniform:
-        limits = re_limits_arcsec(priors)
-
-        def log_uniform(bounds: tuple[float, float]) -> np.ndarray:
-            lo, hi = bounds
-            return np.clip(np.exp(rng.uniform(np.log(lo), np.log(hi), size=n)), lo, hi)
-
-        # Every column for every row (fixed stream layout), then mask by component.
-        disk_re = log_uniform(limits.re_arcsec)
-        bulge_re_two = log_uniform(limits.bulge_re_arcsec)
-        bulge_re_single = log_uniform(limits.re_arcsec)
-        flux = log_uniform(priors.flux_nJy)
-        component = params["component"].to_numpy()
-        bt = params["bt"].to_numpy()
-        disk_re = np.where(bt < 1.0, disk_re, np.nan)
-        bulge_re = np.where(
-            component == "bulge+disk", bulge_re_two, np.where(bt > 0.0, bulge_re_single, np.nan)
-        )
-        re = composite_re_arcsec(
-            bt,
-            params["disk_n"].fill_null(np.nan).to_numpy(),
-            disk_re,
-            params["bulge_n"].fill_null(np.nan).to_numpy(),
-            bulge_re,
-        )
-        params = params.with_columns(
-            pl.Series(name, values, dtype=pl.Float64, nan_to_null=True)
-            for name, values in (
-                ("re_arcsec", re),
-                ("flux_nJy", flux),
-                ("magnitude", flux_to_magnitude(flux)),
-                ("disk_re_arcsec", disk_re),
-                ("bulge_re_arcsec", bulge_re),
-            )
-        )
+    population = dataclasses.replace(priors, loguniform_fraction=1.0 if loguniform else 0.0)
+    params = sample_parameters(population, n, rng)
     return params.insert_column(0, pl.Series("galaxy_id", np.arange(n), dtype=pl.Int64))
 
 

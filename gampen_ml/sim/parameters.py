@@ -302,6 +302,30 @@ def sample_parameters(priors: PriorConfig, n: int, rng: np.random.Generator) -> 
     bulge_pa_offset = rng.uniform(-offset, offset, size=n)
     bt_two = uniform(priors.bt)
     flux = uniform(priors.flux_nJy)
+    if priors.loguniform_fraction > 0:
+        # Drawn only when asked (a fraction-0 profile keeps its uniform stream), the mask last
+        # (a fraction-1 population is the uniform stream's galaxies with log-uniform radii and
+        # fluxes).
+        def log_uniform(bounds: tuple[float, float]) -> np.ndarray:
+            lo, hi = bounds
+            return np.clip(np.exp(rng.uniform(np.log(lo), np.log(hi), size=n)), lo, hi)
+
+        log_draws = [
+            log_uniform(bounds)
+            for bounds in (
+                limits.re_arcsec,
+                limits.bulge_re_arcsec,
+                limits.re_arcsec,
+                priors.flux_nJy,
+            )
+        ]
+        log = rng.uniform(size=n) < priors.loguniform_fraction
+        disk_re, bulge_re_two, bulge_re_single, flux = (
+            np.where(log, drawn, linear)
+            for drawn, linear in zip(
+                log_draws, (disk_re, bulge_re_two, bulge_re_single, flux), strict=True
+            )
+        )
 
     pa_lo, pa_hi = priors.position_angle_deg
     bulge_pa_two = (disk_pa + bulge_pa_offset - pa_lo) % (pa_hi - pa_lo) + pa_lo

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import polars as pl
 import pytest
@@ -330,3 +332,52 @@ def test_spread_profile_redistributes_width_by_predicted_mean():
     three = np.repeat(fresh[:, :, None], 3, axis=2)
     np.testing.assert_allclose(recal.apply(three)[:, :, 0], stretched, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(recal.apply(three)[:, :, 1], three[:, :, 1], atol=1e-5)
+
+
+def test_second_width_profile_follows_a_second_driver():
+    """Widths that depend on size and on brightness: one profile per driver, in sequence."""
+
+    def draw(seed, n=6000, t=200):
+        rng = np.random.default_rng(seed)
+        mean = rng.normal(size=(n, 3))
+        # True scatter x2 for large (mean 1 > 0) and x3 for faint (mean 2 < 0) galaxies;
+        # the network's width is the same for all.
+        sigma = np.where(mean[:, 1] > 0, 2.0, 1.0) * np.where(mean[:, 2] < 0, 3.0, 1.0)
+        truth = mean + sigma[:, None] * rng.standard_normal((n, 3))
+        samples = mean[:, None, :] + rng.standard_normal((n, t, 3))
+        return samples.astype(np.float32), truth
+
+    samples, truth = draw(41)
+    first = [fit_spread_profile(samples[:, :, j], truth[:, j], driver=samples[:, :, 1].mean(1))
+             for j in range(3)]  # fmt: skip
+    knots1, values1 = tuple(k for k, _ in first), tuple(v for _, v in first)
+    stretched = stretch_by_mean(samples, knots1, values1, (1, 1, 1))
+    second = [
+        fit_spread_profile(stretched[:, :, j], truth[:, j], driver=stretched[:, :, 2].mean(1))
+        for j in range(3)
+    ]
+    recal = Recalibration(
+        scale=(1.0, 1.0, 1.0),
+        spread_knots=knots1,
+        spread_values=values1,
+        spread_drivers=(1, 1, 1),
+        second_spread_knots=tuple(k for k, _ in second),
+        second_spread_values=tuple(v for _, v in second),
+        second_spread_drivers=(2, 2, 2),
+    )
+    assert Recalibration.from_dict(recal.to_dict()) == recal
+
+    fresh, fresh_truth = draw(42)
+    large, faint = fresh.mean(1)[:, 1] > 0, fresh.mean(1)[:, 2] < 0
+    cells = [(large == a) & (faint == b) for a in (False, True) for b in (False, True)]
+
+    def q68_per_cell(x):
+        z = np.abs(fresh_truth[:, 0] - x[:, :, 0].mean(1)) / x[:, :, 0].std(1)
+        return np.array([np.quantile(z[c], 0.6827) for c in cells])
+
+    one_stage = dataclasses.replace(recal, second_spread_knots=((), (), ()),
+                                    second_spread_values=((), (), ()))  # fmt: skip
+    # The first profile alone leaves the brightness dependence (x3); the second removes it.
+    q_one, q_two = q68_per_cell(one_stage.apply(fresh)), q68_per_cell(recal.apply(fresh))
+    assert q_one.max() / q_one.min() > 2.5
+    assert q_two.max() / q_two.min() < 1.25

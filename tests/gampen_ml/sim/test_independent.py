@@ -280,3 +280,20 @@ def test_bad_input_raises_with_a_clear_message():
     with pytest.raises(IndependentRenderError, match="bulge_q"):
         render_independent("nominal", params.drop("bulge_q"), IMAGING, PSF_CFG, 1.0, 1)
     assert len(VARIATIONS) == 7
+
+
+def test_the_suite_population_ignores_a_profiles_training_mixture():
+    """``nominal`` is the paper's Table 1 and ``loguniform`` all log-uniform, whatever the
+    profile's ``loguniform_fraction`` (a training choice, not the population scored)."""
+    import dataclasses
+
+    mixed = dataclasses.replace(PriorConfig(), loguniform_fraction=0.3)
+    for loguniform in (False, True):
+        a = draw_population(mixed, 400, np.random.default_rng(8), loguniform=loguniform)
+        b = draw_population(PriorConfig(), 400, np.random.default_rng(8), loguniform=loguniform)
+        assert a.equals(b)
+    uniform = draw_population(PriorConfig(), 4000, np.random.default_rng(8))
+    log = draw_population(PriorConfig(), 4000, np.random.default_rng(8), loguniform=True)
+    # 2 % vs 53 % fainter than 19 mag (flux < 9.1e4 nJy).
+    assert (uniform["magnitude"] > 19).mean() < 0.04
+    assert 0.48 < (log["magnitude"] > 19).mean() < 0.58

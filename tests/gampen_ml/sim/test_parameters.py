@@ -82,6 +82,39 @@ def test_ranges_and_uniformity(params):
     assert params["magnitude"].min() > 14.6 and params["magnitude"].max() < 23.9
 
 
+def test_loguniform_fraction_mixes_log_uniform_radii_and_fluxes():
+    """A fraction f of the galaxies is log-uniform in Re and flux; f = 0 is the uniform stream."""
+    import dataclasses
+
+    n = 20000
+    uniform = sample_parameters(PRIORS, n, np.random.default_rng(5))
+    zero = dataclasses.replace(PRIORS, loguniform_fraction=0.0)
+    assert sample_parameters(zero, n, np.random.default_rng(5)).equals(uniform)
+
+    lo, hi = PRIORS.flux_nJy
+    for f in (0.3, 1.0):
+        mixed = sample_parameters(
+            dataclasses.replace(PRIORS, loguniform_fraction=f), n, np.random.default_rng(5)
+        )
+        flux = mixed["flux_nJy"].to_numpy()
+        assert flux.min() >= lo and flux.max() <= hi
+        # Mixture CDF: (1 - f) uniform + f log-uniform.
+        mixture = lambda x, f=f: (
+            (1 - f) * (x - lo) / (hi - lo) + f * np.log(x / lo) / np.log(hi / lo)
+        )  # noqa: E731
+        assert stats.kstest(flux, mixture).pvalue > 1e-3
+        disk_re = mixed["disk_re_arcsec"].drop_nulls().to_numpy()
+        rlo, rhi = re_limits_arcsec(PRIORS).re_arcsec
+        assert disk_re.min() >= rlo and disk_re.max() <= rhi
+        share_small = np.mean(disk_re < 0.5)
+        expect = (1 - f) * (0.5 - rlo) / (rhi - rlo) + f * np.log(0.5 / rlo) / np.log(rhi / rlo)
+        assert abs(share_small - expect) < 0.02
+        # Everything else keeps its uniform stream's layout: component mix and B/T of
+        # two-component galaxies are unchanged.
+        assert mixed["component"].equals(uniform["component"])
+        assert mixed["bt"].equals(uniform["bt"])
+
+
 def test_same_rng_same_draws():
     a = sample_parameters(PRIORS, 50, np.random.default_rng(3))
     b = sample_parameters(PRIORS, 50, np.random.default_rng(3))
