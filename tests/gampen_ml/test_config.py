@@ -1,5 +1,7 @@
 """Profiles: the paper's numbers, validation of bad settings, seeds."""
 
+import dataclasses
+
 import pytest
 
 from gampen_ml.config import (
@@ -7,6 +9,7 @@ from gampen_ml.config import (
     PROFILES,
     CalibrationConfig,
     ConfigError,
+    PriorConfig,
     PSFConfig,
     derive_seed,
     dropout_from_key,
@@ -37,10 +40,21 @@ def test_paper_profile_holds_the_published_numbers():
 
 
 def test_all_profiles_share_the_physics():
+    """Same Table-1 ranges and imaging; only the share of log-uniform draws may differ."""
     paper = get_profile("paper")
+    assert paper.simulation.priors.loguniform_fraction == 0.0  # the paper's uniform draws
     for profile in PROFILES.values():
-        assert profile.simulation.priors == paper.simulation.priors
+        ranges = dataclasses.replace(profile.simulation.priors, loguniform_fraction=0.0)
+        assert ranges == paper.simulation.priors
         assert profile.imaging == paper.imaging
+
+
+def test_a_log_uniform_fraction_outside_0_1_is_rejected():
+    priors = dataclasses.replace(PriorConfig(), loguniform_fraction=1.5)
+    with pytest.raises(ConfigError, match="loguniform_fraction"):
+        get_profile("tiny").replace(
+            simulation=dataclasses.replace(get_profile("tiny").simulation, priors=priors)
+        )
 
 
 def test_profile_from_environment(monkeypatch):
