@@ -142,8 +142,9 @@ FLAGS_COLUMN_INFO: dict[str, ColumnInfo] = {
         "meta.note",
     ),
     "asymmetric": ColumnInfo(
-        f"asymmetry > {_DEFAULT_FLAGS.max_asymmetry}: the cutout is not point-symmetric "
-        "like every training galaxy",
+        f"asymmetry > {_DEFAULT_FLAGS.max_asymmetry} + "
+        f"{_DEFAULT_FLAGS.asymmetry_snr_allowance:g} / image_peak_snr: the cutout is not "
+        "point-symmetric like every training galaxy",
         None,
         "meta.code.qual;stat.asymmetry",
     ),
@@ -236,9 +237,11 @@ def compute_flags(
 
     optional = []
     if "asymmetry" in catalog.columns:
-        optional.append(
-            (pl.col("asymmetry") > cfg.max_asymmetry).fill_null(False).alias("asymmetric")
-        )
+        threshold = pl.lit(cfg.max_asymmetry)
+        if "image_peak_snr" in catalog.columns:
+            allowance = cfg.asymmetry_snr_allowance / pl.col("image_peak_snr")
+            threshold = threshold + allowance.clip(lower_bound=0.0).fill_nan(None).fill_null(0.0)
+        optional.append((pl.col("asymmetry") > threshold).fill_null(False).alias("asymmetric"))
     if psf_fwhm_range is not None and "psf_fwhm_arcsec" in catalog.columns:
         lo, hi = psf_fwhm_range
         fwhm = pl.col("psf_fwhm_arcsec")

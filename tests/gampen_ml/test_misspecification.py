@@ -159,6 +159,10 @@ def test_asymmetric_flag_is_optional_and_thresholded(tiny_profile):
     assert compute_flags(cat, tiny_profile.flags).schema == pl.Schema(FLAGS_SCHEMA)
     with_a = compute_flags(cat.with_columns(asymmetry=pl.Series([0.001, 0.05])), tiny_profile.flags)
     assert with_a["asymmetric"].to_list() == [False, True]
+    # A faint galaxy's asymmetry is noise-biased up by ~1 / peak S/N: the threshold allows for
+    # it (0.01 + 3 / 50 = 0.07 at S/N 50, 0.0103 at S/N 1e4).
+    snr = cat.with_columns(asymmetry=pl.Series([0.05, 0.05]), image_peak_snr=pl.Series([50.0, 1e4]))
+    assert compute_flags(snr, tiny_profile.flags)["asymmetric"].to_list() == [False, True]
     # The statistic: ~0 for a centred symmetric galaxy, large for an added off-centre blob.
     imaging = ImagingConfig(stamp_size_px=PX)
     cube, _ = synthetic_psf_library(PSFConfig(n_psfs=1, stamp_size_px=15), imaging, 1)
