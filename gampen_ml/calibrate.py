@@ -264,6 +264,11 @@ class Recalibration:
     spread_knots: tuple[tuple[float, ...], ...] = ((), (), ())
     spread_values: tuple[tuple[float, ...], ...] = ((), (), ())
     spread_drivers: tuple[int, int, int] = (0, 1, 2)
+    #: A second mean shift, over the predicted mean of ``second_shift_drivers[p]`` for
+    #: parameter ``p``, fit after the first on what it leaves.
+    second_shift_knots: tuple[tuple[float, ...], ...] = ((), (), ())
+    second_shift_values: tuple[tuple[float, ...], ...] = ((), (), ())
+    second_shift_drivers: tuple[int, int, int] = (2, 2, 2)
     #: A second width profile, fit after the first on what it leaves (e.g. by the predicted
     #: flux after the predicted size: a separable profile over the size-brightness plane).
     second_spread_knots: tuple[tuple[float, ...], ...] = ((), (), ())
@@ -285,6 +290,9 @@ class Recalibration:
                 f"Recalibration.apply: samples must be (N, T, 3), got {samples_scaled.shape}"
             )
         x = shift_means(samples_scaled, self.shift_knots, self.shift_values)
+        x = shift_means(
+            x, self.second_shift_knots, self.second_shift_values, self.second_shift_drivers
+        )
         x = stretch_by_mean(x, self.spread_knots, self.spread_values, self.spread_drivers)
         x = stretch_by_mean(
             x, self.second_spread_knots, self.second_spread_values, self.second_spread_drivers
@@ -306,6 +314,9 @@ class Recalibration:
             "spread_knots": [list(k) for k in self.spread_knots],
             "spread_values": [list(v) for v in self.spread_values],
             "spread_drivers": list(self.spread_drivers),
+            "second_shift_knots": [list(k) for k in self.second_shift_knots],
+            "second_shift_values": [list(v) for v in self.second_shift_values],
+            "second_shift_drivers": list(self.second_shift_drivers),
             "second_spread_knots": [list(k) for k in self.second_spread_knots],
             "second_spread_values": [list(v) for v in self.second_spread_values],
             "second_spread_drivers": list(self.second_spread_drivers),
@@ -350,9 +361,13 @@ class Recalibration:
                 "Recalibration.from_dict: fields 'shift_knots' and 'shift_values' must be 3 "
                 "lists of equal lengths"
             )
-        spread = {
-            prefix: _width_profile_from_dict(data, prefix, default_drivers)
-            for prefix, default_drivers in (("spread", [0, 1, 2]), ("second_spread", [2, 2, 2]))
+        profile = {
+            prefix: _profile_from_dict(data, prefix, default_drivers, positive)
+            for prefix, default_drivers, positive in (
+                ("second_shift", [2, 2, 2], False),
+                ("spread", [0, 1, 2], True),
+                ("second_spread", [2, 2, 2], True),
+            )
         }
         return cls(
             scale=scale,
@@ -360,20 +375,26 @@ class Recalibration:
             floor=floor,
             shift_knots=knots,
             shift_values=values,
-            spread_knots=spread["spread"][0],
-            spread_values=spread["spread"][1],
-            spread_drivers=spread["spread"][2],
-            second_spread_knots=spread["second_spread"][0],
-            second_spread_values=spread["second_spread"][1],
-            second_spread_drivers=spread["second_spread"][2],
+            second_shift_knots=profile["second_shift"][0],
+            second_shift_values=profile["second_shift"][1],
+            second_shift_drivers=profile["second_shift"][2],
+            spread_knots=profile["spread"][0],
+            spread_values=profile["spread"][1],
+            spread_drivers=profile["spread"][2],
+            second_spread_knots=profile["second_spread"][0],
+            second_spread_values=profile["second_spread"][1],
+            second_spread_drivers=profile["second_spread"][2],
             error_before=tuple(float(v) for v in data.get("error_before", [float("nan")] * 3)),
             error_after=tuple(float(v) for v in data.get("error_after", [float("nan")] * 3)),
             levels=tuple(float(v) for v in data.get("levels", RECALIBRATION_LEVELS)),
         )
 
 
-def _width_profile_from_dict(data: dict, prefix: str, default_drivers: list[int]) -> tuple:
-    """``(knots, values, drivers)`` of one width profile for :meth:`Recalibration.from_dict`."""
+def _profile_from_dict(
+    data: dict, prefix: str, default_drivers: list[int], positive: bool
+) -> tuple:
+    """``(knots, values, drivers)`` of one shift or width profile for
+    :meth:`Recalibration.from_dict` (``positive``: width factors, which must be > 0)."""
     try:
         knots = tuple(tuple(float(v) for v in k) for k in data.get(f"{prefix}_knots", [[]] * 3))
         values = tuple(tuple(float(v) for v in k) for k in data.get(f"{prefix}_values", [[]] * 3))
@@ -386,7 +407,7 @@ def _width_profile_from_dict(data: dict, prefix: str, default_drivers: list[int]
             f"Recalibration.from_dict: fields '{prefix}_knots' and '{prefix}_values' must be 3 "
             "lists of equal lengths"
         )
-    if any(v <= 0 for values_p in values for v in values_p):
+    if positive and any(v <= 0 for values_p in values for v in values_p):
         raise CalibrationError(f"Recalibration.from_dict: '{prefix}_values' must be > 0")
     drivers = data.get(f"{prefix}_drivers", default_drivers)
     if not (
@@ -437,20 +458,23 @@ def recalibrate_samples(samples: np.ndarray, exponent, scale, floor=0.0) -> np.n
     return (mean + factor * (x - mean)).astype(np.float32)
 
 
-def shift_means(samples: np.ndarray, knots, values) -> np.ndarray:
-    """Move each galaxy's ``(N, T, P)`` samples by ``-interp(mean, knots_p, values_p)``.
+def shift_means(samples: np.ndarray, knots, values, drivers=None) -> np.ndarray:
+    """Move each galaxy's ``(N, T, P)`` samples by ``-interp(mean_d, knots_p, values_p)``.
 
     ``knots`` / ``values``: per parameter, increasing predicted means and the offsets to
     remove there (:func:`fit_mean_shift`); an empty pair leaves that parameter alone.
-    Linear interpolation, constant beyond the end knots. float32.
+    ``mean_d`` is the galaxy's predicted mean (before this shift) of parameter
+    ``d = drivers[p]`` (default: ``p`` itself). Linear interpolation, constant beyond the end
+    knots. float32.
     """
     if not any(len(k) for k in knots):  # nothing to shift: no copy on the catalog's hot path
         return np.asarray(samples, dtype=np.float32)
     x = np.array(samples, dtype=np.float32, copy=True)
-    for j, (k, v) in enumerate(zip(knots, values, strict=True)):
+    means = x.mean(axis=1)
+    drivers = range(x.shape[2]) if drivers is None else drivers
+    for j, (k, v, d) in enumerate(zip(knots, values, drivers, strict=True)):
         if len(k):
-            mean = x[:, :, j].mean(axis=1)
-            x[:, :, j] -= np.interp(mean, k, v).astype(np.float32)[:, None]
+            x[:, :, j] -= np.interp(means[:, d], k, v).astype(np.float32)[:, None]
     return x
 
 
@@ -1244,6 +1268,7 @@ def choose_dropout_rate(
                 samples, scaler, truths, table, levels, rate, log,
                 spread_drivers=profile.calibration.spread_drivers,
                 second_spread_drivers=profile.calibration.second_spread_drivers,
+                second_shift_drivers=profile.calibration.second_shift_drivers,
             )  # fmt: skip
             recalibrations[rate] = recalibration
             recalibrated_tables.append(recalibrated)
@@ -1279,11 +1304,13 @@ def recalibrate_on_validation(
     spread_drivers: Sequence[str] | None = None,
     label_noise: LabelNoise | None = None,
     second_spread_drivers: Sequence[str] | None = None,
+    second_shift_drivers: Sequence[str] | None = None,
 ) -> tuple[Recalibration, pl.DataFrame]:
     """Fit one model's recalibration on validation; return it and the coverage it gives.
 
     First the mean shift (:func:`gampen_ml.calibrate.fit_mean_shift`: the validation bias
-    as a function of the predicted mean), with ``spread_drivers`` (parameter names, one per
+    as a function of the predicted mean), with ``second_shift_drivers`` a second one over the
+    predicted mean of the named parameter fit on what the first leaves, with ``spread_drivers`` (parameter names, one per
     parameter) a relative width profile over the predicted mean of the named parameter
     (:func:`gampen_ml.calibrate.fit_spread_profile`), with ``second_spread_drivers`` a second
     one fit on what the first leaves, then, per parameter, the exact scaled-space fit of
@@ -1330,6 +1357,19 @@ def recalibrate_on_validation(
         ]
     knots, values = tuple(k for k, _ in shifts), tuple(v for _, v in shifts)
     shifted = shift_means(samples, knots, values)
+    second_shift = (((), (), ()), ((), (), ()), (2, 2, 2))
+    if second_shift_drivers:
+        drivers = tuple(PARAMETERS.index(p) for p in second_shift_drivers)
+        means = shifted.mean(axis=1)
+        centres = compared(shifted)
+        if label_noise is not None:
+            centres = np.median(centres, axis=1, keepdims=True)
+        fits = [
+            fit_mean_shift(centres[:, :, j], truths_scaled[:, j], driver=means[:, drivers[j]])
+            for j in range(len(PARAMETERS))
+        ]
+        second_shift = (tuple(k for k, _ in fits), tuple(v for _, v in fits), drivers)
+        shifted = shift_means(shifted, *second_shift)
     profiles = {}
     for stage, names in (("first", spread_drivers), ("second", second_spread_drivers)):
         drivers = tuple(PARAMETERS.index(p) for p in names or PARAMETERS)
@@ -1387,6 +1427,9 @@ def recalibrate_on_validation(
         floor=tuple(floor),
         shift_knots=knots,
         shift_values=values,
+        second_shift_knots=second_shift[0],
+        second_shift_values=second_shift[1],
+        second_shift_drivers=second_shift[2],
         spread_knots=profiles["first"][0],
         spread_values=profiles["first"][1],
         spread_drivers=profiles["first"][2],

@@ -230,6 +230,11 @@ class CalibrationConfig:
     #: Default: B/T by its own predicted B/T, Re and flux by the predicted Re (the misfit of
     #: both follows the galaxy's size: unresolved ones are under-covered, large ones over).
     spread_drivers: tuple[str, str, str] | None = ("bt", "re_arcsec", "re_arcsec")
+    #: A second mean shift fit after the first (which is over each parameter's own predicted
+    #: mean), over the predicted mean named here per parameter; None: off. Default: B/T and
+    #: Re by the predicted flux (faint, large galaxies' sizes are underestimated), flux by
+    #: the predicted Re.
+    second_shift_drivers: tuple[str, str, str] | None = ("flux_nJy", "flux_nJy", "re_arcsec")
     #: A second width profile fit after the first, over the predicted mean named here per
     #: parameter; None: off. With the first by size, a profile by the predicted flux makes
     #: the widths follow brightness too (faint galaxies' posteriors are too narrow where

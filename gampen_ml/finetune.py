@@ -621,6 +621,7 @@ def calibrate_on_split(
         spread_drivers=profile.calibration.spread_drivers,
         label_noise=label_noise,
         second_spread_drivers=profile.calibration.second_spread_drivers,
+        second_shift_drivers=profile.calibration.second_shift_drivers,
     )
     return recalibration, pl.concat([raw, recalibrated])
 

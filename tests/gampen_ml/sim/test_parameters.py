@@ -98,10 +98,11 @@ def test_loguniform_fraction_mixes_log_uniform_radii_and_fluxes():
         )
         flux = mixed["flux_nJy"].to_numpy()
         assert flux.min() >= lo and flux.max() <= hi
+
         # Mixture CDF: (1 - f) uniform + f log-uniform.
-        mixture = lambda x, f=f: (
-            (1 - f) * (x - lo) / (hi - lo) + f * np.log(x / lo) / np.log(hi / lo)
-        )  # noqa: E731
+        def mixture(x, f=f):
+            return (1 - f) * (x - lo) / (hi - lo) + f * np.log(x / lo) / np.log(hi / lo)
+
         assert stats.kstest(flux, mixture).pvalue > 1e-3
         disk_re = mixed["disk_re_arcsec"].drop_nulls().to_numpy()
         rlo, rhi = re_limits_arcsec(PRIORS).re_arcsec
