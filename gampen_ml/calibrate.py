@@ -375,19 +375,20 @@ class Recalibration:
             floor=floor,
             shift_knots=knots,
             shift_values=values,
-            second_shift_knots=profile["second_shift"][0],
-            second_shift_values=profile["second_shift"][1],
-            second_shift_drivers=profile["second_shift"][2],
-            spread_knots=profile["spread"][0],
-            spread_values=profile["spread"][1],
-            spread_drivers=profile["spread"][2],
-            second_spread_knots=profile["second_spread"][0],
-            second_spread_values=profile["second_spread"][1],
-            second_spread_drivers=profile["second_spread"][2],
+            **_profile_fields(profile),
             error_before=tuple(float(v) for v in data.get("error_before", [float("nan")] * 3)),
             error_after=tuple(float(v) for v in data.get("error_after", [float("nan")] * 3)),
             levels=tuple(float(v) for v in data.get("levels", RECALIBRATION_LEVELS)),
         )
+
+
+def _profile_fields(profiles: dict[str, tuple]) -> dict[str, tuple]:
+    """``{prefix: (knots, values, drivers)}`` as :class:`Recalibration` keyword arguments."""
+    return {
+        f"{prefix}_{field}": value
+        for prefix, profile in profiles.items()
+        for field, value in zip(("knots", "values", "drivers"), profile, strict=True)
+    }
 
 
 def _profile_from_dict(
@@ -1427,15 +1428,13 @@ def recalibrate_on_validation(
         floor=tuple(floor),
         shift_knots=knots,
         shift_values=values,
-        second_shift_knots=second_shift[0],
-        second_shift_values=second_shift[1],
-        second_shift_drivers=second_shift[2],
-        spread_knots=profiles["first"][0],
-        spread_values=profiles["first"][1],
-        spread_drivers=profiles["first"][2],
-        second_spread_knots=profiles["second"][0],
-        second_spread_values=profiles["second"][1],
-        second_spread_drivers=profiles["second"][2],
+        **_profile_fields(
+            {
+                "second_shift": second_shift,
+                "spread": profiles["first"],
+                "second_spread": profiles["second"],
+            }
+        ),  # fmt: skip
         error_before=tuple(_coverage_error(raw, p) for p in PARAMETERS),
         levels=tuple(float(v) for v in levels),
     )
