@@ -1311,10 +1311,10 @@ def recalibrate_on_validation(
 
     First the mean shift (:func:`gampen_ml.calibrate.fit_mean_shift`: the validation bias
     as a function of the predicted mean), with ``second_shift_drivers`` a second one over the
-    predicted mean of the named parameter fit on what the first leaves, with ``spread_drivers`` (parameter names, one per
-    parameter) a relative width profile over the predicted mean of the named parameter
-    (:func:`gampen_ml.calibrate.fit_spread_profile`), with ``second_spread_drivers`` a second
-    one fit on what the first leaves, then, per parameter, the exact scaled-space fit of
+    predicted mean of the named parameter, fit on what the first leaves; with
+    ``spread_drivers`` (parameter names, one per parameter) a relative width profile over the
+    predicted mean of the named parameter (:func:`gampen_ml.calibrate.fit_spread_profile`),
+    with ``second_spread_drivers`` a second one fit on what the first leaves; then, per parameter, the exact scaled-space fit of
     tail exponent, spread factor and error floor (:func:`gampen_ml.calibrate.fit_recalibration`,
     judged also on the 68.27 % coverage in bins of true size and magnitude,
     :func:`gampen_ml.calibrate.calibration_groups`) is the starting candidate of a search on

@@ -68,7 +68,8 @@ def calibration_summary(catalog: pl.DataFrame, name: str) -> pl.DataFrame:
         ``_95`` / ``_99`` (fractions), ``median_bias`` (mode; absolute for B/T, fractional
         otherwise), ``p68_abs_residual`` (68th percentile of |mode − true|, fractional for Re
         and flux: the paper's §6.2 statistic), ``median_width_68`` (68.27 % HPD width;
-        relative to the truth for Re and flux) and ``out_of_domain`` (fraction flagged, when the catalog has the column).
+        relative to the truth for Re and flux) and ``out_of_domain`` (fraction flagged, when
+        the catalog has the column).
     """
     rows = []
     for p in PARAMETERS:
@@ -311,7 +312,8 @@ def robustness_report(
         "Coverage: fraction of galaxies whose true value lies in the HPD interval (nominal "
         "68.27 / 95.45 / 99.73 %). Bias: median of mode − true (B/T) or mode / true − 1 (Re, "
         "flux). p68: 68th percentile of |mode − true| (B/T) or |mode / true − 1| (the paper's "
-        "§6.2 statistic). Width: median 68.27 % interval (relative to the truth for Re and flux). "
+        "§6.2 statistic). Width: median 68.27 % interval (relative to the truth for Re and "
+        "flux). "
         "Targets: 68.27 % within ±3 points, 95.45 % within ±2, every bin's 68.27 % within "
         "±5, |bias| of Re and flux < 1 %.",
         "",
@@ -332,8 +334,8 @@ def robustness_report(
         ood = "" if math.isnan(r["out_of_domain"]) else f"{100 * r['out_of_domain']:.1f} %"
         lines.append(
             f"| {r['set']} | {r['parameter']} | {r['n']} | {100 * r['coverage_68']:.1f} / "
-            f"{100 * r['coverage_95']:.1f} / {100 * r['coverage_99']:.1f} | {bias} | {p68} | {width} | "
-            f"{ood} |"
+            f"{100 * r['coverage_95']:.1f} / {100 * r['coverage_99']:.1f} | {bias} | {p68} | "
+            f"{width} | {ood} |"
         )
     lines += ["", "## 68.27 % coverage in bins", ""]
     wide = binned.with_columns(
