@@ -1314,10 +1314,11 @@ def recalibrate_on_validation(
     predicted mean of the named parameter, fit on what the first leaves; with
     ``spread_drivers`` (parameter names, one per parameter) a relative width profile over the
     predicted mean of the named parameter (:func:`gampen_ml.calibrate.fit_spread_profile`),
-    with ``second_spread_drivers`` a second one fit on what the first leaves; then, per parameter, the exact scaled-space fit of
-    tail exponent, spread factor and error floor (:func:`gampen_ml.calibrate.fit_recalibration`,
-    judged also on the 68.27 % coverage in bins of true size and magnitude,
-    :func:`gampen_ml.calibrate.calibration_groups`) is the starting candidate of a search on
+    with ``second_spread_drivers`` a second one fit on what the first leaves; then, per
+    parameter, the exact scaled-space fit of tail exponent, spread factor and error floor
+    (:func:`gampen_ml.calibrate.fit_recalibration`, judged also on the 68.27 % coverage in
+    bins of true size and magnitude, :func:`gampen_ml.calibrate.calibration_groups`) is the
+    starting candidate of a search on
     the *physical* coverage at ``levels``
     (:func:`gampen_ml.calibrate.search_physical_recalibration`): the catalog reports
     physical HPD intervals, which are not the image of the scaled ones (B/T: point masses
